@@ -1,0 +1,34 @@
+# The README's first two commands: `make run` and `make test` do all the set-up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	mkdir -p var/run var/lib
+	$(BIN)/auditd run --config config/dev.toml
+
+# pytest's exit 5 (no tests collected) fails the target like any other non-zero code.
+test: $(STAMP)
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report --fail-under=85
+
+lint: $(STAMP)
+	$(BIN)/ruff check auditd tests
+	$(BIN)/mypy auditd
+
+bench: $(STAMP)
+	$(BIN)/auditd bench --baseline
+
+clean:
+	rm -rf $(VENV) var .coverage-data

@@ -1,0 +1,133 @@
+"""The `auditd` command: subcommands, exit codes 0 (ok), 1 (operational failure), 2 (usage)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from auditd.config import Config, load_config
+from auditd.errors import AuditdError, ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own exit code 2, one line
+        self.exit(EXIT_USAGE, f"auditd: {message}\n")
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"auditd: {message}", file=sys.stderr)
+    return code
+
+
+def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {pair!r}: expected key=value")
+        result[key] = value
+    return result
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    import uvloop
+
+    from auditd.daemon import Daemon
+    from auditd.logs import configure_logging
+    from auditd.systemd import listen_fds
+
+    configure_logging(config.log.level, config.log.format)
+    sockets = listen_fds()
+    return uvloop.run(Daemon(config, sockets=sockets).run())
+
+
+def cmd_send(args: argparse.Namespace, config: Config) -> int:
+    from auditd.client import Client
+
+    event: dict[str, Any] = {"type": args.type}
+    for key in ("actor", "target", "stream", "id"):
+        if getattr(args, key) is not None:
+            event[key] = getattr(args, key)
+    if args.correlation is not None:
+        event["correlation_id"] = args.correlation
+    if args.tag:
+        event["tags"] = _key_values(args.tag, "--tag")
+    data: dict[str, Any] = _key_values(args.data, "--data") if args.data else {}
+    if args.data_json is not None:
+        try:
+            data.update(json.loads(args.data_json))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--data-json: not a JSON object: {exc}") from None
+    if data:
+        event["data"] = data
+    socket_path = args.socket or config.ingest.socket
+    with Client(socket_path, raise_on_reject=False) as client:
+        reply = client.send(event)
+    document = reply.to_dict()
+    print(json.dumps(document))
+    return EXIT_OK if reply.ok else EXIT_FAILURE
+
+
+def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    from auditd.bench import main as bench_main
+
+    return bench_main(args, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="auditd", description="Local audit-event daemon.")
+    parser.add_argument("--config", help="config file (default: $AUDITD_CONFIG, "
+                        "/etc/auditd/auditd.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="the daemon, in the foreground")
+    run.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    run.set_defaults(handler=cmd_run)
+
+    send = sub.add_parser("send", help="write one event from a shell; prints the reply")
+    send.add_argument("type")
+    send.add_argument("--actor")
+    send.add_argument("--target")
+    send.add_argument("--stream")
+    send.add_argument("--id")
+    send.add_argument("--correlation")
+    send.add_argument("--tag", action="append", default=[], metavar="K=V")
+    send.add_argument("--data", action="append", default=[], metavar="K=V")
+    send.add_argument("--data-json", metavar="JSON")
+    send.add_argument("--socket", help="ingest socket (default: from the config)")
+    send.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    send.set_defaults(handler=cmd_send)
+
+    from auditd.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="load generator and storage baseline")
+    bench.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace, Config], int] = args.handler
+    try:
+        config = load_config(getattr(args, "config_sub", None) or args.config)
+        return handler(args, config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except AuditdError as exc:
+        return _fail(str(exc))
+    except (OSError, asyncio.TimeoutError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed configuration: TOML decoded into msgspec Structs, every key with a default.
+
+Sizes ("512KB", "5GB") and durations ("250ms", "30d") are parsed once here, so the
+rest of the daemon only sees integers (bytes, milliseconds or seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+
+from auditd.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": 1024**2, "MIB": 1024**2,
+               "GB": 1024**3, "GIB": 1024**3, "TB": 1024**4, "TIB": 1024**4}
+_DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+                "w": 604_800_000}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+
+Size = int | str
+Duration = int | str
+
+
+
+class IngestConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    socket: str = "/run/auditd/ingest.sock"
+    socket_mode: str = "0660"
+    max_frame_bytes: Size = 1_048_576
+    max_batch_events: int = 10_000
+    max_event_bytes: Size = 262_144
+    max_connections: int = 1024
+    durability: Literal["write", "fsync"] = "write"
+
+
+class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    capacity: int = 65_536
+    overflow: Literal["block", "reject"] = "block"
+    # Bytes of pending events held in memory; a second bound beside `capacity` so
+    # a flood of large events cannot exhaust memory.
+    max_bytes: Size = "64MB"
+
+
+class WriterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    batch_max: int = 4096
+    batch_delay_ms: int = 5
+    retry_max_delay: Duration = "5s"
+
+
+class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = "/var/lib/auditd"
+    journal_segment_bytes: Size = "64MB"
+    # Space kept free on the storage volume: below it, ingest stops accepting so the
+    # daemon can still write its checkpoint and dead letters.
+    reserve_bytes: Size = "64MB"
+    dlq_max_bytes: Size = "64MB"
+
+
+class RetentionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    max_age: Duration = "30d"
+    max_bytes: Size = "5GB"
+
+
+class StatusConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    socket: str = "/run/auditd/status.sock"
+    socket_mode: str = "0660"
+    admin_uids: list[int] = msgspec.field(default_factory=lambda: [0])
+    reader_gids: list[int] = msgspec.field(default_factory=list)
+    metrics_listen: str = ""
+
+
+class LogConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["json", "console", "auto"] = "auto"
+
+
+class Config(Struct, forbid_unknown_fields=True, kw_only=True):
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    status: StatusConfig = msgspec.field(default_factory=StatusConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    source: str = ""  # the file it came from, "" for built-in defaults
+
+    # Resolved integer views of the human-unit fields.
+    def size(self, section: str, key: str) -> int:
+        return parse_size(f"{section}.{key}", getattr(getattr(self, section), key))
+
+    def duration_ms(self, section: str, key: str) -> int:
+        return parse_duration_ms(f"{section}.{key}", getattr(getattr(self, section), key))
+
+    def mode(self, section: str) -> int:
+        value = getattr(self, section).socket_mode
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ConfigError(
+                f"{section}.socket_mode = {value!r}: expected an octal mode like \"0660\""
+            ) from None
+
+
+def parse_size(key: str, value: int | str) -> int:
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: expected a size >= 0")
+        return value
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ConfigError(f"{key} = {value!r}: expected a size like 512KB, 64MB or 5GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration_ms(key: str, value: int | str) -> int:
+    """Durations: a string with a unit ("250ms", "30d"), or a bare integer of seconds."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: expected a duration >= 0")
+        return value * 1000
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ConfigError(f"{key} = {value!r}: expected a duration like 250ms, 30s or 30d")
+    return int(float(match.group(1)) * _DURATION_MS[match.group(2)])
+
+
+_SIZE_KEYS = [("ingest", "max_frame_bytes"), ("ingest", "max_event_bytes"),
+              ("buffer", "max_bytes"), ("storage", "journal_segment_bytes"),
+              ("storage", "reserve_bytes"), ("storage", "dlq_max_bytes"),
+              ("retention", "max_bytes")]
+_DURATION_KEYS = [("writer", "retry_max_delay"), ("retention", "max_age")]
+_POSITIVE_KEYS = [("ingest", "max_batch_events"), ("ingest", "max_connections"),
+                  ("buffer", "capacity"), ("writer", "batch_max")]
+
+
+def _check(config: Config) -> None:
+    for section, key in _SIZE_KEYS:
+        config.size(section, key)
+    for section, key in _DURATION_KEYS:
+        config.duration_ms(section, key)
+    for section, key in _POSITIVE_KEYS:
+        value = getattr(getattr(config, section), key)
+        if value < 1:
+            raise ConfigError(f"{section}.{key} = {value}: expected an integer >= 1")
+    if config.writer.batch_delay_ms < 0:
+        raise ConfigError(
+            f"writer.batch_delay_ms = {config.writer.batch_delay_ms}: expected an integer >= 0"
+        )
+    if config.size("ingest", "max_frame_bytes") < 16:
+        raise ConfigError("ingest.max_frame_bytes: expected at least 16 bytes")
+    config.mode("ingest")
+    config.mode("status")
+
+
+def _lookup(raw: dict[str, Any], path: str) -> Any:
+    node: Any = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:
+    """Validate a parsed TOML document; errors name the key, the value and what was expected."""
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = re.search(r" - at `\$\.([^`]+)`$", text)
+        problem = text[: match.start()] if match else text
+        problem = problem.replace("`", "")
+        unknown = re.match(r"Object contains unknown field (\S+)", problem)
+        if unknown:
+            where = f"{match.group(1)}." if match else ""
+            raise ConfigError(f"{where}{unknown.group(1)}: unknown key") from None
+        if match:
+            key = match.group(1)
+            value = _lookup(raw, key)
+            expected = problem[0].lower() + problem[1:]
+            raise ConfigError(f"{key} = {value!r}: {expected}") from None
+        raise ConfigError(problem) from None
+    config.source = source
+    _check(config)
+    return config
+
+
+def load_config(path: str | None = None) -> Config:
+    """Load the named file, else $AUDITD_CONFIG, else /etc/auditd/auditd.toml, else defaults."""
+    named = path or os.environ.get("AUDITD_CONFIG")
+    candidate = Path(named) if named else Path("/etc/auditd/auditd.toml")
+    if not candidate.exists():
+        if named:
+            raise ConfigError(f"{candidate}: no such config file")
+        return Config()
+    try:
+        raw = tomllib.loads(candidate.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{candidate}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{candidate}: cannot read: {exc.strerror}") from None
+    return config_from_dict(raw, str(candidate))

@@ -1,0 +1,133 @@
+"""RingBuffer: a fixed-capacity circular array between ingest and the writer. No I/O.
+
+Three absolute positions only ever grow: `_start` (oldest retained slot), `_committed`
+(first pending slot) and `_end` (next free slot). Slots in [_committed, _end) are
+pending: accepted but not yet committed, and never overwritten. Slots in
+[_start, _committed) are the recently committed window kept for hot reads; a push
+overwrites the oldest of them when the array is full. The slot of position p is
+p % capacity.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Generic, Protocol, TypeVar
+
+
+class Entry(Protocol):
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def correlation_id(self) -> str | None: ...
+
+
+T = TypeVar("T", bound=Entry)
+
+
+class RingBuffer(Generic[T]):
+    def __init__(self, capacity: int, max_bytes: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._slots: list[T | None] = [None] * capacity
+        self._sizes: list[int] = [0] * capacity
+        self._start = 0
+        self._committed = 0
+        self._end = 0
+        self.pending_bytes = 0
+        self._by_correlation: dict[str, deque[int]] = {}
+
+    @property
+    def pending(self) -> int:
+        return self._end - self._committed
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.pending
+
+    def has_room(self, count: int, size: int) -> bool:
+        """Whether `count` more events of `size` bytes fit under both bounds.
+
+        The byte bound always admits one batch into an empty buffer, so an event
+        larger than max_bytes cannot wedge ingest forever.
+        """
+        if count > self.free:
+            return False
+        return self.pending == 0 or self.pending_bytes + size <= self.max_bytes
+
+    def below_low_water(self) -> bool:
+        """Blocked senders resume only well below the bounds, to avoid flapping."""
+        return (self.pending <= self.capacity * 3 // 4
+                and self.pending_bytes <= self.max_bytes * 3 // 4)
+
+    def push(self, entries: Iterable[T], sizes: Iterable[int]) -> None:
+        """Append pending entries; the caller checked has_room()."""
+        slots, byte_sizes, capacity = self._slots, self._sizes, self.capacity
+        index = self._by_correlation
+        for entry, size in zip(entries, sizes, strict=True):
+            position = self._end
+            if position - self._committed >= capacity:
+                raise OverflowError("ring buffer full")
+            if position - self._start >= capacity:
+                self._evict_oldest()
+            slot = position % capacity
+            slots[slot] = entry
+            byte_sizes[slot] = size
+            self.pending_bytes += size
+            correlation = entry.correlation_id
+            if correlation is not None:
+                positions = index.get(correlation)
+                if positions is None:
+                    index[correlation] = deque((position,))
+                else:
+                    positions.append(position)
+            self._end = position + 1
+
+    def _evict_oldest(self) -> None:
+        slot = self._start % self.capacity
+        entry = self._slots[slot]
+        self._slots[slot] = None
+        if entry is not None and entry.correlation_id is not None:
+            positions = self._by_correlation[entry.correlation_id]
+            positions.popleft()
+            if not positions:
+                del self._by_correlation[entry.correlation_id]
+        self._start += 1
+
+    def peek_pending(self, limit: int) -> list[T]:
+        """The oldest pending entries, at most `limit`, still pending until mark_committed()."""
+        stop = min(self._end, self._committed + limit)
+        return [self._at(p) for p in range(self._committed, stop)]
+
+    def mark_committed(self, count: int) -> None:
+        """The first `count` pending entries are durable; they join the recent window."""
+        if count > self.pending:
+            raise ValueError("cannot commit more than is pending")
+        for position in range(self._committed, self._committed + count):
+            self.pending_bytes -= self._sizes[position % self.capacity]
+        self._committed += count
+
+    def recent(self, count: int) -> list[T]:
+        """The last `count` committed entries, oldest first."""
+        first = max(self._start, self._committed - count)
+        return [self._at(p) for p in range(first, self._committed)]
+
+    def by_correlation(self, correlation_id: str) -> list[T]:
+        """Every retained entry (committed or pending) of one correlation, in seq order."""
+        return [self._at(p) for p in self._by_correlation.get(correlation_id, ())]
+
+    def oldest_retained_seq(self) -> int | None:
+        if self._start == self._end:
+            return None
+        return self._at(self._start).seq
+
+    def oldest_pending(self) -> T | None:
+        return self._at(self._committed) if self.pending else None
+
+    def _at(self, position: int) -> T:
+        entry = self._slots[position % self.capacity]
+        assert entry is not None
+        return entry

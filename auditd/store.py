@@ -1,0 +1,277 @@
+"""The SQLite store: schema via migrations, batch inserts, the checkpoint, dead letters.
+
+All SQL runs on aiosqlite's threads, never on the event loop. sqlite3 errors are
+translated here, at one boundary, into TransientStoreError (retry) or
+PermanentStoreError (dead-letter). The writer is the only caller of the write methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from auditd import migrations
+from auditd.errors import PermanentStoreError, StoreError, TransientStoreError
+from auditd.schema import StoredEvent, encoder, id_hash
+
+log = structlog.get_logger("auditd.store")
+
+# Primary result codes (exc.sqlite_errorcode & 0xFF) that the same data will hit again.
+_PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
+_NAMES_CACHE_MAX = 200_000
+DB_NAME = "auditd.db"
+
+EVENT_INSERT = (
+    "INSERT INTO events (seq, id, id_hash, ts, received_at, type, actor, target, stream,"
+    " stream_seq, correlation_id, causation_id, tags, data, pid, uid, gid, comm)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+DEAD_LETTER_INSERT = (
+    "INSERT INTO dead_letters (seq, source, code, reason, raw, size, uid, attempts,"
+    " first_failed_at, last_failed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def classify(exc: sqlite3.Error, what: str) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    kind = PermanentStoreError if code in _PERMANENT else TransientStoreError
+    error = kind(f"{what}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """One dead-letter entry to write; `seq` is set for accepted events."""
+
+    source: str  # "ingest" (rejected), "writer" (poison), "journal" (corrupt record)
+    code: str
+    reason: str
+    raw: bytes
+    seq: int | None = None
+    uid: int | None = None
+    attempts: int = 1
+    first_failed_at: int = field(default_factory=time.time_ns)
+
+
+@dataclass(slots=True)
+class StoreState:
+    committed_seq: int
+    max_seq: int
+    streams: dict[str, int]
+    ingest_dead_letter_bytes: int
+
+
+def event_row(event: StoredEvent, name_id: Callable[[str], int]) -> tuple[Any, ...]:
+    """The events-table row of a stored event; `name_id` maps a string to its names id."""
+    return (
+        event.seq, event.id, id_hash(event.id), event.ts, event.received_at,
+        name_id(event.type),
+        None if event.actor is None else name_id(event.actor),
+        None if event.target is None else name_id(event.target),
+        None if event.stream is None else name_id(event.stream),
+        event.stream_seq, event.correlation_id, event.causation_id,
+        None if event.tags is None else encoder.encode(event.tags),
+        event.data, event.pid, event.uid, event.gid, name_id(event.comm),
+    )
+
+
+def connect_sync(path: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection with the daemon's pragmas (migrations, bench, recover)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=200")
+    return conn
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._names: dict[str, int] = {}
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        assert self._conn is not None, "store not open"
+        return self._conn
+
+    async def open(self) -> None:
+        try:
+            setup = connect_sync(self.path)
+            try:
+                migrations.migrate(setup)
+            finally:
+                setup.close()
+            self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            for conn in (self._conn, self._reader):
+                await conn.execute("PRAGMA synchronous=NORMAL")
+                await conn.execute("PRAGMA busy_timeout=200")
+        except sqlite3.Error as exc:
+            raise classify(exc, f"opening {self.path}") from exc
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._conn):
+            if conn is not None:
+                await conn.close()
+        self._conn = self._reader = None
+
+    async def load_state(self) -> StoreState:
+        conn = self.conn
+        committed = await _scalar(conn, "SELECT value FROM meta WHERE key='committed_seq'")
+        max_event = await _scalar(conn, "SELECT max(seq) FROM events")
+        max_dead = await _scalar(conn, "SELECT max(seq) FROM dead_letters")
+        rows = await conn.execute_fetchall(
+            "SELECT n.value, s.version FROM streams s JOIN names n ON n.id = s.stream")
+        dead_bytes = await _scalar(
+            conn, "SELECT total(size) FROM dead_letters WHERE source='ingest'")
+        return StoreState(
+            committed_seq=int(committed or 0),
+            max_seq=max(int(committed or 0), int(max_event or 0), int(max_dead or 0)),
+            streams={str(name): int(version) for name, version in rows},
+            ingest_dead_letter_bytes=int(dead_bytes or 0),
+        )
+
+    async def id_hashes(self, sink: Callable[[int], None]) -> int:
+        """Feed every stored id hash to `sink` (in the database thread); return the count."""
+        def scan(db: sqlite3.Connection) -> int:
+            count = 0
+            for (value,) in db.execute("SELECT id_hash FROM events"):
+                sink(value)
+                count += 1
+            return count
+
+        conn = connect_sync(self.path)
+        try:
+            return await asyncio.to_thread(scan, conn)
+        finally:
+            conn.close()
+
+    async def lookup_ids(self, ids: Iterable[str]) -> dict[str, int]:
+        """The seq under which each of these ids is stored, for those that are."""
+        wanted = {event_id: id_hash(event_id) for event_id in ids}
+        if not wanted:
+            return {}
+        assert self._reader is not None
+        try:
+            rows = await self._reader.execute_fetchall(
+                "SELECT id, seq FROM events WHERE id_hash IN (SELECT value FROM json_each(?))",
+                (_json_list(wanted.values()),))
+        except sqlite3.Error as exc:
+            raise classify(exc, "looking up ids") from exc
+        return {str(event_id): int(seq) for event_id, seq in rows if event_id in wanted}
+
+    async def insert_batch(self, events: list[StoredEvent], dead: list[DeadLetter],
+                           checkpoint: int) -> None:
+        """Commit events and dead letters, and advance the checkpoint, in one transaction.
+
+        Cancellation: the SQL runs on aiosqlite's thread and is not stopped by
+        cancelling this coroutine; the checkpoint in the same transaction is what keeps
+        replay exactly-once either way.
+        """
+        conn = self.conn
+        fresh: dict[str, int] = {}
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                missing = self._missing_names(events)
+                if missing:
+                    fresh = await self._resolve_names(missing)
+                lookup = self._names | fresh if fresh else self._names
+                await conn.executemany(
+                    EVENT_INSERT, [event_row(e, lookup.__getitem__) for e in events])
+                streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
+                if streams:
+                    await conn.executemany(
+                        "INSERT INTO streams VALUES (?, ?, ?) ON CONFLICT (stream) DO UPDATE"
+                        " SET version = excluded.version, last_seq = excluded.last_seq",
+                        [(lookup[s], v, q) for s, (v, q) in streams.items()])
+                if dead:
+                    await conn.executemany(DEAD_LETTER_INSERT, [_dead_row(d) for d in dead])
+                await conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
+                    (checkpoint, checkpoint))
+                await conn.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise classify(exc, "committing a batch") from exc
+        if fresh:
+            if len(self._names) > _NAMES_CACHE_MAX:
+                self._names.clear()
+            self._names.update(fresh)
+
+    def _missing_names(self, events: list[StoredEvent]) -> set[str]:
+        names = self._names
+        missing: set[str] = set()
+        for e in events:
+            for value in (e.type, e.actor, e.target, e.stream, e.comm):
+                if value is not None and value not in names:
+                    missing.add(value)
+        return missing
+
+    async def _resolve_names(self, values: set[str]) -> dict[str, int]:
+        conn = self.conn
+        await conn.executemany(
+            "INSERT INTO names (value) VALUES (?) ON CONFLICT (value) DO NOTHING",
+            [(v,) for v in values])
+        rows = await conn.execute_fetchall(
+            "SELECT value, id FROM names WHERE value IN (SELECT value FROM json_each(?))",
+            (_json_list(values),))
+        return {str(value): int(name_id) for value, name_id in rows}
+
+    async def checkpoint_wal(self) -> bool:
+        """Copy the WAL into the database file; True when every frame was copied.
+
+        With synchronous=NORMAL a commit is durable against power loss only after
+        this, so journal segments are released only behind a complete checkpoint.
+        """
+        try:
+            rows = await self.conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise classify(exc, "checkpointing the WAL") from exc
+        busy, log_frames, copied = next(iter(rows))
+        return bool(busy == 0 and log_frames == copied)
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += Path(f"{self.path}{suffix}").stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+
+def _dead_row(entry: DeadLetter) -> tuple[Any, ...]:
+    now = time.time_ns()
+    return (entry.seq, entry.source, entry.code, entry.reason, entry.raw, len(entry.raw),
+            entry.uid, entry.attempts, entry.first_failed_at, now)
+
+
+def _json_list(values: Iterable[object]) -> str:
+    return json.dumps(list(values))
+
+
+async def _scalar(conn: aiosqlite.Connection, sql: str) -> Any:
+    rows = list(await conn.execute_fetchall(sql))
+    return rows[0][0] if rows else None
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # no transaction was open (BEGIN itself failed)

@@ -1,0 +1,134 @@
+"""The writer task: the only caller of store writes.
+
+It drains pending events from the ring in batches, one transaction each, and advances
+the commit checkpoint in that same transaction. Failures are classified: transient
+ones are retried with capped, jittered exponential backoff while ingest keeps
+journaling; a permanent one splits the batch until the poison events are isolated
+and dead-lettered, and their neighbours are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from auditd.errors import PermanentStoreError, TransientStoreError
+from auditd.ring import RingBuffer
+from auditd.schema import StoredEvent, encoder
+from auditd.stats import Stats
+from auditd.store import DeadLetter, Store
+
+log = structlog.get_logger("auditd.writer")
+
+
+class Writer:
+    def __init__(self, store: Store, ring: RingBuffer[StoredEvent], stats: Stats, *,
+                 batch_max: int, batch_delay_ms: int, retry_max_delay_ms: int,
+                 fallback_path: Path, on_committed: Callable[[int], None]) -> None:
+        self.store = store
+        self.ring = ring
+        self.stats = stats
+        self.batch_max = batch_max
+        self.batch_delay = batch_delay_ms / 1000
+        self.retry_max_delay = retry_max_delay_ms / 1000
+        self.fallback_path = fallback_path
+        self.on_committed = on_committed
+        self.dead_letters: list[DeadLetter] = []  # waiting to be written with a batch
+        self.fault: str | None = None  # why commits are failing now, for health
+        self._work = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        if not self._work.is_set():
+            self._work.set()
+
+    def add_dead_letters(self, entries: list[DeadLetter]) -> None:
+        self.dead_letters.extend(entries)
+        self.wake()
+
+    def stop(self) -> None:
+        """Finish what is pending, then return from run()."""
+        self._stopping = True
+        self.wake()
+
+    async def run(self) -> None:
+        ring = self.ring
+        while True:
+            if not ring.pending and not self.dead_letters:
+                if self._stopping:
+                    return
+                self._work.clear()
+                await self._work.wait()
+                # Coming from idle: give the batch a moment to fill.
+                if (self.batch_delay and ring.pending < self.batch_max
+                        and not self._stopping):
+                    await asyncio.sleep(self.batch_delay)
+            batch = ring.peek_pending(self.batch_max)
+            dead, self.dead_letters = self.dead_letters, []
+            started = time.perf_counter()
+            await self._commit(batch, dead)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            ring.mark_committed(len(batch))
+            stats = self.stats
+            stats.committed += len(batch)
+            stats.commit_latency_ms.observe(elapsed_ms)
+            stats.batch_size.observe(len(batch))
+            stats.last_commit_at = time.monotonic()
+            if batch:
+                stats.last_committed_seq = batch[-1].seq
+            self.on_committed(stats.last_committed_seq)
+
+    async def _commit(self, events: list[StoredEvent], dead: list[DeadLetter]) -> None:
+        checkpoint = max([e.seq for e in events[-1:]] + [d.seq or 0 for d in dead] + [0])
+        attempt = 0
+        while True:
+            try:
+                await self.store.insert_batch(events, dead, checkpoint)
+            except TransientStoreError as exc:
+                attempt += 1
+                self.stats.commit_failures += 1
+                if self.fault is None:
+                    log.warning("commit_failing", error=str(exc), events=len(events))
+                self.fault = f"commits are failing and being retried: {exc}"
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            except PermanentStoreError as exc:
+                if len(events) > 1:
+                    half = len(events) // 2
+                    await self._commit(events[:half], dead)
+                    await self._commit(events[half:], [])
+                    return
+                if events:
+                    event = events[0]
+                    log.error("event_dead_lettered", seq=event.seq, error=str(exc))
+                    dead = [*dead, DeadLetter("writer", "commit_failed", str(exc),
+                                              encoder.encode(event), event.seq, event.uid)]
+                    self.stats.dead_lettered("commit_failed")
+                    events = []
+                    continue
+                self._write_fallback(dead, str(exc))
+                dead = []
+                continue
+            if self.fault is not None:
+                log.info("commit_recovered", attempts=attempt)
+                self.fault = None
+            return
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.retry_max_delay, 0.01 * (2 ** min(attempt, 16)))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def _write_fallback(self, dead: list[DeadLetter], error: str) -> None:
+        """Dead letters the database refuses go to a file, so nothing is dropped."""
+        log.critical("dead_letters_to_fallback_file", path=str(self.fallback_path),
+                     entries=len(dead), error=error)
+        with self.fallback_path.open("ab") as handle:
+            for entry in dead:
+                handle.write(encoder.encode({
+                    "seq": entry.seq, "source": entry.source, "code": entry.code,
+                    "reason": entry.reason, "raw": entry.raw, "error": error}) + b"\n")

@@ -1,0 +1,228 @@
+"""Shared fixtures: a real daemon subprocess on real sockets and a real SQLite file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from auditd.framing import encode_frame
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in keys.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+class DaemonProcess:
+    """`auditd run` as a subprocess in its own short temp dir (socket paths < 108 bytes)."""
+
+    def __init__(self, root: Path, overrides: dict[str, dict[str, Any]] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.ingest_socket = str(root / "ingest.sock")
+        self.status_socket = str(root / "status.sock")
+        self.storage = root / "lib"
+        self.db_path = self.storage / "auditd.db"
+        self.config_path = root / "auditd.toml"
+        self.log_path = root / "daemon.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        sections: dict[str, dict[str, Any]] = {
+            "ingest": {"socket": self.ingest_socket},
+            "storage": {"path": str(self.storage), "reserve_bytes": "1MB"},
+            "status": {"socket": self.status_socket, "admin_uids": [0]},
+            "log": {"level": "info", "format": "json"},
+        }
+        for section, keys in (overrides or {}).items():
+            sections.setdefault(section, {}).update(keys)
+        self.sections = sections
+        write_config(self.config_path, sections)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "auditd.cli", "run", "--config", str(self.config_path)]
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> None:
+        log = self.log_path.open("ab")
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
+        log.close()
+        self._ready_mark = self.log_text().count('"daemon_ready"')
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
+            if self.log_text().count('"daemon_ready"') > self._ready_mark:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"daemon not ready after {timeout}s:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        conn = self.db()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def connect(self) -> RawConnection:
+        return RawConnection(self.ingest_socket)
+
+
+class RawConnection:
+    """A bare protocol connection for byte-exact tests."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, body: Any) -> None:
+        payload = body if isinstance(body, bytes) else msgspec.msgpack.encode(body)
+        self.sock.sendall(encode_frame(payload))
+
+    def recv_frame(self) -> bytes:
+        header = self._exactly(4)
+        return self._exactly(int.from_bytes(header, "big"))
+
+    def recv(self) -> dict[str, Any]:
+        reply: dict[str, Any] = msgspec.msgpack.decode(self.recv_frame())
+        return reply
+
+    def request(self, body: Any) -> dict[str, Any]:
+        self.send(body)
+        return self.recv()
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return True
+
+    def _exactly(self, count: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < count:
+            chunk = self.sock.recv(count - len(chunks))
+            if not chunk:
+                raise ConnectionError("daemon closed the connection")
+            chunks += chunk
+        return bytes(chunks)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="adt"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(short_tmp: Path) -> Iterator[Any]:
+    """Factory: make_daemon(overrides=None, start=True) -> DaemonProcess; all stopped after."""
+    made: list[DaemonProcess] = []
+
+    def factory(overrides: dict[str, dict[str, Any]] | None = None, *, start: bool = True,
+                env: dict[str, str] | None = None, name: str = "d") -> DaemonProcess:
+        root = short_tmp / f"{name}{len(made)}"
+        root.mkdir()
+        daemon = DaemonProcess(root, overrides, env)
+        made.append(daemon)
+        if start:
+            daemon.start()
+        return daemon
+
+    yield factory
+    for daemon in made:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> DaemonProcess:
+    """A started daemon with the default test config."""
+    started: DaemonProcess = make_daemon()
+    return started
