@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import msgspec
 
 from auditd.config import Config, load_config
 from auditd.errors import AuditdError, ConfigError
@@ -69,9 +70,61 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
     socket_path = args.socket or config.ingest.socket
     with Client(socket_path, raise_on_reject=False) as client:
         reply = client.send(event)
-    document = reply.to_dict()
-    print(json.dumps(document))
+    print(json.dumps(msgspec.to_builtins(reply)))
     return EXIT_OK if reply.ok else EXIT_FAILURE
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    """A one-line progress display, only on a TTY."""
+    def show(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{label}: {done}/{total}", end="", file=sys.stderr, flush=True)
+    return show
+
+
+def cmd_recover(args: argparse.Namespace, config: Config) -> int:
+    from pathlib import Path
+
+    from auditd.recovery import salvage
+    from auditd.store import DB_NAME
+
+    damaged = Path(args.damaged)
+    if not damaged.exists():
+        return _fail(f"{damaged}: no such file")
+    live = Path(config.storage.path) / DB_NAME
+    if not live.exists():
+        return _fail(f"{live}: no live database (start the daemon once first)")
+    result = salvage(damaged, live, _progress("recovering"))
+    document = {"copied": result.copied, "already_present": result.already_present,
+                "unreadable": result.unreadable, "into": str(live)}
+    print(json.dumps(document) if args.json else
+          f"copied {result.copied} events into {live}; {result.already_present} were already "
+          f"there; {result.unreadable} could not be read")
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    from pathlib import Path
+
+    from auditd import migrations
+    from auditd.store import DB_NAME, connect_sync
+
+    conn = connect_sync(Path(config.storage.path) / DB_NAME)
+    try:
+        if args.status:
+            done = set(migrations.applied(conn))
+            for migration in migrations.MIGRATIONS:
+                state = "applied" if migration.version in done else "pending"
+                print(f"{migration.version:4d} {migration.name:20s} {state}")
+            return EXIT_OK
+        try:
+            actions = migrations.migrate(conn, args.to)
+        except ValueError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+    finally:
+        conn.close()
+    print("\n".join(actions) or "schema is up to date")
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
@@ -104,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     send.set_defaults(handler=cmd_send)
 
+    recover = sub.add_parser("recover", help="salvage readable events from a damaged database")
+    recover.add_argument("damaged", help="the moved-aside database file")
+    recover.add_argument("--json", action="store_true")
+    recover.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    recover.set_defaults(handler=cmd_recover)
+
+    migrate = sub.add_parser("migrate", help="apply or roll back schema migrations")
+    migrate.add_argument("--to", type=int, metavar="VERSION")
+    migrate.add_argument("--status", action="store_true", help="list migrations and exit")
+    migrate.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+    migrate.set_defaults(handler=cmd_migrate)
+
     from auditd.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="load generator and storage baseline")
@@ -123,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except AuditdError as exc:
         return _fail(str(exc))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_FAILURE

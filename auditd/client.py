@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import select
 import socket
 import time
@@ -338,8 +339,9 @@ class AsyncClient(_ClientBase):
                     future.set_result(reply)
         except Exception as exc:  # CancelledError is no Exception: close() handles that
             self._outage = None
-            error = exc if isinstance(exc, ClientError) else self._gave_up()
-            self._fail_pending(error)
+            if not isinstance(exc, ClientError):
+                exc = DisconnectedError(f"reading replies failed: {exc!r}")
+            self._fail_pending(exc)
         finally:
             if self._reader_task is asyncio.current_task():
                 self._reader_task = None
@@ -435,6 +437,8 @@ class Client(_ClientBase):
         """Send the frames with at most max_in_flight unacknowledged; return their replies."""
         self.connect()
         todo: deque[int] = deque(range(len(wires)))  # frame indexes to write, in order
+        retry: deque[int] = deque()  # answered overloaded: written again before `todo`
+        paused_until = 0.0  # monotonic time before which nothing new is written
         pending: deque[int] = deque()  # written on this connection, unacknowledged
         written = [False] * len(wires)
         attempts = [0] * len(wires)
@@ -454,13 +458,18 @@ class Client(_ClientBase):
             self._reconnect(outage, cause)
 
         try:
-            while pending or todo:
-                while todo and len(pending) < self.max_in_flight:
-                    pending.append(todo.popleft())
+            while pending or retry or todo:
+                now = time.monotonic()
+                while now >= paused_until and (retry or todo) and len(pending) < self.max_in_flight:
+                    pending.append((retry or todo).popleft())
                     written[pending[-1]] = True
                     out += wires[pending[-1]]
+                wait = paused_until - now if (retry or todo) and now < paused_until else None
+                if not pending:
+                    time.sleep(wait or 0)
+                    continue
                 try:
-                    bodies = self._pump(out)
+                    bodies = self._pump(out, wait)
                 except _DROPPED as exc:
                     requeue_and_reconnect(exc, None)
                     continue
@@ -478,16 +487,18 @@ class Client(_ClientBase):
                         # (resent after a drop) so none is left in doubt.
                         action, failure = "done", failure or exc
                         todo = deque(index for index in todo if written[index])
+                        retry.clear()
                     if action == "reconnect":
                         requeue_and_reconnect(None, reply)  # the rest of `bodies` is stale
                         break
                     outage = None
                     frame = pending.popleft()
                     if action == "retry":
+                        # One pause for a burst of overloaded replies, not one per reply;
+                        # replies still due keep being read meanwhile.
                         attempts[frame] += 1
-                        # The daemon asked for a pause; replies still due can wait too.
-                        time.sleep(retry_delay(reply))
-                        todo.appendleft(frame)
+                        retry.append(frame)
+                        paused_until = max(paused_until, time.monotonic() + retry_delay(reply))
                     else:
                         replies[frame] = reply
         except BaseException:
@@ -498,7 +509,7 @@ class Client(_ClientBase):
             raise failure
         return [reply for reply in replies if reply is not None]
 
-    def _pump(self, out: bytearray) -> list[bytes]:
+    def _pump(self, out: bytearray, wait: float | None) -> list[bytes]:
         """Wait until the socket can move data; write some of `out`, read what arrived."""
         sock = self._sock
         if sock is None:
@@ -506,7 +517,7 @@ class Client(_ClientBase):
         poller = select.poll()
         poller.register(sock, select.POLLIN | (select.POLLOUT if out else 0))
         bodies: list[bytes] = []
-        for _fd, mask in poller.poll():
+        for _fd, mask in poller.poll(None if wait is None else math.ceil(wait * 1000)):
             if mask & select.POLLOUT and out:
                 try:
                     del out[: sock.send(out)]

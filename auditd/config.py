@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 from msgspec import Struct
@@ -153,19 +153,40 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"writer.batch_delay_ms = {config.writer.batch_delay_ms}: expected an integer >= 0"
         )
-    if config.size("ingest", "max_frame_bytes") < 16:
-        raise ConfigError("ingest.max_frame_bytes: expected at least 16 bytes")
+    frame = config.size("ingest", "max_frame_bytes")
+    if frame < 16:
+        raise ConfigError(
+            f"ingest.max_frame_bytes = {config.ingest.max_frame_bytes!r}: "
+            "expected at least 16 bytes")
     config.mode("ingest")
     config.mode("status")
 
 
 def _lookup(raw: dict[str, Any], path: str) -> Any:
+    """The raw value at a msgspec path like `status.admin_uids[1]`."""
     node: Any = raw
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            if not isinstance(node, list) or index >= len(node):
+                return None
+            node = node[index]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return None
-        node = node[part]
     return node
+
+
+def _choices(path: str) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed key, for the error message."""
+    section, _, key = path.partition(".")
+    for field in msgspec.structs.fields(Config):
+        if field.name == section:
+            for inner in msgspec.structs.fields(field.type):
+                if inner.name == key and get_origin(inner.type) is Literal:
+                    return tuple(str(v) for v in get_args(inner.type))
+    return ()
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:
@@ -185,6 +206,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:
             key = match.group(1)
             value = _lookup(raw, key)
             expected = problem[0].lower() + problem[1:]
+            choices = _choices(key)
+            if choices:
+                expected = "expected one of " + ", ".join(f'"{c}"' for c in choices)
             raise ConfigError(f"{key} = {value!r}: {expected}") from None
         raise ConfigError(problem) from None
     config.source = source

@@ -20,18 +20,26 @@ from typing import Any
 import structlog
 
 from auditd.config import Config
+from auditd.control import DaemonControl
+from auditd.deadletters import DeadLetterStore
+from auditd.errors import AuditdError
 from auditd.ingest import IngestLimits, IngestServer, bind_unix
 from auditd.journal import CorruptRange, Journal
+from auditd.recovery import set_aside_if_damaged
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, stored_decoder
 from auditd.sequencer import Sequencer
 from auditd.stats import Stats
+from auditd.status.server import StatusServer
 from auditd.store import DB_NAME, DeadLetter, Store
+from auditd.systemd import Notifier, watchdog_interval
 from auditd.writer import Writer
 
 log = structlog.get_logger("auditd.daemon")
 
 _MAINTENANCE_S = 0.5
+_STATUS_EVERY_S = 2.0
+_WATCHDOG_STALL_S = 10.0
 _WRITER_DRAIN_S = 30.0
 
 
@@ -46,6 +54,7 @@ class Daemon:
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
+        self.notifier = Notifier()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -53,6 +62,7 @@ class Daemon:
         config = self.config
         self._install_signals()
         self.storage.mkdir(parents=True, exist_ok=True)
+        self.damaged = await asyncio.to_thread(set_aside_if_damaged, self.store.path)
         await self.store.open()
         state = await self.store.load_state()
         capacity = config.buffer.capacity
@@ -69,6 +79,9 @@ class Daemon:
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
             on_committed=self._committed)
+        self.dead_letters = DeadLetterStore(self.store.path)
+        await self.dead_letters.open()
+        self.control = DaemonControl(self)
         self.stats.last_committed_seq = state.committed_seq
         self.ingest = IngestServer(
             IngestLimits(config.size("ingest", "max_frame_bytes"),
@@ -87,10 +100,16 @@ class Daemon:
         ingest_sock = self.inherited.get("ingest") or bind_unix(
             config.ingest.socket, config.mode("ingest"))
         await self.ingest.start(ingest_sock)
+        self.status = StatusServer(self.control)
+        await self.status.start(
+            self.inherited.get("status") or bind_unix(config.status.socket,
+                                                      config.mode("status")),
+            config.status.metrics_listen or None)
         self._spawn(self._maintain(), "maintenance")
         self.ready = True
         log.info("daemon_ready", socket=config.ingest.socket, last_seq=self.sequencer.last_seq,
                  durability=config.ingest.durability)
+        self.notifier.ready(self.status_line())
         await self.stop_requested.wait()
         await self._shutdown()
         return 0
@@ -142,12 +161,34 @@ class Daemon:
         if space is not None:
             space.set()
 
+    def status_line(self) -> str:
+        stats = self.stats
+        state = "degraded" if (self.writer.fault or self.ingest.refusal) else "ok"
+        return (f"{state}: {stats.accepted} accepted, {stats.committed} committed, "
+                f"{self.ring.pending} pending, {stats.connections} connections")
+
+    def _writer_progressing(self) -> bool:
+        """The watchdog's question: is the writer keeping up, not merely alive?"""
+        stalled_for = time.monotonic() - self.stats.last_commit_at
+        return self.ring.pending == 0 or stalled_for < _WATCHDOG_STALL_S
+
     async def _maintain(self) -> None:
-        """Disk reserve, journal release behind a WAL checkpoint."""
+        """Disk reserve, journal release, dead-letter quota, systemd status and watchdog."""
         reserve = self.config.size("storage", "reserve_bytes")
+        watchdog_every = watchdog_interval()
+        last_ping = last_status = 0.0
         while True:
             await asyncio.sleep(_MAINTENANCE_S)
+            now = time.monotonic()
+            if (watchdog_every and now - last_ping >= watchdog_every
+                    and self._writer_progressing()):
+                self.notifier.watchdog()
+                last_ping = now
+            if now - last_status >= _STATUS_EVERY_S:
+                self.notifier.status(self.status_line())
+                last_status = now
             try:
+                await self.control.refresh()
                 vfs = os.statvfs(self.storage)
                 free = vfs.f_bavail * vfs.f_frsize
                 if free < reserve:
@@ -171,6 +212,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("daemon_stopping", pending=self.ring.pending)
+        self.notifier.stopping("stopping: draining the buffer")
         self.ingest.stop_accepting()
         if self.journal.fsync:
             with contextlib.suppress(TimeoutError):
@@ -184,11 +226,13 @@ class Daemon:
                 log.error("writer_drain_timeout", pending=self.ring.pending,
                           note="pending events stay in the journal and replay at start")
         await self.ingest.aclose()
+        await self.status.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._release_journal()
+        await self.dead_letters.close()
         await self.store.close()
         self.journal.close()
         log.info("daemon_stopped", last_seq=self.sequencer.last_seq,
@@ -202,6 +246,7 @@ class Daemon:
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.critical("task_failed", task=task.get_name(), error=repr(task.exception()))
             self.stop_requested.set()
@@ -210,6 +255,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_reload_signal(self) -> None:
+        if not self.ready:
+            log.warning("reload_ignored", reason="still starting")
+            return
+
+        async def reload() -> None:
+            with contextlib.suppress(AuditdError):  # refused: logged, old config stays
+                await self.control.reload()
+
+        self._spawn(reload(), "reload")
 
     def _on_stop_signal(self, signum: int) -> None:
         self._signals += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -28,7 +29,7 @@ from auditd.schema import StoredEvent, encoder, reply_bytes
 from auditd.sequencer import Acceptance, Peer, Sequencer
 from auditd.stats import Stats
 from auditd.store import DeadLetter, Store
-from auditd.validation import DecodedFrame, decode_body
+from auditd.validation import DecodedFrame, ValidEvent, decode_body
 from auditd.writer import Writer
 
 log = structlog.get_logger("auditd.ingest")
@@ -97,6 +98,7 @@ class IngestServer:
         self.refusal: str | None = None  # why ingest cannot accept now (disk full)
         self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._room = asyncio.Event()  # set after each commit, for inject()
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -121,6 +123,7 @@ class IngestServer:
 
     def capacity_freed(self) -> None:
         """Called after each commit: resume senders blocked on a full buffer."""
+        self._room.set()
         if self.blocked and self.refusal is None and self.ring.below_low_water():
             for conn in list(self.blocked):
                 conn.unblock("buffer")
@@ -174,24 +177,51 @@ class IngestServer:
 
     def _accept(self, conn: Connection, frame: DecodedFrame) -> Acceptance | None:
         stored_ids, conn.stored_ids = conn.stored_ids or {}, None
-        acceptance = self.sequencer.accept(frame.valid, conn.peer, time.time_ns(), stored_ids)
+        try:
+            return self.accept_events(frame.valid, conn.peer, stored_ids, conn)
+        except JournalError as exc:
+            self.set_refusal(str(exc))
+            if self.limits.overflow == "reject":
+                conn.reply_error("overloaded", str(exc), retry_after_ms=1000)
+            else:
+                conn.block("buffer")
+                self.blocked.add(conn)
+            return None
+
+    def accept_events(self, valid: list[ValidEvent], peer: Peer, stored_ids: dict[str, int],
+                      conn: Connection | None = None) -> Acceptance:
+        """Sequence, journal and buffer events; the caller checked the ring has room.
+
+        On a journal failure the sequencing is undone and JournalError propagates.
+        """
+        acceptance = self.sequencer.accept(valid, peer, time.time_ns(), stored_ids)
         stored = acceptance.stored
         if stored:
             records = b"".join([encode_record(e.seq, encoder.encode(e)) for e in stored])
             try:
-                conn.sync_position = self.journal.append(records, stored[0].seq, stored[-1].seq)
-            except JournalError as exc:
+                position = self.journal.append(records, stored[0].seq, stored[-1].seq)
+            except JournalError:
                 self.sequencer.undo(acceptance)
-                self.set_refusal(str(exc))
-                if self.limits.overflow == "reject":
-                    conn.reply_error("overloaded", str(exc), retry_after_ms=1000)
-                else:
-                    conn.block("buffer")
-                    self.blocked.add(conn)
-                return None
+                raise
+            if conn is not None:
+                conn.sync_position = position
             self.sequencer.commit(acceptance)
             self.ring.push(stored, acceptance.sizes)
             self.writer.wake()
+        return acceptance
+
+    async def inject(self, valid: list[ValidEvent], peer: Peer) -> Acceptance:
+        """Accept events the daemon itself originates (admin actions, dead-letter retries),
+        waiting for buffer room instead of refusing."""
+        size = sum(v.size for v in valid)
+        ids = self.sequencer.pending_lookups(valid)
+        stored_ids = await self.store.lookup_ids(ids) if ids else {}
+        while self.refusal is not None or not self.ring.has_room(len(valid), size):
+            self._room.clear()
+            await self._room.wait()
+        acceptance = self.accept_events(valid, peer, stored_ids)
+        if acceptance.stored and self.limits.fsync:
+            await self.journal.wait_synced(self.journal.written)
         return acceptance
 
     def _reply(self, conn: Connection, frame: DecodedFrame, acceptance: Acceptance) -> None:
@@ -353,9 +383,9 @@ class Connection(asyncio.Protocol):
             return
         self.replies.append(entry)
         if wait is not None:
-            wait.add_done_callback(lambda _f, e=entry: self._ready(e))
+            wait.add_done_callback(functools.partial(self._ready, entry))
 
-    def _ready(self, entry: list[Any]) -> None:
+    def _ready(self, entry: list[Any], _done: object = None) -> None:
         entry[0] = True
         replies = self.replies
         while replies and replies[0][0]:

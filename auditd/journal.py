@@ -13,6 +13,7 @@ run in a thread, one covering every record written before it (group commit).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
 import zlib
@@ -234,7 +235,7 @@ class Journal:
         """Delete segments whose every record has seq <= `seq`; never the open one."""
         removed = 0
         segments = self.segments()
-        for (_, path), (next_first, _) in zip(segments, segments[1:], strict=False):
+        for (_, path), (next_first, _) in itertools.pairwise(segments):
             if next_first - 1 <= seq and path != self._segment:
                 path.unlink(missing_ok=True)
                 removed += 1

@@ -69,7 +69,7 @@ raw_list_decoder = msgspec.msgpack.Decoder(list[Raw])
 stored_decoder = msgspec.msgpack.Decoder(StoredEvent)
 encoder = msgspec.msgpack.Encoder()
 
-_PATH_RE = re.compile(r" - at `\$\.?([^`]*)`$")
+_PATH_RE = re.compile(r" - at (?:`key` in )?`\$\.?([^`]*)`$")
 _UNKNOWN_RE = re.compile(r"Object contains unknown field `([^`]*)`")
 _MISSING_RE = re.compile(r"Object missing required field `([^`]*)`")
 
@@ -95,6 +95,8 @@ def describe_validation_error(exc: msgspec.ValidationError) -> str:
     problem = text[: match.start()] if match else text
     problem = problem.replace(" | null", "").replace("`", "")
     problem = problem[:1].lower() + problem[1:]
+    if " - at `key` in " in text:
+        problem = f"key {problem}"
     if not field:
         return f"event: {problem}"
     return f"{field.replace('[...]', '')}: {problem}"
@@ -129,7 +131,7 @@ def timestamp_ns(raw: Raw) -> int | None:
         return int(number * 1_000_000_000)
     if not -(2**63) <= number < 2**63:
         raise InvalidEvent("ts: int nanoseconds out of range")
-    return number
+    return int(number)
 
 
 def check_event(event: WireEvent) -> None:

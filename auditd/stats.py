@@ -20,7 +20,7 @@ BATCH_BUCKETS = (1, 10, 100, 500, 1000, 2000, 4096, 8192, 16384)
 class Histogram:
     """Cumulative bucket counts plus a window of recent samples for percentiles."""
 
-    __slots__ = ("bounds", "counts", "count", "total", "_window", "_next")
+    __slots__ = ("_next", "_window", "bounds", "count", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...], window: int = 2048) -> None:
         self.bounds = bounds

@@ -8,6 +8,7 @@ PermanentStoreError (dead-letter). The writer is the only caller of the write me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -173,8 +174,10 @@ class Store:
         return {str(event_id): int(seq) for event_id, seq in rows if event_id in wanted}
 
     async def insert_batch(self, events: list[StoredEvent], dead: list[DeadLetter],
-                           checkpoint: int) -> None:
+                           checkpoint: int, resolved_dead: tuple[int, ...] = ()) -> None:
         """Commit events and dead letters, and advance the checkpoint, in one transaction.
+
+        `resolved_dead` are dead-letter entries whose events this batch re-commits.
 
         Cancellation: the SQL runs on aiosqlite's thread and is not stopped by
         cancelling this coroutine; the checkpoint in the same transaction is what keeps
@@ -195,10 +198,14 @@ class Store:
                 if streams:
                     await conn.executemany(
                         "INSERT INTO streams VALUES (?, ?, ?) ON CONFLICT (stream) DO UPDATE"
-                        " SET version = excluded.version, last_seq = excluded.last_seq",
+                        " SET version = max(version, excluded.version),"
+                        " last_seq = max(last_seq, excluded.last_seq)",
                         [(lookup[s], v, q) for s, (v, q) in streams.items()])
                 if dead:
                     await conn.executemany(DEAD_LETTER_INSERT, [_dead_row(d) for d in dead])
+                if resolved_dead:
+                    await conn.executemany("DELETE FROM dead_letters WHERE dlq_id = ?",
+                                           [(i,) for i in resolved_dead])
                 await conn.execute(
                     "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
                     (checkpoint, checkpoint))
@@ -248,10 +255,8 @@ class Store:
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += Path(f"{self.path}{suffix}").stat().st_size
-            except FileNotFoundError:
-                pass
         return total
 
 
@@ -271,7 +276,5 @@ async def _scalar(conn: aiosqlite.Connection, sql: str) -> Any:
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
-    try:
+    with contextlib.suppress(sqlite3.Error):  # no transaction was open: BEGIN itself failed
         await conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass  # no transaction was open (BEGIN itself failed)

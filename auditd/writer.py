@@ -42,6 +42,7 @@ class Writer:
         self.fault: str | None = None  # why commits are failing now, for health
         self._work = asyncio.Event()
         self._stopping = False
+        self._restores: list[tuple[StoredEvent, int, asyncio.Future[str | None]]] = []
 
     def wake(self) -> None:
         if not self._work.is_set():
@@ -51,6 +52,25 @@ class Writer:
         self.dead_letters.extend(entries)
         self.wake()
 
+    def restore(self, event: StoredEvent, dlq_id: int) -> asyncio.Future[str | None]:
+        """Re-commit a dead-lettered event under its original seq; the future gives the
+        error that stopped it again, or None once it is stored and the entry removed."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._restores.append((event, dlq_id, future))
+        self.wake()
+        return future
+
+    async def _run_restores(self) -> None:
+        restores, self._restores = self._restores, []
+        for event, dlq_id, future in restores:
+            try:
+                await self.store.insert_batch([event], [], 0, (dlq_id,))
+            except (TransientStoreError, PermanentStoreError) as exc:
+                future.set_result(str(exc))
+            else:
+                self.stats.committed += 1
+                future.set_result(None)
+
     def stop(self) -> None:
         """Finish what is pending, then return from run()."""
         self._stopping = True
@@ -59,11 +79,15 @@ class Writer:
     async def run(self) -> None:
         ring = self.ring
         while True:
+            if self._restores:
+                await self._run_restores()
             if not ring.pending and not self.dead_letters:
                 if self._stopping:
                     return
                 self._work.clear()
                 await self._work.wait()
+                if self._restores:
+                    continue
                 # Coming from idle: give the batch a moment to fill.
                 if (self.batch_delay and ring.pending < self.batch_max
                         and not self._stopping):
@@ -121,7 +145,7 @@ class Writer:
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.retry_max_delay, 0.01 * (2 ** min(attempt, 16)))
-        return ceiling * random.uniform(0.5, 1.0)
+        return float(ceiling * random.uniform(0.5, 1.0))
 
     def _write_fallback(self, dead: list[DeadLetter], error: str) -> None:
         """Dead letters the database refuses go to a file, so nothing is dropped."""

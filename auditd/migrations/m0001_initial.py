@@ -60,6 +60,14 @@ UP = (
         last_failed_at INTEGER NOT NULL
     )""",
     "CREATE INDEX dead_letters_seq ON dead_letters (seq) WHERE seq IS NOT NULL",
+    # For people and scripts reading the file with sqlite3: names resolved.
+    """CREATE VIEW events_view AS SELECT e.seq, e.id, e.ts, e.received_at,
+        t.value AS type, a.value AS actor, g.value AS target, s.value AS stream,
+        e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data,
+        e.pid, e.uid, e.gid, c.value AS comm
+        FROM events e JOIN names t ON t.id = e.type
+        LEFT JOIN names a ON a.id = e.actor LEFT JOIN names g ON g.id = e.target
+        LEFT JOIN names s ON s.id = e.stream JOIN names c ON c.id = e.comm""",
     # Append-only: only the retention path, which opens the gate inside its own
     # transaction, may delete.
     """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
@@ -70,6 +78,7 @@ UP = (
 )
 
 DOWN = (
+    "DROP VIEW events_view",
     "DROP TABLE dead_letters",
     "DROP TABLE meta",
     "DROP TABLE streams",

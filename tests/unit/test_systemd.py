@@ -305,12 +305,17 @@ def test_listen_fds_under_systemd_socket_activate(short_dir: Path) -> None:
         replies = {}
         for path in (ingest, status):
             deadline = time.monotonic() + 10
-            while not os.path.exists(path):
-                assert time.monotonic() < deadline, f"{path} never appeared"
-                time.sleep(0.01)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-                client.settimeout(10)
-                client.connect(path)
+            while True:  # the path appears at bind(), connections succeed after listen()
+                try:
+                    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    client.settimeout(10)
+                    client.connect(path)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    client.close()
+                    assert time.monotonic() < deadline, f"{path} never accepted"
+                    time.sleep(0.01)
+            with client:
                 client.sendall(b"hi")
                 replies[path] = client.recv(100)
         assert replies == {ingest: b"ingest:hi", status: b"status:hi"}

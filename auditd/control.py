@@ -1,0 +1,215 @@
+"""The daemon as operators reach it: figures, dead-letter actions, reload, backup, and the
+audit trail of those actions (the daemon audits itself). Implements StatusSource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from auditd.config import Config, load_config
+from auditd.errors import AuditdError, ProtocolError
+from auditd.logs import configure_logging
+from auditd.schema import WireEvent, encoder, stored_decoder
+from auditd.sequencer import Peer
+from auditd.stats import Stats
+from auditd.status.source import ActionRefused, Gauges, admin_actor
+from auditd.validation import ValidEvent, decode_body
+
+if TYPE_CHECKING:
+    from auditd.daemon import Daemon
+
+log = structlog.get_logger("auditd.control")
+
+# Keys a reload may change while running; the rest are wired into sockets and files.
+RELOADABLE = {"log.level", "log.format", "retention.max_age", "retention.max_bytes",
+              "buffer.overflow", "status.admin_uids", "status.reader_gids"}
+
+
+def _rfc3339(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 1_000_000_000:09d}Z"
+
+
+def _flatten(config: Config) -> dict[str, Any]:
+    document = msgspec.to_builtins(config)
+    return {f"{section}.{key}": value for section, keys in document.items()
+            if isinstance(keys, dict) for key, value in keys.items()}
+
+
+class DaemonControl:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.dlq_entries = 0
+        self.dlq_bytes = 0
+
+    @property
+    def config(self) -> Config:
+        return self.daemon.config
+
+    @property
+    def stats(self) -> Stats:
+        return self.daemon.stats
+
+    def gauges(self) -> Gauges:
+        daemon = self.daemon
+        ring = daemon.ring
+        oldest = ring.oldest_pending()
+        age = (time.time_ns() - oldest.received_at) / 1e9 if oldest is not None else 0.0
+        try:
+            vfs = os.statvfs(daemon.storage)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            free = -1
+        return Gauges(
+            pending=ring.pending, pending_bytes=ring.pending_bytes,
+            buffer_capacity=ring.capacity, last_seq=daemon.sequencer.last_seq,
+            journal_bytes=daemon.journal.size_bytes(), db_bytes=daemon.store.size_bytes(),
+            oldest_pending_age_s=max(0.0, age), disk_free_bytes=free,
+            dlq_bytes=self.dlq_bytes, dlq_entries=self.dlq_entries,
+            writer_fault=daemon.writer.fault, ingest_refusal=daemon.ingest.refusal,
+            journal_fault=daemon.ingest.refusal if "journal" in (
+                daemon.ingest.refusal or "") else None,
+            stopping=daemon.stop_requested.is_set())
+
+    async def refresh(self) -> None:
+        """Keep the dead-letter figures current and the ingest quota enforced."""
+        dlq = self.daemon.dead_letters
+        dropped = await dlq.enforce_quota(self.config.size("storage", "dlq_max_bytes"))
+        if dropped:
+            self.stats.dead_letters_dropped += dropped
+            log.warning("dead_letters_dropped", count=dropped, reason="over dlq_max_bytes")
+        self.dlq_entries, self.dlq_bytes = await dlq.stats()
+
+    # -- dead letters ----------------------------------------------------------------
+
+    async def dlq_list(self, limit: int, after: int | None,
+                       uid: int | None) -> list[dict[str, Any]]:
+        entries = await self.daemon.dead_letters.page(limit, after, uid)
+        for entry in entries:
+            entry["id"] = entry.pop("dlq_id")
+            entry["first_failed_at"] = _rfc3339(entry["first_failed_at"])
+            entry["last_failed_at"] = _rfc3339(entry["last_failed_at"])
+        return entries
+
+    async def dlq_drop(self, ids: list[int] | None) -> dict[str, Any]:
+        dlq = self.daemon.dead_letters
+        found = [entry[0] for entry in await dlq.entries(ids)]
+        dropped = await dlq.drop(found) if found else 0
+        missing = sorted(set(ids or []) - set(found))
+        return {"dropped": dropped, "missing": missing}
+
+    async def dlq_retry(self, ids: list[int] | None) -> dict[str, Any]:
+        daemon = self.daemon
+        dlq = daemon.dead_letters
+        entries = await dlq.entries(ids)
+        accepted = failed = 0
+        for dlq_id, seq, source, raw, uid in entries:
+            problem = await self._retry_one(dlq_id, seq, source, raw, uid)
+            if problem is None:
+                accepted += 1
+            else:
+                failed += 1
+                await dlq.failed_again(dlq_id, problem)
+        missing = sorted(set(ids or []) - {entry[0] for entry in entries})
+        return {"retried": len(entries), "accepted": accepted, "failed": failed,
+                "missing": missing}
+
+    async def _retry_one(self, dlq_id: int, seq: int | None, source: str, raw: bytes,
+                         uid: int | None) -> str | None:
+        """None when the entry's event is now stored (or already was), else why not."""
+        daemon = self.daemon
+        if source == "writer" and seq is not None:
+            # An accepted event keeps its seq: re-committed as first sequenced.
+            return await daemon.writer.restore(stored_decoder.decode(raw), dlq_id)
+        if source != "ingest":
+            return "damaged journal bytes cannot be decoded; inspect, then drop"
+        limits = daemon.ingest.limits
+        try:
+            frame = decode_body(raw, limits.max_batch_events, limits.max_event_bytes)
+        except ProtocolError as exc:
+            return exc.message
+        if frame.rejected:
+            return frame.rejected[0][2]
+        peer = Peer(0, -1 if uid is None else uid, -1, "auditd-dlq-retry")
+        acceptance = await daemon.ingest.inject(frame.valid, peer)
+        if acceptance.rejected:
+            return acceptance.rejected[0][2]
+        await daemon.dead_letters.drop([dlq_id])
+        return None
+
+    # -- reload, backup, admin trail -------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        daemon = self.daemon
+        daemon.notifier.reloading()
+        try:
+            new = load_config(daemon.config.source or None)
+            old_keys, new_keys = _flatten(daemon.config), _flatten(new)
+            changed = sorted(k for k in new_keys if new_keys[k] != old_keys.get(k))
+            applied = [k for k in changed if k in RELOADABLE]
+            needs_restart = [k for k in changed if k not in RELOADABLE]
+            for key in applied:
+                section, name = key.split(".")
+                setattr(getattr(daemon.config, section), name, getattr(getattr(new, section),
+                                                                       name))
+            configure_logging(daemon.config.log.level, daemon.config.log.format)
+            daemon.ingest.limits.overflow = daemon.config.buffer.overflow
+            log.info("config_reloaded", applied=applied, needs_restart=needs_restart)
+            return {"applied": applied, "needs_restart": needs_restart}
+        except AuditdError as exc:
+            log.error("config_reload_refused", reason=str(exc))
+            raise
+        finally:
+            daemon.notifier.ready_after_reload(daemon.status_line())
+
+    async def backup(self, dest: str) -> dict[str, Any]:
+        target = Path(dest)
+        if not target.is_absolute():
+            raise ActionRefused(f"{dest}: the destination must be an absolute path")
+        started = time.monotonic()
+        size = await asyncio.to_thread(_online_backup, self.daemon.store.path, target)
+        result = {"dest": dest, "bytes": size, "seconds": round(time.monotonic() - started, 3)}
+        log.info("backup_written", **result)
+        return result
+
+    async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
+                           data: dict[str, Any]) -> None:
+        payload = encoder.encode(data)
+        event = WireEvent(type=f"auditd.admin.{action}", actor=admin_actor(uid, comm),
+                          data=msgspec.Raw(payload))
+        raw = encoder.encode({"type": event.type, "actor": event.actor})
+        await self.daemon.ingest.inject([ValidEvent(0, event, None, raw)],
+                                        Peer(pid, uid, gid, comm))
+
+
+def _online_backup(source_path: Path, target: Path) -> int:
+    """SQLite's online backup API in one step: one read transaction, so the copy is a
+    consistent snapshot even while the writer commits (a stepped backup would restart
+    on every commit made through another connection). Returns the copy's size."""
+    if target.exists():
+        raise ActionRefused(f"{target}: already exists; a backup never overwrites")
+    if not target.parent.is_dir():
+        raise ActionRefused(f"{target.parent}: no such directory")
+    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+    destination = sqlite3.connect(target)
+    try:
+        source.backup(destination)
+    except sqlite3.Error as exc:
+        destination.close()
+        target.unlink(missing_ok=True)
+        raise AuditdError(f"backup to {target} failed: {exc}") from exc
+    finally:
+        destination.close()
+        source.close()
+    return target.stat().st_size

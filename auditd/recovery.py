@@ -1,0 +1,176 @@
+"""Damaged databases: detect at open, move aside, and salvage readable rows later.
+
+A damaged file is never overwritten or deleted: it is renamed next to the live one,
+a fresh database is started (the journal replays into it) and `auditd recover OLD.db`
+copies every row that can still be read into the live store, idempotently.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from auditd.schema import id_hash
+from auditd.store import EVENT_INSERT, connect_sync
+
+log = structlog.get_logger("auditd.recovery")
+
+_CHUNK = 1000
+
+
+def integrity_problem(path: Path) -> str | None:
+    """None when `PRAGMA quick_check` passes, else what is wrong."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if rows == ["ok"] else "; ".join(rows[:5])
+
+
+def set_aside_if_damaged(path: Path) -> tuple[Path, str] | None:
+    """Check the database; when damaged, move it aside and say where and why."""
+    if not path.exists():
+        return None
+    problem = integrity_problem(path)
+    if problem is None:
+        return None
+    moved = move_aside(path)
+    log.critical("database_damaged", moved_to=str(moved), problem=problem,
+                 action="started a fresh database; the journal replays into it; "
+                        f"run `auditd recover {moved}` to salvage the rest")
+    return moved, problem
+
+
+def move_aside(path: Path) -> Path:
+    """Rename the database (and its WAL and shm) to `NAME.damaged-<time>`."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(Path(f"{target}{suffix}"))
+    return target
+
+
+@dataclass
+class Salvage:
+    copied: int = 0
+    already_present: int = 0
+    unreadable: int = 0
+
+
+def salvage(damaged: Path, live: Path,
+            progress: Callable[[int, int], None] | None = None) -> Salvage:
+    """Copy every readable event row of `damaged` into `live`; re-running copies nothing new.
+
+    Rows are read in seq ranges; a range that fails is split down to single rows, so
+    one damaged page costs only the rows on it.
+    """
+    source = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+    target = connect_sync(live)
+    result = Salvage()
+    try:
+        names = _readable_names(source)
+        top = _max_seq(source)
+        live_names: dict[str, int] = {}
+        for start in range(1, top + 1, _CHUNK):
+            rows = _read_rows(source, start, min(top, start + _CHUNK - 1), result)
+            _copy(target, rows, names, live_names, result)
+            if progress is not None:
+                progress(min(top, start + _CHUNK - 1), top)
+    finally:
+        source.close()
+        target.close()
+    return result
+
+
+def _max_seq(source: sqlite3.Connection) -> int:
+    for sql in ("SELECT max(seq) FROM events", "SELECT value FROM meta WHERE key='committed_seq'"):
+        try:
+            value = source.execute(sql).fetchone()[0]
+            if value:
+                return int(value)
+        except sqlite3.DatabaseError:
+            continue
+    return 0
+
+
+def _readable_names(source: sqlite3.Connection) -> dict[int, str]:
+    names: dict[int, str] = {}
+    try:
+        top = source.execute("SELECT max(id) FROM names").fetchone()[0] or 0
+    except sqlite3.DatabaseError:
+        return names
+    for start in range(1, top + 1, _CHUNK):
+        try:
+            names.update(source.execute(
+                "SELECT id, value FROM names WHERE id BETWEEN ? AND ?",
+                (start, start + _CHUNK - 1)).fetchall())
+        except sqlite3.DatabaseError:
+            for name_id in range(start, start + _CHUNK):
+                try:
+                    names.update(source.execute(
+                        "SELECT id, value FROM names WHERE id = ?", (name_id,)).fetchall())
+                except sqlite3.DatabaseError:
+                    continue
+    return names
+
+
+def _read_rows(source: sqlite3.Connection, first: int, last: int,
+               result: Salvage) -> list[tuple[object, ...]]:
+    try:
+        return source.execute("SELECT * FROM events WHERE seq BETWEEN ? AND ?",
+                              (first, last)).fetchall()
+    except sqlite3.DatabaseError:
+        if first == last:
+            result.unreadable += 1
+            return []
+        middle = (first + last) // 2
+        return (_read_rows(source, first, middle, result)
+                + _read_rows(source, middle + 1, last, result))
+
+
+def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dict[int, str],
+          live_names: dict[str, int], result: Salvage) -> None:
+    target.execute("BEGIN IMMEDIATE")
+    try:
+        for row in rows:
+            seq, event_id = row[0], str(row[1])
+            present = target.execute(
+                "SELECT 1 FROM events WHERE seq = ? OR (id_hash = ? AND id = ?)",
+                (seq, id_hash(event_id), event_id)).fetchone()
+            if present:
+                result.already_present += 1
+                continue
+            mapped = list(row)
+            for column in (5, 6, 7, 8, 17):  # type, actor, target, stream, comm
+                if mapped[column] is not None:
+                    value = names.get(int(str(mapped[column])))
+                    if value is None:
+                        result.unreadable += 1
+                        break
+                    mapped[column] = _name_id(target, live_names, value)
+            else:
+                target.execute(EVENT_INSERT, mapped)
+                result.copied += 1
+        target.execute("COMMIT")
+    except BaseException:
+        target.execute("ROLLBACK")
+        raise
+
+
+def _name_id(target: sqlite3.Connection, cache: dict[str, int], value: str) -> int:
+    if value not in cache:
+        target.execute("INSERT INTO names (value) VALUES (?) ON CONFLICT DO NOTHING", (value,))
+        cache[value] = int(target.execute(
+            "SELECT id FROM names WHERE value = ?", (value,)).fetchone()[0])
+    return cache[value]

@@ -1,0 +1,184 @@
+"""The route table and its handlers.
+
+A route names its method, path, handler and whether it is an admin action; the
+server registers the table and does access control and auditing around every
+handler, so a later table (/events, /streams/{stream}, /correlations/{id}, /tail)
+is added by appending `Route`s whose handlers read `call.caller.uid_filter`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from auditd.status.access import Caller
+from auditd.status.figures import RateSampler, stats_document
+from auditd.status.health import evaluate, inputs_from
+from auditd.status.metrics import MetricsExposition
+from auditd.status.replies import Problem, reply
+from auditd.status.source import StatusSource
+
+DLQ_DEFAULT_LIMIT = 100
+DLQ_MAX_LIMIT = 1000
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Call:
+    """One request as a handler sees it."""
+
+    request: web.Request
+    caller: Caller | None  # None on the TCP metrics listener
+    source: StatusSource
+    sampler: RateSampler
+    metrics: MetricsExposition
+    # What an admin handler asked for, recorded in the auditd.admin.* event.
+    audit: dict[str, Any] = field(default_factory=dict)
+
+
+ReadHandler = Callable[[Call], Awaitable[web.StreamResponse]]
+AdminHandler = Callable[[Call], Awaitable[dict[str, Any]]]
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    method: str
+    path: str
+    read: ReadHandler | None = None  # answers the request itself
+    admin: AdminHandler | None = None  # returns the result body; needs an admin uid
+    action: str = ""  # the admin event's name: auditd.admin.<action>
+
+
+# -- reads ---------------------------------------------------------------------------
+
+
+async def get_health(call: Call) -> web.StreamResponse:
+    health = evaluate(inputs_from(call.source))
+    return reply(health.document(), health.http_status)
+
+
+async def get_stats(call: Call) -> web.StreamResponse:
+    return reply(stats_document(call.source, call.sampler))
+
+
+async def get_metrics(call: Call) -> web.StreamResponse:
+    body, content_type = call.metrics.render(call.request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def get_dlq(call: Call) -> web.StreamResponse:
+    query = call.request.query
+    limit = _int_param(query.get("limit"), "limit", 1, DLQ_MAX_LIMIT)
+    limit = DLQ_DEFAULT_LIMIT if limit is None else limit
+    after = _int_param(query.get("after"), "after", 0, None)
+    # Others' dead letters hold their raw events: a plain user sees only its own.
+    uid = call.caller.uid_filter if call.caller is not None else None
+    entries = await call.source.dlq_list(limit, after, uid)
+    following = entries[-1].get("id") if len(entries) == limit else None
+    return reply({"dead_letters": entries, "next": following})
+
+
+# -- admin actions -------------------------------------------------------------------
+
+
+class Selection(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[int] | None = None
+    all: bool = False
+
+
+class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class BackupRequest(msgspec.Struct, forbid_unknown_fields=True):
+    dest: str
+
+
+async def post_dlq_retry(call: Call) -> dict[str, Any]:
+    ids = await _selection(call)
+    return await call.source.dlq_retry(ids)
+
+
+async def post_dlq_drop(call: Call) -> dict[str, Any]:
+    ids = await _selection(call)
+    return await call.source.dlq_drop(ids)
+
+
+async def post_reload(call: Call) -> dict[str, Any]:
+    await _body(call, ReloadRequest)  # takes no arguments; a stray one is an error
+    call.audit["config"] = call.source.config.source or "defaults"
+    return await call.source.reload()
+
+
+async def post_backup(call: Call) -> dict[str, Any]:
+    request = await _body(call, BackupRequest)
+    if request is None:
+        raise Problem(400, "bad_request", 'the body must be {"dest": "/absolute/path"}')
+    call.audit["dest"] = request.dest
+    if not os.path.isabs(request.dest):
+        raise Problem(400, "bad_request", f"dest {request.dest!r} must be an absolute path: "
+                      "the daemon's working directory is not the caller's")
+    return await call.source.backup(request.dest)
+
+
+async def _selection(call: Call) -> list[int] | None:
+    """{"ids": [...]} -> those ids; {"all": true} -> None (every entry)."""
+    selection = await _body(call, Selection)
+    if selection is None or (selection.ids is None) == (not selection.all):
+        raise Problem(400, "bad_request",
+                      'the body must be {"ids": [ID, ...]} or {"all": true}, not both')
+    if selection.ids is not None:
+        if not selection.ids:
+            raise Problem(400, "bad_request", "ids is empty; to select everything send "
+                          '{"all": true}')
+        call.audit["ids"] = selection.ids
+        return selection.ids
+    call.audit["all"] = True
+    return None
+
+
+async def _body(call: Call, kind: type[T]) -> T | None:
+    """The JSON body decoded into `kind`; None when there is no body."""
+    raw = await call.request.read()
+    if not raw.strip():
+        return None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.DecodeError as exc:
+        raise Problem(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise Problem(400, "bad_request", f"the body does not fit: {exc}") from None
+
+
+def _int_param(value: str | None, name: str, low: int, high: int | None) -> int | None:
+    """A query parameter as an int within bounds; None when absent."""
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise Problem(400, "bad_request", f"{name}={value!r}: expected an integer") from None
+    if number < low or (high is not None and number > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise Problem(400, "bad_request", f"{name}={number}: expected an integer {bounds}")
+    return number
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/health", read=get_health),
+    Route("GET", "/stats", read=get_stats),
+    Route("GET", "/metrics", read=get_metrics),
+    Route("GET", "/dlq", read=get_dlq),
+    Route("POST", "/dlq/retry", admin=post_dlq_retry, action="dlq.retry"),
+    Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),
+    Route("POST", "/reload", admin=post_reload, action="reload"),
+    Route("POST", "/backup", admin=post_backup, action="backup"),
+)
+
+# The TCP listener (status.metrics_listen) has no peer credentials: only this.
+METRICS_ROUTES: tuple[Route, ...] = (Route("GET", "/metrics", read=get_metrics),)

@@ -1,0 +1,120 @@
+"""What the status server reads and asks of the daemon: one Protocol, one snapshot type.
+
+The server never touches the ring, the writer or the store directly; the daemon
+implements `StatusSource` and stays the only owner of its components. Everything
+the server reads is called on the event loop thread, so no member needs a lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from auditd.config import Config
+from auditd.errors import AuditdError
+from auditd.stats import Stats
+
+
+class ActionRefused(AuditdError):
+    """An admin action cannot be done as asked (unknown ids, backup target exists).
+
+    The message is for the operator; the server answers 409 with it.
+    """
+
+
+def admin_actor(uid: int, comm: str) -> str:
+    """The `actor` of an auditd.admin.* event: the operator's uid, then its command."""
+    return f"uid:{uid} {comm}" if comm else f"uid:{uid}"
+
+
+@dataclass(slots=True)
+class Gauges:
+    """Point-in-time figures that are not counters in `Stats`. Cheap to build: no I/O
+    beyond stat() calls, since /health and /metrics build one per request."""
+
+    pending: int  # events accepted but not yet committed (ring.pending)
+    pending_bytes: int  # their encoded size (ring.pending_bytes)
+    buffer_capacity: int  # ring.capacity
+    last_seq: int  # highest seq handed out (sequencer.last_seq)
+    journal_bytes: int  # total size of the journal segments on disk
+    db_bytes: int  # database file plus its WAL (store.size_bytes())
+    oldest_pending_age_s: float  # age of the oldest uncommitted event; 0.0 when none
+    disk_free_bytes: int  # bytes available to the daemon on the storage volume; -1 unknown
+    dlq_bytes: int  # bytes held in the dead-letter store (sum of dead_letters.size)
+    dlq_entries: int  # rows in the dead-letter store
+    writer_fault: str | None = None  # writer.fault: why commits are failing now
+    ingest_refusal: str | None = None  # ingest.refusal: why ingest is refusing now
+    journal_fault: str | None = None  # why the journal cannot be appended to now
+    stopping: bool = False  # shutdown has begun
+
+
+class StatusSource(Protocol):
+    """The daemon as the status server sees it.
+
+    Async members are awaited from request handlers; a request that is cancelled
+    (client gone) cancels the await, so they must leave no half-done state behind
+    a cancellation other than what their own transaction guarantees.
+    """
+
+    @property
+    def config(self) -> Config:
+        """The config in force now (replaced by a successful reload)."""
+        ...
+
+    @property
+    def stats(self) -> Stats:
+        """The live counters; read directly, never copied."""
+        ...
+
+    def gauges(self) -> Gauges:
+        """A fresh snapshot of the figures `Gauges` lists."""
+        ...
+
+    async def dlq_list(self, limit: int, after: int | None,
+                       uid: int | None) -> list[dict[str, Any]]:
+        """Up to `limit` dead letters with dlq_id > `after`, oldest first.
+
+        `uid` None means every entry; otherwise only entries written by that uid.
+        Each entry: {"id": dlq_id, "seq", "source", "code", "reason", "size", "uid",
+        "attempts", "first_failed_at", "last_failed_at"} plus "raw" as
+        {"$bytes": base64}; timestamps as RFC 3339 strings.
+        """
+        ...
+
+    async def dlq_retry(self, ids: list[int] | None) -> dict[str, Any]:
+        """Feed these entries (None: all) back through validation and the writer.
+
+        Returns a JSON-able summary, e.g. {"retried": n, "accepted": n, "failed": n,
+        "missing": [ids not found]}. Raises ActionRefused for a request it will not do.
+        """
+        ...
+
+    async def dlq_drop(self, ids: list[int] | None) -> dict[str, Any]:
+        """Delete these entries (None: all); returns e.g. {"dropped": n, "missing": [...]}."""
+        ...
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply the safe keys.
+
+        Returns {"applied": [keys], "needs_restart": [keys]}; raises ConfigError with
+        the reason for a bad file, and the old config keeps running.
+        """
+        ...
+
+    async def backup(self, dest: str) -> dict[str, Any]:
+        """A consistent online copy of the database at the absolute path `dest`.
+
+        Returns e.g. {"dest": dest, "bytes": n, "seconds": s}; raises ActionRefused
+        when `dest` exists or its folder does not, AuditdError when the copy fails.
+        """
+        ...
+
+    async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
+                           data: dict[str, Any]) -> None:
+        """Append an `auditd.admin.<action>` event through the daemon's own ingest path.
+
+        actor = admin_actor(uid, comm); pid/uid/gid/comm = the operator's credentials
+        (not the daemon's); data = `data` (the request and its outcome). Returns once
+        the event is journaled; raises when it could not be.
+        """
+        ...

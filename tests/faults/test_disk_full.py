@@ -1,0 +1,214 @@
+"""Disk full: storage.path on a real 4 MB tmpfs, filled with a real file.
+
+New frames are refused with `overloaded` naming the lack of space (overflow="reject")
+or held without a reply (overflow="block"); once the filler is deleted ingestion
+resumes by itself and every acknowledged event is in the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_helpers import (
+    acked_seqs,
+    assert_integrity_ok,
+    assert_seq_gap_free,
+    event_count,
+    log_events_named,
+    wait_for,
+)
+
+RESERVE = 256 * 1024
+PAYLOAD = "x" * 200
+# Events per frame on the full disk: over a page (4 KiB) of journal, so the write that
+# meets the full disk is a short write into the segment's last, partly used page.
+FULL_FRAME = 20
+
+
+def free_bytes(path: Path) -> int:
+    vfs = os.statvfs(path)
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Write a filler file until at most `leave` bytes are free (0: until ENOSPC)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while (room := free_bytes(directory) - leave) > 0:
+            try:
+                os.write(fd, b"\0" * min(65536, max(4096, room)))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
+def tmpfs_daemon(make_daemon: Any) -> Iterator[Callable[[str], Any]]:
+    """Factory: a daemon whose storage.path is a fresh 4 MB tmpfs; unmounted after."""
+    mounted: list[tuple[Any, Path]] = []
+
+    def factory(overflow: str) -> Any:
+        daemon = make_daemon({
+            "storage": {"reserve_bytes": "256KB", "journal_segment_bytes": "1MB"},
+            "buffer": {"overflow": overflow},
+        }, start=False)
+        daemon.storage.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                        str(daemon.storage)], check=True)
+        mounted.append((daemon, daemon.storage))
+        daemon.start()
+        return daemon
+
+    yield factory
+    for daemon, path in mounted:
+        with contextlib.suppress(Exception):
+            daemon.stop()
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def names_the_disk(message: str, storage: Path) -> bool:
+    """The refusal says why: no space (ENOSPC's own words) or the storage path."""
+    text = message.lower()
+    return "space" in text or "disk" in text or str(storage) in message
+
+
+def batch(prefix: str, start: int, count: int) -> list[dict[str, Any]]:
+    return [{"type": "disk.test", "id": f"{prefix}{i}", "stream": "disk", "data": PAYLOAD}
+            for i in range(start, start + count)]
+
+
+def check_everything_acknowledged_is_stored(daemon: Any, acks: dict[str, int]) -> None:
+    wait_for(lambda: event_count(daemon) == len(acks), 20, "every acknowledged event committed")
+    assert daemon.stop() == 0
+    assert dict(daemon.query("SELECT id, seq FROM events")) == acks
+    assert assert_seq_gap_free(daemon) == (len(acks), set())
+    stream = [row[0] for row in daemon.query("SELECT stream_seq FROM events ORDER BY seq")]
+    assert stream == list(range(1, len(acks) + 1))
+    assert_integrity_ok(daemon.db_path)
+
+
+def test_full_disk_refuses_frames_with_the_reason_then_resumes(
+        tmpfs_daemon: Callable[[str], Any]) -> None:
+    daemon = tmpfs_daemon("reject")
+    acks: dict[str, int] = {}
+    with daemon.connect() as conn:
+        events = batch("a", 0, 200)
+        acks.update(acked_seqs(events, conn.request(events)))
+        wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+
+        # Fill the volume to the last byte: journal appends and SQLite writes both fail.
+        filler = fill(daemon.storage, 0)
+        refusal, n = None, 200
+        deadline = time.monotonic() + 5
+        while refusal is None and time.monotonic() < deadline:
+            events = batch("a", n, FULL_FRAME)
+            reply = conn.request(events)
+            if reply.get("error"):
+                refusal = reply
+                break
+            acks.update(acked_seqs(events, reply))  # the file's last page still had room
+            n += FULL_FRAME
+        assert refusal is not None, "frames still accepted on a full disk"
+        assert refusal["error"] == "overloaded" and refusal["ok"] == 0, refusal
+        assert names_the_disk(refusal["message"], daemon.storage), refusal
+        assert refusal.get("retry_after_ms", 0) > 0, refusal
+        # It stays refused while the disk stays full (over a maintenance tick).
+        time.sleep(0.7)
+        again = conn.request(batch("a", n, FULL_FRAME))
+        assert again["error"] == "overloaded", again
+        assert log_events_named(daemon, "ingest_refusing")
+        assert daemon.running
+
+        filler.unlink()
+        # Ingestion resumes by itself: the same ids are sent until accepted.
+        events = batch("a", n, FULL_FRAME)
+        deadline = time.monotonic() + 10
+        while True:
+            reply = conn.request(events)
+            if not reply.get("error"):
+                break
+            assert reply["error"] == "overloaded", reply
+            assert time.monotonic() < deadline, "ingestion did not resume after space returned"
+            time.sleep(0.1)
+        acks.update(acked_seqs(events, reply))
+        events = batch("b", 0, 300)
+        acks.update(acked_seqs(events, conn.request(events)))
+    assert log_events_named(daemon, "ingest_resumed")
+    check_everything_acknowledged_is_stored(daemon, acks)
+
+
+def test_disk_below_reserve_blocks_frames_until_space_returns(
+        tmpfs_daemon: Callable[[str], Any]) -> None:
+    daemon = tmpfs_daemon("block")
+    acks: dict[str, int] = {}
+    with daemon.connect() as conn:
+        events = batch("a", 0, 200)
+        acks.update(acked_seqs(events, conn.request(events)))
+        wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+
+        # Below the reserve but not full: the daemon itself must notice and hold back.
+        filler = fill(daemon.storage, RESERVE // 2)
+        assert 0 < free_bytes(daemon.storage) <= RESERVE // 2
+        refusing = wait_for(lambda: log_events_named(daemon, "ingest_refusing"), 5,
+                            "ingest_refusing in the log")
+        assert str(daemon.storage) in refusing[0]["reason"], refusing[0]
+
+        events = batch("b", 0, 10)
+        conn.send(events)
+        conn.sock.settimeout(1.5)
+        with pytest.raises((TimeoutError, socket.timeout)):
+            conn.recv()
+        assert daemon.running
+        filler.unlink()
+        conn.sock.settimeout(10)
+        reply = conn.recv()  # the held frame is answered once space is back
+        assert reply["ok"] == 10, reply
+        acks.update(acked_seqs(events, reply))
+        events = batch("c", 0, 300)
+        acks.update(acked_seqs(events, conn.request(events)))
+    assert log_events_named(daemon, "ingest_resumed")
+    check_everything_acknowledged_is_stored(daemon, acks)
+
+
+def test_full_disk_blocks_frames_until_space_returns(
+        tmpfs_daemon: Callable[[str], Any]) -> None:
+    daemon = tmpfs_daemon("block")
+    acks: dict[str, int] = {}
+    with daemon.connect() as conn:
+        events = batch("a", 0, 200)
+        acks.update(acked_seqs(events, conn.request(events)))
+        wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+        filler = fill(daemon.storage, 0)
+        # Pipelined frames: some may fit the journal file's last page; the rest wait.
+        frames = [batch("b", i * 10, 10) for i in range(8)]
+        for events in frames:
+            conn.send(events)
+        conn.sock.settimeout(1.5)
+        answered = 0
+        with pytest.raises((TimeoutError, socket.timeout)):
+            while answered < len(frames):
+                acks.update(acked_seqs(frames[answered], conn.recv()))
+                answered += 1
+        assert answered < len(frames), "every frame answered on a full disk"
+        assert daemon.running
+        filler.unlink()
+        conn.sock.settimeout(10)
+        for events in frames[answered:]:
+            reply = conn.recv()
+            assert reply["ok"] == 10, reply
+            acks.update(acked_seqs(events, reply))
+    check_everything_acknowledged_is_stored(daemon, acks)

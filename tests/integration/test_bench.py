@@ -1,0 +1,49 @@
+"""`auditd bench` end to end: a throw-away daemon, client processes, the JSON report.
+
+Only the shape and the counts are asserted: timings on a shared machine vary, and the
+bars themselves are measured by hand (see the issue note), not by the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+
+def bench(*flags: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "auditd.cli", "bench", "--json", *flags],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    document: dict[str, Any] = json.loads(done.stdout)
+    return document
+
+
+def test_load_with_baseline_stores_every_event() -> None:
+    doc = bench("--events", "5000", "--clients", "2", "--baseline")
+    for key in ("events_per_s", "sent_per_s", "latency_ms", "peak_rss_mb",
+                "baseline_rows_per_s", "ratio", "events_sent", "events_committed"):
+        assert key in doc, key
+    assert set(doc["latency_ms"]) >= {"p50", "p99"}
+    assert doc["events_sent"] == 5000
+    assert doc["events_acknowledged"] == 5000
+    assert doc["events_committed"] == doc["events_sent"]
+    assert doc["events_rejected"] == 0 and doc["frame_errors"] == {}
+    assert doc["events_per_s"] > 0 and doc["baseline_rows_per_s"] > 0
+    assert doc["ratio"] > 0
+    assert doc["peak_rss_mb"] > 0
+
+
+def test_paced_single_event_frames_are_all_answered() -> None:
+    doc = bench("--events", "400", "--clients", "2", "--batch", "1", "--rate", "2000")
+    assert doc["events_committed"] == doc["events_sent"] == 400
+    assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p99"]
+
+
+def test_ring_micro_benchmark() -> None:
+    ring = bench("--ring")["ring"]
+    assert ring["capacity"] == 10_000
+    for name in ("recent_100_us", "by_correlation_us"):
+        assert set(ring[name]) == {"mean", "p99", "max"}
+        assert ring[name]["mean"] > 0

@@ -1,0 +1,136 @@
+"""Migrations on real SQLite files: up, down, re-run no-op, append-only triggers."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from auditd import migrations
+from auditd.store import connect_sync
+
+TABLES = {"names", "events", "streams", "meta", "dead_letters"}
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    connection = connect_sync(tmp_path / "auditd.db")
+    yield connection
+    connection.close()
+
+
+def tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+
+
+def insert_event(conn: sqlite3.Connection, seq: int) -> None:
+    conn.execute("INSERT INTO names (value) VALUES ('t') ON CONFLICT DO NOTHING")
+    conn.execute(
+        "INSERT INTO events (seq, id, id_hash, ts, received_at, type, pid, uid, gid, comm)"
+        " VALUES (?, ?, ?, 1, 1, 1, 1, 0, 0, 1)", (seq, f"id-{seq}", seq))
+
+
+def test_fresh_database_has_nothing_applied(conn: sqlite3.Connection) -> None:
+    assert migrations.applied(conn) == []
+    assert [m.version for m in migrations.pending(conn)] == [
+        m.version for m in migrations.MIGRATIONS]
+    assert tables(conn) == set()  # applied()/pending() are read-only
+
+
+def test_migrate_up_creates_the_schema_and_records_it(conn: sqlite3.Connection) -> None:
+    actions = migrations.migrate(conn)
+    assert actions == [f"applied {m.version} {m.name}" for m in migrations.MIGRATIONS]
+    assert migrations.applied(conn) == [m.version for m in migrations.MIGRATIONS]
+    assert migrations.pending(conn) == []
+    assert TABLES | {"schema_migrations"} <= tables(conn)
+    assert conn.execute("SELECT value FROM meta WHERE key='committed_seq'").fetchone() == (0,)
+    indexes = {row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='events'")}
+    assert {"events_id_hash", "events_type_ts", "events_actor_ts", "events_stream"} <= indexes
+    (name, applied_at), = conn.execute(
+        "SELECT name, applied_at FROM schema_migrations WHERE version = 1").fetchall()
+    assert name == "initial" and applied_at > 0
+
+
+def test_rerunning_is_a_no_op(conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn)
+    insert_event(conn, 1)
+    before = conn.execute("SELECT * FROM schema_migrations").fetchall()
+    assert migrations.migrate(conn) == []
+    assert conn.execute("SELECT * FROM schema_migrations").fetchall() == before
+    assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+
+
+def test_migrate_down_to_zero_and_up_again(conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn)
+    actions = migrations.migrate(conn, to=0)
+    assert actions == [f"rolled back {m.version} {m.name}"
+                       for m in reversed(migrations.MIGRATIONS)]
+    assert migrations.applied(conn) == []
+    assert tables(conn) == {"schema_migrations"}
+    assert migrations.migrate(conn, to=0) == []
+    migrations.migrate(conn)
+    assert TABLES <= tables(conn)
+    assert migrations.applied(conn) == [m.version for m in migrations.MIGRATIONS]
+
+
+def test_unknown_target_version_is_refused(conn: sqlite3.Connection) -> None:
+    with pytest.raises(ValueError, match="no schema version"):
+        migrations.migrate(conn, to=migrations.LATEST + 1)
+    with pytest.raises(ValueError, match="no schema version"):
+        migrations.migrate(conn, to=-1)
+
+
+def test_a_failing_migration_leaves_nothing_behind(conn: sqlite3.Connection,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = migrations.Migration(1, "initial", (
+        "CREATE TABLE half_done (x)", "THIS IS NOT SQL"), ())
+    monkeypatch.setattr(migrations, "MIGRATIONS", (broken,))
+    with pytest.raises(sqlite3.OperationalError):
+        migrations.migrate(conn)
+    assert migrations.applied(conn) == []
+    assert "half_done" not in tables(conn)  # the migration and its row: one transaction
+
+
+def test_events_refuse_update_and_delete(conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn)
+    insert_event(conn, 1)
+    insert_event(conn, 2)
+    with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):
+        conn.execute("UPDATE events SET actor = 5 WHERE seq = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):
+        conn.execute("DELETE FROM events WHERE seq = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):
+        conn.execute("DELETE FROM events")
+    assert conn.execute("SELECT seq, actor FROM events ORDER BY seq").fetchall() == [
+        (1, None), (2, None)]
+
+
+def test_only_the_retention_gate_allows_delete_and_never_update(
+        conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn)
+    insert_event(conn, 1)
+    insert_event(conn, 2)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE meta SET value = 1 WHERE key = 'retention_gate'")
+    conn.execute("DELETE FROM events WHERE seq = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE events SET actor = 5 WHERE seq = 2")
+    conn.execute("UPDATE meta SET value = 0 WHERE key = 'retention_gate'")
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT seq FROM events").fetchall() == [(2,)]
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM events WHERE seq = 2")
+
+
+def test_stream_seq_is_unique_per_stream(conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn)
+    conn.execute("INSERT INTO names (value) VALUES ('t'), ('s')")
+    row = ("INSERT INTO events (seq, id, id_hash, ts, received_at, type, stream, stream_seq,"
+           " pid, uid, gid, comm) VALUES (?, ?, 0, 1, 1, 1, 2, ?, 1, 0, 0, 1)")
+    conn.execute(row, (1, "a", 1))
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute(row, (2, "b", 1))
