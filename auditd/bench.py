@@ -177,6 +177,15 @@ def peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process: on a shared machine, a figure that the
+    other tenants do not distort the way they distort wall-clock rates."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def listener_pid(path: str) -> int | None:
     """The pid that listens on `path`: SO_PEERCRED on a client socket names it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -349,8 +358,8 @@ def run_clients(specs: list[ClientSpec]) -> list[dict[str, Any]]:
 # -- the storage baseline and the ring -----------------------------------------------
 
 
-def run_baseline(count: int, batch_max: int) -> float:
-    """Rows/s of the same events inserted straight with sqlite3 into the same schema.
+def run_baseline(count: int, batch_max: int) -> tuple[float, float]:
+    """Rows/s and CPU seconds: the same events inserted with sqlite3, same schema.
 
     Names go through a dict that inserts misses into `names`, as the store does, and
     building the rows is timed because the daemon pays for it too. The streams upsert
@@ -371,15 +380,15 @@ def run_baseline(count: int, batch_max: int) -> float:
                 ).fetchone()[0])
             return found
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for at in range(0, count, batch_max):
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(EVENT_INSERT,
                              [event_row(e, name_id) for e in events[at:at + batch_max]])
             conn.execute("COMMIT")
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         conn.close()
-        return count / elapsed
+        return count / elapsed, round(cpu, 2)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -427,54 +436,63 @@ def run_load(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     baseline = run_baseline(args.events, config.writer.batch_max) if args.baseline else None
     with contextlib.ExitStack() as stack:
         if args.socket:
-            path, db_path = args.socket, Path(config.storage.path) / DB_NAME
-            pid = listener_pid(path)
+            path, db_path, pid = (args.socket, Path(config.storage.path) / DB_NAME,
+                                  listener_pid(args.socket))
         else:
             daemon = stack.enter_context(
                 ThrowawayDaemon(config, args.durability, args.capacity))
             path, db_path = daemon.socket, daemon.db_path
             pid = daemon.proc.pid if daemon.proc else None
-        window = args.window or max(1, _WINDOW_EVENTS // args.batch)
-        shares = [args.events // args.clients + (i < args.events % args.clients)
-                  for i in range(args.clients)]
-        interval = args.batch * args.clients / args.rate if args.rate else 0.0
-        specs = [ClientSpec(path, sum(shares[:i]), n, args.batch, window, interval,
-                            args.duration) for i, n in enumerate(shares) if n]
-        watcher = CommitWatcher(db_path) if db_path.exists() else None
-        if watcher is not None:
-            watcher.start()
-        results = run_clients(specs)
-        tally: Counter[str] = sum((Counter(r["tally"]) for r in results), Counter())
-        committed, committed_at = watcher.wait_for(tally["ok"]) if watcher else (None, 0.0)
-        rss = peak_rss_mb(pid)  # before the stop: shutdown is not the load under test
+        doc = {"target": args.socket or "throw-away daemon",
+               "durability": None if args.socket else args.durability,
+               "capacity": None if args.socket else args.capacity or config.buffer.capacity,
+               **measure(args, path, db_path, pid)}
+    if baseline is not None:
+        doc["baseline_rows_per_s"], doc["baseline_cpu_s"] = round(baseline[0], 1), baseline[1]
+        doc["baseline_batch"] = config.writer.batch_max
+        # Without the database only acknowledgements are known: compare those then.
+        daemon_rate = doc["events_per_s"] or doc["acknowledged_per_s"]
+        doc["ratio"] = round(daemon_rate / baseline[0], 3) if daemon_rate else None
+    return doc
+
+
+def measure(args: argparse.Namespace, path: str, db_path: Path,
+            pid: int | None) -> dict[str, Any]:
+    """Drive the daemon on `path` with the clients; the figures of the run."""
+    window = args.window or max(1, _WINDOW_EVENTS // args.batch)
+    shares = [args.events // args.clients + (i < args.events % args.clients)
+              for i in range(args.clients)]
+    interval = args.batch * args.clients / args.rate if args.rate else 0.0
+    specs = [ClientSpec(path, sum(shares[:i]), n, args.batch, window, interval,
+                        args.duration) for i, n in enumerate(shares) if n]
+    watcher = CommitWatcher(db_path) if db_path.exists() else None
+    if watcher is not None:
+        watcher.start()
+    cpu_before = cpu_seconds(pid)
+    results = run_clients(specs)
+    tally: Counter[str] = sum((Counter(r["tally"]) for r in results), Counter())
+    committed, committed_at = watcher.wait_for(tally["ok"]) if watcher else (None, 0.0)
+    cpu_after = cpu_seconds(pid)
     start = min(r["first_send"] for r in results)
     last_reply = max(r["last_reply"] for r in results)
     elapsed = max(committed_at, last_reply) - start
+    sent = sum(r["sent"] for r in results)
     latencies = [ms for r in results for ms in r["latencies"]]
-    doc: dict[str, Any] = {
-        "target": args.socket or "throw-away daemon", "clients": len(specs),
-        "batch": args.batch, "window": window, "rate": args.rate,
-        "durability": None if args.socket else args.durability,
-        "capacity": None if args.socket else args.capacity or config.buffer.capacity,
-        "events_sent": sum(r["sent"] for r in results), "events_acknowledged": tally["ok"],
+    return {
+        "clients": len(specs), "batch": args.batch, "window": window, "rate": args.rate,
+        "events_sent": sent, "events_acknowledged": tally["ok"],
         "events_rejected": tally["rejected"], "duplicates": tally["duplicates"],
         "frame_errors": {k[6:]: n for k, n in tally.items() if k.startswith("error:")},
         "events_committed": committed, "elapsed_s": round(elapsed, 3),
         "events_per_s": _per_s(committed, elapsed),
-        "sent_per_s": _per_s(sum(r["sent"] for r in results),
-                             max(r["last_send"] for r in results) - start),
+        "sent_per_s": _per_s(sent, max(r["last_send"] for r in results) - start),
         "acknowledged_per_s": _per_s(tally["ok"], last_reply - start),
         "latency_ms": {name: round(percentile(latencies, q), 3) if latencies else None
                        for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))},
-        "peak_rss_mb": rss,
+        "peak_rss_mb": peak_rss_mb(pid),  # before the stop: shutdown is not under test
+        "daemon_cpu_s": None if cpu_after is None or cpu_before is None
+        else round(cpu_after - cpu_before, 2),
     }
-    if baseline is not None:
-        doc["baseline_rows_per_s"] = round(baseline, 1)
-        doc["baseline_batch"] = config.writer.batch_max
-        # Without the database only acknowledgements are known: compare those then.
-        daemon_rate = doc["events_per_s"] or doc["acknowledged_per_s"]
-        doc["ratio"] = round(daemon_rate / baseline, 3) if daemon_rate else None
-    return doc
 
 
 def print_human(doc: dict[str, Any], prefix: str = "") -> None:

@@ -94,12 +94,19 @@ def cmd_recover(args: argparse.Namespace, config: Config) -> int:
     live = Path(config.storage.path) / DB_NAME
     if not live.exists():
         return _fail(f"{live}: no live database (start the daemon once first)")
-    result = salvage(damaged, live, _progress("recovering"))
-    document = {"copied": result.copied, "already_present": result.already_present,
-                "unreadable": result.unreadable, "into": str(live)}
+    try:  # through the running daemon, so the recovered ids join its idempotency filter
+        from auditd import operator
+
+        code, document = operator.call(str(args.status_socket or config.status.socket),
+                                       "POST", "/recover", {"path": str(damaged.resolve())})
+        if code != 200:
+            return _fail(str(document.get("message", code)))
+    except operator.StatusUnreachable:
+        document = salvage(damaged, live, _progress("recovering")).document(str(live))
     print(json.dumps(document) if args.json else
-          f"copied {result.copied} events into {live}; {result.already_present} were already "
-          f"there; {result.unreadable} could not be read")
+          f"copied {document['copied']} events into {document['into']}; "
+          f"{document['already_present']} were already there; "
+          f"{document['unreadable']} could not be read")
     return EXIT_OK
 
 
@@ -125,6 +132,29 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
         conn.close()
     print("\n".join(actions) or "schema is up to date")
     return EXIT_OK
+
+
+def _status_socket(args: argparse.Namespace, config: Config) -> str:
+    return str(args.status_socket or config.status.socket)
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from auditd import operator
+
+    return operator.status(_status_socket(args, config), args.json)
+
+
+def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
+    from auditd import operator
+
+    return operator.dlq(_status_socket(args, config), args.action, args.ids, args.all,
+                        args.json, args.limit)
+
+
+def cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    from auditd import operator
+
+    return operator.backup(_status_socket(args, config), args.dest, args.json)
 
 
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
@@ -157,9 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     send.set_defaults(handler=cmd_send)
 
+    def operator_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
+        command.add_argument("--status-socket", help="status socket (default: from the config)")
+        command.add_argument("--json", action="store_true", help="one JSON document")
+        return command
+
+    status = operator_parser("status", "health, throughput, backlog, latencies, disk use")
+    status.set_defaults(handler=cmd_status)
+    dlq = operator_parser("dlq", "the dead-letter store: list, retry or drop entries")
+    dlq.add_argument("action", choices=["list", "retry", "drop"])
+    dlq.add_argument("ids", nargs="*", type=int, metavar="ID")
+    dlq.add_argument("--all", action="store_true", help="every entry (retry, drop)")
+    dlq.add_argument("--limit", type=int, default=100, help="entries to list")
+    dlq.set_defaults(handler=cmd_dlq)
+    backup = operator_parser("backup", "a consistent online copy of the database")
+    backup.add_argument("dest", help="where to write the copy (must not exist)")
+    backup.set_defaults(handler=cmd_backup)
+
     recover = sub.add_parser("recover", help="salvage readable events from a damaged database")
     recover.add_argument("damaged", help="the moved-aside database file")
     recover.add_argument("--json", action="store_true")
+    recover.add_argument("--status-socket", help="status socket (default: from the config)")
     recover.add_argument("--config", dest="config_sub", help=argparse.SUPPRESS)
     recover.set_defaults(handler=cmd_recover)
 

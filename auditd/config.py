@@ -140,6 +140,16 @@ _POSITIVE_KEYS = [("ingest", "max_batch_events"), ("ingest", "max_connections"),
                   ("buffer", "capacity"), ("writer", "batch_max")]
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """status.metrics_listen "host:port" ("[::1]:9477" for IPv6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"status.metrics_listen = {value!r}: expected host:port like "
+                          "127.0.0.1:9477")
+    return host, int(port)
+
+
 def _check(config: Config) -> None:
     for section, key in _SIZE_KEYS:
         config.size(section, key)
@@ -160,6 +170,8 @@ def _check(config: Config) -> None:
             "expected at least 16 bytes")
     config.mode("ingest")
     config.mode("status")
+    if config.status.metrics_listen:
+        parse_listen(config.status.metrics_listen)
 
 
 def _lookup(raw: dict[str, Any], path: str) -> Any:

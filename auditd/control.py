@@ -18,6 +18,7 @@ import structlog
 from auditd.config import Config, load_config
 from auditd.errors import AuditdError, ProtocolError
 from auditd.logs import configure_logging
+from auditd.recovery import salvage
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.sequencer import Peer
 from auditd.stats import Stats
@@ -78,9 +79,12 @@ class DaemonControl:
             oldest_pending_age_s=max(0.0, age), disk_free_bytes=free,
             dlq_bytes=self.dlq_bytes, dlq_entries=self.dlq_entries,
             writer_fault=daemon.writer.fault, ingest_refusal=daemon.ingest.refusal,
-            journal_fault=daemon.ingest.refusal if "journal" in (
-                daemon.ingest.refusal or "") else None,
-            stopping=daemon.stop_requested.is_set())
+            journal_fault=daemon.ingest.journal_fault,
+            stopping=daemon.stop_requested.is_set(),
+            database_replaced=None if daemon.damaged is None else (
+                f"the database failed its check at start ({daemon.damaged[1]}) and was "
+                f"moved to {daemon.damaged[0]}; a fresh one holds the journal's events; "
+                f"run `auditd recover {daemon.damaged[0]}`"))
 
     async def refresh(self) -> None:
         """Keep the dead-letter figures current and the ingest quota enforced."""
@@ -163,9 +167,10 @@ class DaemonControl:
                 section, name = key.split(".")
                 setattr(getattr(daemon.config, section), name, getattr(getattr(new, section),
                                                                        name))
+            # Logged under the old level, then the new one applies.
+            log.info("config_reloaded", applied=applied, needs_restart=needs_restart)
             configure_logging(daemon.config.log.level, daemon.config.log.format)
             daemon.ingest.limits.overflow = daemon.config.buffer.overflow
-            log.info("config_reloaded", applied=applied, needs_restart=needs_restart)
             return {"applied": applied, "needs_restart": needs_restart}
         except AuditdError as exc:
             log.error("config_reload_refused", reason=str(exc))
@@ -182,6 +187,21 @@ class DaemonControl:
         result = {"dest": dest, "bytes": size, "seconds": round(time.monotonic() - started, 3)}
         log.info("backup_written", **result)
         return result
+
+    async def recover(self, path: str) -> dict[str, Any]:
+        damaged = Path(path)
+        if not await asyncio.to_thread(damaged.is_file):
+            raise ActionRefused(f"{path}: no such file")
+        daemon = self.daemon
+        result = await asyncio.to_thread(salvage, damaged, daemon.store.path)
+        for hashed in result.copied_hashes:
+            daemon.sequencer.id_filter.add(hashed)
+        streams = daemon.sequencer.streams
+        for stream, version in result.stream_versions.items():
+            streams[stream] = max(streams.get(stream, 0), version)
+        log.info("database_recovered", source=path, copied=result.copied,
+                 already_present=result.already_present, unreadable=result.unreadable)
+        return result.document(str(daemon.store.path))
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
                            data: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from auditd.config import Config
@@ -25,21 +26,20 @@ from auditd.deadletters import DeadLetterStore
 from auditd.errors import AuditdError
 from auditd.ingest import IngestLimits, IngestServer, bind_unix
 from auditd.journal import CorruptRange, Journal
-from auditd.recovery import set_aside_if_damaged
+from auditd.recovery import read_remnant, set_aside_if_damaged
 from auditd.ring import RingBuffer
-from auditd.schema import StoredEvent, stored_decoder
+from auditd.schema import stored_decoder
 from auditd.sequencer import Sequencer
 from auditd.stats import Stats
 from auditd.status.server import StatusServer
 from auditd.store import DB_NAME, DeadLetter, Store
 from auditd.systemd import Notifier, watchdog_interval
-from auditd.writer import Writer
+from auditd.writer import Gap, Pending, Writer
 
 log = structlog.get_logger("auditd.daemon")
 
 _MAINTENANCE_S = 0.5
 _STATUS_EVERY_S = 2.0
-_WATCHDOG_STALL_S = 10.0
 _WRITER_DRAIN_S = 30.0
 
 
@@ -54,6 +54,10 @@ class Daemon:
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
+        self.dead_letters = DeadLetterStore(self.store.path)
+        self.control = DaemonControl(self)
+        self.status = StatusServer(self.control)
+        self._space = asyncio.Event()  # set after each commit: room in the ring for replay
         self.notifier = Notifier()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -61,12 +65,47 @@ class Daemon:
     async def run(self) -> int:
         config = self.config
         self._install_signals()
+        # Sockets first: a live daemon on them refuses this start before anything is
+        # opened, and clients connecting during replay wait in the backlog.
+        ingest_sock = self.inherited.get("ingest") or bind_unix(
+            config.ingest.socket, config.mode("ingest"))
+        status_sock = self.inherited.get("status") or bind_unix(
+            config.status.socket, config.mode("status"))
+        try:
+            committed_seq = await self._open()
+            await self.status.start(status_sock, config.status.metrics_listen or None)
+            self._spawn(self.writer.run(), "writer")
+            self._spawn(self._maintain(), "maintenance")
+            await self._replay(committed_seq)
+            self.journal.open_segment(self.sequencer.last_seq + 1)
+            if self.journal.fsync:
+                self._spawn(self.journal.sync_forever(), "journal_sync")
+            await self.ingest.start(ingest_sock)
+        except BaseException:
+            await self._abandon_start()
+            raise
+        self.ready = True
+        log.info("daemon_ready", socket=config.ingest.socket, last_seq=self.sequencer.last_seq,
+                 durability=config.ingest.durability)
+        self.notifier.ready(self.status_line())
+        await self.stop_requested.wait()
+        await self._shutdown()
+        return 0
+
+    async def _open(self) -> int:
+        """Database (checked, migrated), state, components; returns the checkpoint."""
+        config = self.config
         self.storage.mkdir(parents=True, exist_ok=True)
         self.damaged = await asyncio.to_thread(set_aside_if_damaged, self.store.path)
         await self.store.open()
         state = await self.store.load_state()
+        if self.damaged is not None:
+            remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
+            state.max_seq = max(state.max_seq, remnant.max_seq)
+            for stream, version in (remnant.streams or {}).items():
+                state.streams[stream] = max(state.streams.get(stream, 0), version)
         capacity = config.buffer.capacity
-        self.ring: RingBuffer[StoredEvent] = RingBuffer(
+        self.ring: RingBuffer[Pending] = RingBuffer(
             capacity, config.size("buffer", "max_bytes"))
         self.sequencer = Sequencer(state.max_seq, state.streams, recent_limit=2 * capacity)
         stored = await self.store.id_hashes(self.sequencer.id_filter.add)
@@ -79,9 +118,7 @@ class Daemon:
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
             on_committed=self._committed)
-        self.dead_letters = DeadLetterStore(self.store.path)
         await self.dead_letters.open()
-        self.control = DaemonControl(self)
         self.stats.last_committed_seq = state.committed_seq
         self.ingest = IngestServer(
             IngestLimits(config.size("ingest", "max_frame_bytes"),
@@ -92,44 +129,40 @@ class Daemon:
             self.sequencer, self.journal, self.ring, self.writer, self.store, self.stats)
         log.info("daemon_starting", config=config.source or "defaults", storage=str(self.storage),
                  last_seq=state.max_seq, committed_seq=state.committed_seq, stored_ids=stored)
-        self._spawn(self.writer.run(), "writer")
-        await self._replay(state.committed_seq)
-        self.journal.open_segment(self.sequencer.last_seq + 1)
-        if self.journal.fsync:
-            self._spawn(self.journal.sync_forever(), "journal_sync")
-        ingest_sock = self.inherited.get("ingest") or bind_unix(
-            config.ingest.socket, config.mode("ingest"))
-        await self.ingest.start(ingest_sock)
-        self.status = StatusServer(self.control)
-        await self.status.start(
-            self.inherited.get("status") or bind_unix(config.status.socket,
-                                                      config.mode("status")),
-            config.status.metrics_listen or None)
-        self._spawn(self._maintain(), "maintenance")
-        self.ready = True
-        log.info("daemon_ready", socket=config.ingest.socket, last_seq=self.sequencer.last_seq,
-                 durability=config.ingest.durability)
-        self.notifier.ready(self.status_line())
-        await self.stop_requested.wait()
-        await self._shutdown()
-        return 0
+        return state.committed_seq
+
+    async def _abandon_start(self) -> None:
+        """A start that failed part-way: stop tasks and close what was opened, so the
+        process can exit (aiosqlite's threads would otherwise keep it alive)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.status.aclose()
+            await self.dead_letters.close()
+            await self.store.close()
 
     async def _replay(self, committed_seq: int) -> None:
         """Feed journaled events past the checkpoint to the writer, as first sequenced."""
         started, replayed, stats = time.monotonic(), 0, self.stats
-        space = asyncio.Event()
-        self._space = space
+        chunk = max(1, self.ring.capacity // 2)
         for item in self.journal.replay(committed_seq):
             if isinstance(item, CorruptRange):
-                self._dead_letter_range(item)
+                gaps = self._gaps(item.first_seq, item.last_seq, item.raw,
+                                  f"journal segment {item.segment} offset {item.offset}: "
+                                  f"{len(item.raw)} damaged bytes")
+                for start in range(0, len(gaps), chunk):
+                    await self._push(gaps[start : start + chunk], len(item.raw))
                 continue
-            event = stored_decoder.decode(item.payload)
-            while not self.ring.has_room(1, len(item.payload)):
-                space.clear()
-                self.writer.wake()
-                await space.wait()
+            try:
+                event = stored_decoder.decode(item.payload)
+            except msgspec.DecodeError as exc:
+                await self._push(self._gaps(item.seq, item.seq, item.payload,
+                                            f"journal record cannot be decoded: {exc}"),
+                                 len(item.payload))
+                continue
+            await self._push([event], len(item.payload))
             self.sequencer.restore(event)
-            self.ring.push([event], [len(item.payload)])
             replayed += 1
             if replayed % 100_000 == 0:
                 stats.replay_done = replayed
@@ -143,34 +176,49 @@ class Daemon:
             log.info("replay_finished", events=replayed, last_seq=self.sequencer.last_seq,
                      seconds=round(time.monotonic() - started, 3))
 
-    def _dead_letter_range(self, damaged: CorruptRange) -> None:
-        reason = (f"journal segment {damaged.segment} offset {damaged.offset}: "
-                  f"{len(damaged.raw)} damaged bytes stood for seq "
-                  f"{damaged.first_seq}..{damaged.last_seq}")
-        entries = [DeadLetter("journal", "journal_corrupt", reason,
-                              damaged.raw if seq == damaged.first_seq else b"", seq)
-                   for seq in range(damaged.first_seq, damaged.last_seq + 1)]
-        self.sequencer.last_seq = max(self.sequencer.last_seq, damaged.last_seq)
-        self.stats.dead_lettered("journal_corrupt", len(entries))
-        self.writer.add_dead_letters(entries)
+    async def _push(self, entries: list[Pending], size: int) -> None:
+        """Into the ring in seq order, waiting for the writer to make room."""
+        while not self.ring.has_room(len(entries), size):
+            self._space.clear()
+            self.writer.wake()
+            await self._space.wait()
+        self.sequencer.last_seq = max(self.sequencer.last_seq, entries[-1].seq)
+        self.ring.push(entries, [size] + [0] * (len(entries) - 1))
+
+    def _gaps(self, first: int, last: int, raw: bytes, why: str) -> list[Pending]:
+        """One dead letter per seq the bytes stood for; the bytes go with the first."""
+        reason = f"{why}; they stood for seq {first}..{last}"
+        gaps: list[Pending] = [
+            Gap(seq, DeadLetter("journal", "journal_corrupt", reason,
+                                raw if seq == first else b"", seq))
+            for seq in range(first, last + 1)]
+        self.stats.dead_lettered("journal_corrupt", len(gaps))
+        return gaps
 
     def _committed(self, seq: int) -> None:
         self.sequencer.trim(seq)
         self.ingest.capacity_freed()
-        space = getattr(self, "_space", None)
-        if space is not None:
-            space.set()
+        self._space.set()
 
     def status_line(self) -> str:
         stats = self.stats
         state = "degraded" if (self.writer.fault or self.ingest.refusal) else "ok"
-        return (f"{state}: {stats.accepted} accepted, {stats.committed} committed, "
-                f"{self.ring.pending} pending, {stats.connections} connections")
+        return (f"{state}: last seq {self.sequencer.last_seq}, {stats.accepted} accepted, "
+                f"{stats.committed} committed, {self.ring.pending} pending, "
+                f"{stats.connections} connections")
 
-    def _writer_progressing(self) -> bool:
-        """The watchdog's question: is the writer keeping up, not merely alive?"""
-        stalled_for = time.monotonic() - self.stats.last_commit_at
-        return self.ring.pending == 0 or stalled_for < _WATCHDOG_STALL_S
+    def _writer_progressing(self, stall_after_s: float) -> bool:
+        """The watchdog's question: is the writer making progress, not merely alive?
+
+        Pings stop once events have waited `stall_after_s` without a commit, half of
+        systemd's WatchdogSec: a lock held that long means systemd should step in.
+        """
+        oldest = self.ring.oldest_pending()
+        if oldest is None:
+            return True
+        waited = (time.time_ns() - oldest.received_at) / 1e9
+        since_commit = time.monotonic() - self.stats.last_commit_at
+        return waited < stall_after_s or since_commit < stall_after_s
 
     async def _maintain(self) -> None:
         """Disk reserve, journal release, dead-letter quota, systemd status and watchdog."""
@@ -181,7 +229,7 @@ class Daemon:
             await asyncio.sleep(_MAINTENANCE_S)
             now = time.monotonic()
             if (watchdog_every and now - last_ping >= watchdog_every
-                    and self._writer_progressing()):
+                    and self._writer_progressing(watchdog_every)):
                 self.notifier.watchdog()
                 last_ping = now
             if now - last_status >= _STATUS_EVERY_S:

@@ -25,12 +25,12 @@ from auditd.errors import DaemonRunningError, JournalError, ProtocolError
 from auditd.framing import FrameDecoder, encode_frame
 from auditd.journal import Journal, encode_record
 from auditd.ring import RingBuffer
-from auditd.schema import StoredEvent, encoder, reply_bytes
+from auditd.schema import encoder, reply_bytes
 from auditd.sequencer import Acceptance, Peer, Sequencer
 from auditd.stats import Stats
 from auditd.store import DeadLetter, Store
 from auditd.validation import DecodedFrame, ValidEvent, decode_body
-from auditd.writer import Writer
+from auditd.writer import Pending, Writer
 
 log = structlog.get_logger("auditd.ingest")
 
@@ -83,7 +83,7 @@ def peer_of(sock: socket.socket) -> Peer:
 
 class IngestServer:
     def __init__(self, limits: IngestLimits, sequencer: Sequencer, journal: Journal,
-                 ring: RingBuffer[StoredEvent], writer: Writer, store: Store,
+                 ring: RingBuffer[Pending], writer: Writer, store: Store,
                  stats: Stats) -> None:
         self.limits = limits
         self.sequencer = sequencer
@@ -96,13 +96,17 @@ class IngestServer:
         self.blocked: set[Connection] = set()
         self.shutting_down = False
         self.refusal: str | None = None  # why ingest cannot accept now (disk full)
+        self.journal_fault: str | None = None  # why the last journal append failed
         self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._room = asyncio.Event()  # set after each commit, for inject()
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+        # asyncio listens again with its own backlog (default 100): keep it generous so a
+        # burst of connections queues rather than being refused.
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=max(1024, self.limits.max_connections))
 
     def stop_accepting(self) -> None:
         """No new connections; open ones are answered shutting_down from now on."""
@@ -134,6 +138,7 @@ class IngestServer:
                 "ingest_refusing" if reason else "ingest_resumed", reason=reason)
         self.refusal = reason
         if reason is None:
+            self.journal_fault = None
             self.capacity_freed()
 
     # -- one frame ---------------------------------------------------------------
@@ -180,6 +185,7 @@ class IngestServer:
         try:
             return self.accept_events(frame.valid, conn.peer, stored_ids, conn)
         except JournalError as exc:
+            self.journal_fault = str(exc)
             self.set_refusal(str(exc))
             if self.limits.overflow == "reject":
                 conn.reply_error("overloaded", str(exc), retry_after_ms=1000)
@@ -208,6 +214,7 @@ class IngestServer:
             self.sequencer.commit(acceptance)
             self.ring.push(stored, acceptance.sizes)
             self.writer.wake()
+            self.stats.accepted += len(stored)
         return acceptance
 
     async def inject(self, valid: list[ValidEvent], peer: Peer) -> Acceptance:
@@ -230,7 +237,6 @@ class IngestServer:
         reply: dict[str, Any] = {"ok": len(stored)}
         if stored:
             reply["first"], reply["last"] = stored[0].seq, stored[-1].seq
-            stats.accepted += len(stored)
         rejected = frame.rejected + acceptance.rejected
         if rejected:
             reply["rejected"] = sorted(rejected) if acceptance.rejected else rejected
@@ -279,6 +285,7 @@ class Connection(asyncio.Protocol):
         self.stored_ids: dict[str, int] | None = None
         self.sync_position = 0
         self.closing = False
+        self.eof = False
         self.transport: asyncio.Transport | None = None
         self.peer = Peer(0, -1, -1, "")
         self._started = 0.0
@@ -321,6 +328,16 @@ class Connection(asyncio.Protocol):
             self.frames.append((b"", now))  # stands for the framing error, in order
         self.process()
 
+    def eof_received(self) -> bool:
+        """The client has said all it will; it still gets every reply it is owed."""
+        self.eof = True
+        self._close_if_done()
+        return True  # keep the transport open for those replies
+
+    def _close_if_done(self) -> None:
+        if self.eof and not self.frames and not self.replies and self.transport is not None:
+            self.transport.close()
+
     def pause_writing(self) -> None:
         self.block("writing")  # the client is not reading its replies
 
@@ -344,6 +361,7 @@ class Connection(asyncio.Protocol):
             if frames:  # a fatal reply clears the queue
                 frames.popleft()
             server.stats.frames += 1
+        self._close_if_done()
 
     def block(self, reason: str) -> None:
         if not self.held and self.transport is not None:
@@ -392,6 +410,7 @@ class Connection(asyncio.Protocol):
             self._write(replies.popleft())
         if self.closing and not replies and self.transport is not None:
             self.transport.close()
+        self._close_if_done()
 
     def _write(self, entry: list[Any]) -> None:
         transport = self.transport

@@ -13,6 +13,7 @@ run in a thread, one covering every record written before it (group commit).
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import struct
@@ -128,6 +129,18 @@ class Journal:
                         yield record
                     continue
                 resume = _next_record(buffer, offset)
+                following = segments[number + 1][0] if number + 1 < len(segments) else None
+                if resume is None and following is not None and following - 1 > previous:
+                    # Not a torn tail: the next segment starts later, so these bytes
+                    # stood for seqs that were written here.
+                    damaged = CorruptRange(path.name, offset, previous + 1, following - 1,
+                                           buffer[offset:])
+                    log.error("journal_record_corrupt", segment=path.name, offset=offset,
+                              bytes=len(buffer) - offset, first_seq=damaged.first_seq,
+                              last_seq=damaged.last_seq)
+                    if damaged.last_seq > after_seq:
+                        yield damaged
+                    break
                 if resume is None:
                     cut = len(buffer) - offset
                     with path.open("r+b") as handle:
@@ -174,13 +187,14 @@ class Journal:
         try:
             written = os.write(self._fd, data)
             if written != len(data):
-                raise OSError(28, "short write")
+                raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             try:
                 os.ftruncate(self._fd, self._segment_size)
             except OSError:
                 log.critical("journal_truncate_failed", segment=str(self._segment))
-            raise JournalError(f"journal write failed: {exc.strerror or exc}") from exc
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise JournalError(f"journal write to {self._segment} failed: {reason}") from exc
         self._segment_size += written
         self.written += written
         self.last_seq = last_seq

@@ -10,13 +10,14 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from auditd.schema import id_hash
-from auditd.store import EVENT_INSERT, connect_sync
+from auditd.store import EVENT_INSERT, STREAM_UPSERT, connect_sync
 
 log = structlog.get_logger("auditd.recovery")
 
@@ -54,6 +55,10 @@ def move_aside(path: Path) -> Path:
     """Rename the database (and its WAL and shm) to `NAME.damaged-<time>`."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.damaged-{stamp}")
+    number = 1
+    while target.exists():  # never overwrite an earlier damaged file
+        number += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{number}")
     for suffix in ("", "-wal", "-shm"):
         source = Path(f"{path}{suffix}")
         if source.exists():
@@ -62,10 +67,48 @@ def move_aside(path: Path) -> Path:
 
 
 @dataclass
+class Remnant:
+    """What a damaged file still tells about the sequence: seqs and stream versions
+    must continue past it, never restart."""
+
+    max_seq: int = 0
+    streams: dict[str, int] | None = None
+
+
+def read_remnant(damaged: Path) -> Remnant:
+    """Best effort: the highest seq and each stream's version, from what is readable."""
+    remnant = Remnant(streams={})
+    try:
+        source = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+    except sqlite3.DatabaseError:
+        return remnant
+    try:
+        remnant.max_seq = _max_seq(source)
+        names = _readable_names(source)
+        try:
+            rows = source.execute("SELECT stream, version FROM streams").fetchall()
+        except sqlite3.DatabaseError:
+            rows = []
+        assert remnant.streams is not None
+        for stream_id, version in rows:
+            if stream_id in names:
+                remnant.streams[names[stream_id]] = int(version)
+    finally:
+        source.close()
+    return remnant
+
+
+@dataclass
 class Salvage:
     copied: int = 0
     already_present: int = 0
     unreadable: int = 0
+    copied_hashes: list[int] = field(default_factory=list)  # id hashes of copied rows
+    stream_versions: dict[str, int] = field(default_factory=dict)  # highest copied
+
+    def document(self, into: str) -> dict[str, Any]:
+        return {"copied": self.copied, "already_present": self.already_present,
+                "unreadable": self.unreadable, "into": into}
 
 
 def salvage(damaged: Path, live: Path,
@@ -128,6 +171,8 @@ def _readable_names(source: sqlite3.Connection) -> dict[int, str]:
 def _read_rows(source: sqlite3.Connection, first: int, last: int,
                result: Salvage) -> list[tuple[object, ...]]:
     try:
+        if first == last:  # a direct seek reads no neighbouring leaf page
+            return source.execute("SELECT * FROM events WHERE seq = ?", (first,)).fetchall()
         return source.execute("SELECT * FROM events WHERE seq BETWEEN ? AND ?",
                               (first, last)).fetchall()
     except sqlite3.DatabaseError:
@@ -162,6 +207,12 @@ def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dic
             else:
                 target.execute(EVENT_INSERT, mapped)
                 result.copied += 1
+                result.copied_hashes.append(int(str(row[2])))
+                if mapped[8] is not None and row[9] is not None:
+                    stream, version = names[int(str(row[8]))], int(str(row[9]))
+                    target.execute(STREAM_UPSERT, (mapped[8], version, seq))
+                    result.stream_versions[stream] = max(
+                        version, result.stream_versions.get(stream, 0))
         target.execute("COMMIT")
     except BaseException:
         target.execute("ROLLBACK")

@@ -18,7 +18,8 @@ BATCH_BUCKETS = (1, 10, 100, 500, 1000, 2000, 4096, 8192, 16384)
 
 
 class Histogram:
-    """Cumulative bucket counts plus a window of recent samples for percentiles."""
+    """Per-bucket counts (the metrics exposition sums them) plus a window of recent
+    samples for percentiles."""
 
     __slots__ = ("_next", "_window", "bounds", "count", "counts", "total")
 

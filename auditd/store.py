@@ -36,6 +36,10 @@ EVENT_INSERT = (
     " stream_seq, correlation_id, causation_id, tags, data, pid, uid, gid, comm)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+STREAM_UPSERT = (
+    "INSERT INTO streams VALUES (?, ?, ?) ON CONFLICT (stream) DO UPDATE"
+    " SET version = max(version, excluded.version), last_seq = max(last_seq, excluded.last_seq)"
+)
 DEAD_LETTER_INSERT = (
     "INSERT INTO dead_letters (seq, source, code, reason, raw, size, uid, attempts,"
     " first_failed_at, last_failed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -197,10 +201,7 @@ class Store:
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
                 if streams:
                     await conn.executemany(
-                        "INSERT INTO streams VALUES (?, ?, ?) ON CONFLICT (stream) DO UPDATE"
-                        " SET version = max(version, excluded.version),"
-                        " last_seq = max(last_seq, excluded.last_seq)",
-                        [(lookup[s], v, q) for s, (v, q) in streams.items()])
+                        STREAM_UPSERT, [(lookup[s], v, q) for s, (v, q) in streams.items()])
                 if dead:
                     await conn.executemany(DEAD_LETTER_INSERT, [_dead_row(d) for d in dead])
                 if resolved_dead:

@@ -13,6 +13,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -26,8 +27,25 @@ from auditd.store import DeadLetter, Store
 log = structlog.get_logger("auditd.writer")
 
 
+@dataclass(slots=True)
+class Gap:
+    """A seq whose event cannot be stored (damaged journal bytes, a poison event): it
+    travels through the ring in seq order and is committed as a dead letter."""
+
+    seq: int
+    letter: DeadLetter
+    correlation_id: None = None
+
+    @property
+    def received_at(self) -> int:
+        return self.letter.first_failed_at
+
+
+Pending = StoredEvent | Gap  # what the ring holds between ingest and the writer
+
+
 class Writer:
-    def __init__(self, store: Store, ring: RingBuffer[StoredEvent], stats: Stats, *,
+    def __init__(self, store: Store, ring: RingBuffer[Pending], stats: Stats, *,
                  batch_max: int, batch_delay_ms: int, retry_max_delay_ms: int,
                  fallback_path: Path, on_committed: Callable[[int], None]) -> None:
         self.store = store
@@ -99,7 +117,7 @@ class Writer:
             elapsed_ms = (time.perf_counter() - started) * 1000
             ring.mark_committed(len(batch))
             stats = self.stats
-            stats.committed += len(batch)
+            stats.committed += sum(1 for e in batch if isinstance(e, StoredEvent))
             stats.commit_latency_ms.observe(elapsed_ms)
             stats.batch_size.observe(len(batch))
             stats.last_commit_at = time.monotonic()
@@ -107,12 +125,19 @@ class Writer:
                 stats.last_committed_seq = batch[-1].seq
             self.on_committed(stats.last_committed_seq)
 
-    async def _commit(self, events: list[StoredEvent], dead: list[DeadLetter]) -> None:
-        checkpoint = max([e.seq for e in events[-1:]] + [d.seq or 0 for d in dead] + [0])
+    async def _commit(self, entries: list[Pending], dead: list[DeadLetter]) -> None:
+        """Commit `entries` (in seq order) and `dead` (seq-less rejects) in one transaction.
+
+        The checkpoint is the last entry's seq and never more: a seq is only passed once
+        everything before it is stored or dead-lettered.
+        """
+        checkpoint = entries[-1].seq if entries else 0
         attempt = 0
         while True:
+            events = [e for e in entries if isinstance(e, StoredEvent)]
+            letters = [*dead, *(e.letter for e in entries if isinstance(e, Gap))]
             try:
-                await self.store.insert_batch(events, dead, checkpoint)
+                await self.store.insert_batch(events, letters, checkpoint)
             except TransientStoreError as exc:
                 attempt += 1
                 self.stats.commit_failures += 1
@@ -122,26 +147,43 @@ class Writer:
                 await asyncio.sleep(self._backoff(attempt))
                 continue
             except PermanentStoreError as exc:
-                if len(events) > 1:
-                    half = len(events) // 2
-                    await self._commit(events[:half], dead)
-                    await self._commit(events[half:], [])
+                if dead:
+                    # First find out whether the rejects are the poison: they go alone,
+                    # to the fallback file if even that fails, never an event with them.
+                    dead = await self._commit_rejects(dead)
+                    continue
+                if len(entries) > 1:
+                    half = len(entries) // 2
+                    await self._commit(entries[:half], dead)
+                    await self._commit(entries[half:], [])
                     return
                 if events:
                     event = events[0]
                     log.error("event_dead_lettered", seq=event.seq, error=str(exc))
-                    dead = [*dead, DeadLetter("writer", "commit_failed", str(exc),
-                                              encoder.encode(event), event.seq, event.uid)]
+                    entries = [Gap(event.seq, DeadLetter(
+                        "writer", "commit_failed", str(exc), encoder.encode(event), event.seq,
+                        event.uid))]
                     self.stats.dead_lettered("commit_failed")
-                    events = []
                     continue
-                self._write_fallback(dead, str(exc))
-                dead = []
+                self._write_fallback(letters, str(exc))
+                entries, dead = [], []
                 continue
             if self.fault is not None:
                 log.info("commit_recovered", attempts=attempt)
                 self.fault = None
             return
+
+    async def _commit_rejects(self, dead: list[DeadLetter]) -> list[DeadLetter]:
+        """Write seq-less dead letters on their own; returns what is left to write (none)."""
+        while True:
+            try:
+                await self.store.insert_batch([], dead, 0)
+            except TransientStoreError:
+                await asyncio.sleep(self._backoff(1))
+                continue
+            except PermanentStoreError as exc:
+                self._write_fallback(dead, str(exc))
+            return []
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.retry_max_delay, 0.01 * (2 ** min(attempt, 16)))

@@ -3,7 +3,8 @@
 The daemon implements `StatusSource` and runs one `StatusServer`.
 """
 
-from auditd.status.server import StatusServer, parse_listen
+from auditd.config import parse_listen
+from auditd.status.server import StatusServer
 from auditd.status.source import ActionRefused, Gauges, StatusSource, admin_actor
 
 __all__ = ["ActionRefused", "Gauges", "StatusServer", "StatusSource", "admin_actor",

@@ -39,6 +39,7 @@ class HealthInputs:
     ingest_refusal: str | None = None
     journal_fault: str | None = None
     stopping: bool = False
+    database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
     pending_age_bound_s: float = PENDING_AGE_BOUND_S
 
@@ -94,6 +95,7 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         ingest_refusal=gauges.ingest_refusal,
         journal_fault=gauges.journal_fault,
         stopping=gauges.stopping,
+        database_replaced=gauges.database_replaced,
     )
 
 
@@ -104,6 +106,9 @@ def evaluate(h: HealthInputs) -> Health:
         "writer_progress": _writer_progress(h),
         "pending_age": _pending_age(h),
         "database_writable": _fault(h.writer_fault, "commits succeed", "degraded"),
+        "database_intact": _fault(h.database_replaced,
+                                  "the database passed its integrity check at start",
+                                  "degraded"),
         "journal_writable": _fault(h.journal_fault, "the journal accepts appends", "failing"),
         "ingest_accepting": _fault(h.ingest_refusal, "ingest accepts events", "degraded"),
         "disk_space": _disk(h),

@@ -76,9 +76,11 @@ async def get_dlq(call: Call) -> web.StreamResponse:
     limit = _int_param(query.get("limit"), "limit", 1, DLQ_MAX_LIMIT)
     limit = DLQ_DEFAULT_LIMIT if limit is None else limit
     after = _int_param(query.get("after"), "after", 0, None)
-    # Others' dead letters hold their raw events: a plain user sees only its own.
-    uid = call.caller.uid_filter if call.caller is not None else None
-    entries = await call.source.dlq_list(limit, after, uid)
+    # Others' dead letters hold their raw events: a plain user sees only its own, and a
+    # caller without credentials (a TCP listener) nothing.
+    if call.caller is None:
+        raise Problem(403, "forbidden", "dead letters are served only on the status socket")
+    entries = await call.source.dlq_list(limit, after, call.caller.uid_filter)
     following = entries[-1].get("id") if len(entries) == limit else None
     return reply({"dead_letters": entries, "next": following})
 
@@ -93,6 +95,10 @@ class Selection(msgspec.Struct, forbid_unknown_fields=True):
 
 class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
     pass
+
+
+class RecoverRequest(msgspec.Struct, forbid_unknown_fields=True):
+    path: str
 
 
 class BackupRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -124,6 +130,14 @@ async def post_backup(call: Call) -> dict[str, Any]:
         raise Problem(400, "bad_request", f"dest {request.dest!r} must be an absolute path: "
                       "the daemon's working directory is not the caller's")
     return await call.source.backup(request.dest)
+
+
+async def post_recover(call: Call) -> dict[str, Any]:
+    request = await _body(call, RecoverRequest)
+    if request is None or not os.path.isabs(request.path):
+        raise Problem(400, "bad_request", 'the body must be {"path": "/absolute/damaged.db"}')
+    call.audit["path"] = request.path
+    return await call.source.recover(request.path)
 
 
 async def _selection(call: Call) -> list[int] | None:
@@ -178,6 +192,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),
     Route("POST", "/reload", admin=post_reload, action="reload"),
     Route("POST", "/backup", admin=post_backup, action="backup"),
+    Route("POST", "/recover", admin=post_recover, action="recover"),
 )
 
 # The TCP listener (status.metrics_listen) has no peer credentials: only this.

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from auditd.config import parse_listen
 from auditd.errors import AuditdError, ConfigError
 from auditd.status.access import Forbidden, caller_of, require_admin
 from auditd.status.figures import RateSampler
@@ -32,16 +33,6 @@ _SHUTDOWN_S = 5.0  # in-flight requests get this long once the daemon stops
 _MAX_BODY = 64 * 1024
 _AUDIT_LIST_MAX = 100
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """status.metrics_listen "host:port" ("[::1]:9477" for IPv6) -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"status.metrics_listen = {value!r}: expected host:port like "
-                          "127.0.0.1:9477")
-    return host, int(port)
 
 
 class StatusServer:
@@ -139,15 +130,18 @@ class StatusServer:
             result = await handler(call)
         except Exception as exc:
             problem = _as_problem(exc, route.action)
-            call.audit.update(outcome="refused" if problem.status < 500 else "failed",
-                              message=problem.message)
-            call.audit = _bounded(call.audit)
+            outcome = "refused" if problem.status < 500 else "failed"
+            call.audit = _bounded({**call.audit, "outcome": outcome,
+                                   "message": problem.message})
             await self._record(call, route.action)
+            log.warning("admin_action", action=route.action, outcome=outcome,
+                        reason=problem.message, uid=operator.uid, pid=operator.pid,
+                        comm=operator.comm)
             raise problem from exc
         call.audit = _bounded({**call.audit, "outcome": "ok", "result": result})
         recorded = await self._record(call, route.action)
-        log.info("admin_action", action=route.action, uid=operator.uid, pid=operator.pid,
-                 comm=operator.comm)
+        log.info("admin_action", action=route.action, outcome="ok", uid=operator.uid,
+                 pid=operator.pid, comm=operator.comm)
         if not recorded:
             result = {**result, "audit": "the admin event could not be recorded; see the log"}
         return reply(result)

@@ -46,6 +46,9 @@ class Gauges:
     ingest_refusal: str | None = None  # ingest.refusal: why ingest is refusing now
     journal_fault: str | None = None  # why the journal cannot be appended to now
     stopping: bool = False  # shutdown has begun
+    # Set when the database failed its check at start and was moved aside: a sentence
+    # naming where it went, until the daemon restarts on a sound file.
+    database_replaced: str | None = None
 
 
 class StatusSource(Protocol):
@@ -106,6 +109,14 @@ class StatusSource(Protocol):
 
         Returns e.g. {"dest": dest, "bytes": n, "seconds": s}; raises ActionRefused
         when `dest` exists or its folder does not, AuditdError when the copy fails.
+        """
+        ...
+
+    async def recover(self, path: str) -> dict[str, Any]:
+        """Salvage readable events of a damaged database file into the live store.
+
+        Returns {"copied", "already_present", "unreadable", "into"}; the copied ids
+        join the daemon's idempotency filter. Raises ActionRefused for a missing file.
         """
         ...
 

@@ -7,7 +7,9 @@ length+seq+payload, then the payload.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sqlite3
 import struct
 import time
@@ -131,3 +133,22 @@ def acked_seqs(events: list[dict[str, Any]], reply: dict[str, Any]) -> dict[str,
     if reply.get("ok"):
         assert next_seq == reply["last"] + 1, f"ok/first/last disagree: {reply}"
     return result
+
+
+def status_request(daemon: Any, method: str, path: str,
+                   body: Any = None) -> tuple[int, dict[str, Any]]:
+    """One HTTP request over the daemon's status socket: (HTTP status, JSON body)."""
+    import aiohttp
+
+    async def call() -> tuple[int, dict[str, Any]]:
+        connector = aiohttp.UnixConnector(path=daemon.status_socket)
+        async with aiohttp.ClientSession(connector=connector) as session, \
+                session.request(method, f"http://auditd{path}", json=body) as response:
+            document: dict[str, Any] = json.loads(await response.text())
+            return response.status, document
+
+    return asyncio.run(call())
+
+
+def health(daemon: Any) -> dict[str, Any]:
+    return status_request(daemon, "GET", "/health")[1]

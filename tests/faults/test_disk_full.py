@@ -2,7 +2,8 @@
 
 New frames are refused with `overloaded` naming the lack of space (overflow="reject")
 or held without a reply (overflow="block"); once the filler is deleted ingestion
-resumes by itself and every acknowledged event is in the database.
+resumes by itself and every acknowledged event is in the database. Health names the
+reason meanwhile.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from fault_helpers import (
     assert_integrity_ok,
     assert_seq_gap_free,
     event_count,
+    health,
     log_events_named,
     wait_for,
 )
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 RESERVE = 256 * 1024
 PAYLOAD = "x" * 200
@@ -77,13 +81,22 @@ def tmpfs_daemon(make_daemon: Any) -> Iterator[Callable[[str], Any]]:
     for daemon, path in mounted:
         with contextlib.suppress(Exception):
             daemon.stop()
-        subprocess.run(["umount", str(path)], check=False)
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)  # never leak a mount
 
 
 def names_the_disk(message: str, storage: Path) -> bool:
     """The refusal says why: no space (ENOSPC's own words) or the storage path."""
     text = message.lower()
     return "space" in text or "disk" in text or str(storage) in message
+
+
+def assert_health_names_the_disk(daemon: Any) -> None:
+    document = health(daemon)
+    assert document["status"] in ("degraded", "failing"), document
+    check = document["checks"]["ingest_accepting"]
+    assert not check["ok"] and names_the_disk(check["detail"], daemon.storage), document
+    assert not document["checks"]["disk_space"]["ok"], document
 
 
 def batch(prefix: str, start: int, count: int) -> list[dict[str, Any]]:
@@ -132,6 +145,7 @@ def test_full_disk_refuses_frames_with_the_reason_then_resumes(
         assert again["error"] == "overloaded", again
         assert log_events_named(daemon, "ingest_refusing")
         assert daemon.running
+        assert_health_names_the_disk(daemon)
 
         filler.unlink()
         # Ingestion resumes by itself: the same ids are sent until accepted.
@@ -148,6 +162,7 @@ def test_full_disk_refuses_frames_with_the_reason_then_resumes(
         events = batch("b", 0, 300)
         acks.update(acked_seqs(events, conn.request(events)))
     assert log_events_named(daemon, "ingest_resumed")
+    assert health(daemon)["checks"]["ingest_accepting"]["ok"]
     check_everything_acknowledged_is_stored(daemon, acks)
 
 
@@ -166,6 +181,7 @@ def test_disk_below_reserve_blocks_frames_until_space_returns(
         refusing = wait_for(lambda: log_events_named(daemon, "ingest_refusing"), 5,
                             "ingest_refusing in the log")
         assert str(daemon.storage) in refusing[0]["reason"], refusing[0]
+        assert_health_names_the_disk(daemon)
 
         events = batch("b", 0, 10)
         conn.send(events)
@@ -181,6 +197,7 @@ def test_disk_below_reserve_blocks_frames_until_space_returns(
         events = batch("c", 0, 300)
         acks.update(acked_seqs(events, conn.request(events)))
     assert log_events_named(daemon, "ingest_resumed")
+    assert health(daemon)["checks"]["ingest_accepting"]["ok"]
     check_everything_acknowledged_is_stored(daemon, acks)
 
 

@@ -10,15 +10,18 @@ the lock released, and the journal damaged with real byte edits.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any
 
 import pytest
+from conftest import write_config
 from fault_helpers import (
     HEADER,
     JournalRecord,
     acked_seqs,
     assert_integrity_ok,
     assert_seq_gap_free,
+    event_count,
     journal_records,
     log_events_named,
     wait_for,
@@ -166,3 +169,75 @@ def test_replay_after_clean_journal_commits_everything_once(make_daemon: Any) ->
     assert not log_events_named(daemon, "journal_record_corrupt")
     assert assert_seq_gap_free(daemon) == (COMMITTED + JOURNALED, set())
     assert_integrity_ok(daemon.db_path)
+
+
+def test_corrupt_record_ending_a_segment_is_dead_lettered_not_cut(make_daemon: Any) -> None:
+    """The last record of a segment that is followed by another segment is not a tail."""
+    daemon = make_daemon({"storage": {"journal_segment_bytes": "4KB"}})
+    acks, records = journal_only_setup(daemon)
+    segments = sorted({r.segment for r in records})
+    assert len(segments) > 3, "the journal did not rotate"
+    middle = segments[len(segments) // 2]
+    victim = [r for r in records if r.segment == middle][-1]
+    with victim.segment.open("r+b") as handle:
+        handle.seek(victim.payload_offset + victim.length // 2)
+        handle.write(b"\xde\xad\xbe\xef")
+
+    daemon.start()
+    wait_for(lambda: event_count(daemon) == COMMITTED + JOURNALED - 1, 15, "the replay commit")
+    assert daemon.stop() == 0
+    victim_id = next(i for i, s in acks.items() if s == victim.seq)
+    assert stored_ids(daemon) == {i: s for i, s in acks.items() if i != victim_id}
+    assert daemon.query("SELECT seq, source FROM dead_letters") == [(victim.seq, "journal")], (
+        f"log: {log_events_named(daemon, 'journal_tail_cut')}")
+    assert assert_seq_gap_free(daemon) == (COMMITTED + JOURNALED, {victim.seq})
+
+
+def test_checkpoint_never_passes_events_still_uncommitted(make_daemon: Any) -> None:
+    """A crash while replaying around a corrupt record must lose nothing.
+
+    The writer commits the replayed events in small batches; the corrupt record's dead
+    letter must not carry the checkpoint past events of later batches. The crash is a
+    real SIGKILL while the second batch's commit is in progress (made slow by a
+    test-only trigger on events).
+    """
+    daemon = make_daemon()
+    acks, records = journal_only_setup(daemon)
+    victim = records[len(records) // 2]
+    with victim.segment.open("r+b") as handle:
+        handle.seek(victim.payload_offset + victim.length // 2)
+        handle.write(b"\xde\xad\xbe\xef")
+    second_batch = COMMITTED + 11
+    conn = sqlite3.connect(daemon.db_path, isolation_level=None)
+    try:
+        conn.execute("CREATE TABLE slow (x)")
+        conn.executemany("INSERT INTO slow VALUES (?)", [(i,) for i in range(10_000)])
+        conn.execute(f"CREATE TRIGGER slow BEFORE INSERT ON events WHEN NEW.seq = {second_batch}"
+                     " BEGIN SELECT count(*) FROM slow a, slow b; END")
+    finally:
+        conn.close()
+    daemon.sections["writer"] = {"batch_max": 10}
+    write_config(daemon.config_path, daemon.sections)
+
+    daemon.start()
+    wait_for(lambda: event_count(daemon) >= COMMITTED + 10, 10, "the first replayed batch",
+             interval=0.01)
+    daemon.kill()  # the second batch is inside its slow commit
+    checkpoint = committed_seq(daemon)
+    present = event_count(daemon) + int(
+        daemon.query("SELECT count(*) FROM dead_letters WHERE seq <= ?", checkpoint)[0][0])
+    assert present == checkpoint, (
+        f"checkpoint {checkpoint} ran ahead: only {present} seqs up to it are stored")
+
+    conn = sqlite3.connect(daemon.db_path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER slow")
+    finally:
+        conn.close()
+    daemon.start()
+    assert daemon.stop() == 0
+    victim_id = next(i for i, s in acks.items() if s == victim.seq)
+    stored = stored_ids(daemon)
+    lost = sorted(s for i, s in acks.items() if i != victim_id and i not in stored)
+    assert not lost, f"acknowledged events lost after the crash: seq {lost[0]}..{lost[-1]}"
+    assert assert_seq_gap_free(daemon) == (COMMITTED + JOURNALED, {victim.seq})

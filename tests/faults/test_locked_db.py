@@ -1,13 +1,12 @@
 """Locked database: another process holds `BEGIN IMMEDIATE` for 5 s under load.
 
-Replies must keep flowing (they follow the journal write, not the commit), the writer
-must report the failing commits, and once the lock is gone everything drains into the
+Replies must keep flowing (they follow the journal write, not the commit), health must
+say `degraded` with the reason, and once the lock is gone everything drains into the
 database in order, with no operator action.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from fault_helpers import (
     assert_integrity_ok,
     assert_seq_gap_free,
     event_count,
+    health,
     log_events_named,
     wait_for,
 )
@@ -85,7 +85,7 @@ def test_replies_keep_flowing_while_another_process_holds_the_write_lock(
         locked_at = float(stamp)
         committed_at_lock = event_count(daemon)
         time.sleep(1.0)
-        health = _health_if_served(daemon)
+        locked_health = health(daemon)
         stuck, acked = event_count(daemon), len(load.acks)
         word, stamp = holder.stdout.readline().split()
         assert word == "released"
@@ -116,35 +116,19 @@ def test_replies_keep_flowing_while_another_process_holds_the_write_lock(
     failing = log_events_named(daemon, "commit_failing")
     assert failing, "no commit_failing log line while the database was locked"
     assert "locked" in failing[0]["error"] or "busy" in failing[0]["error"], failing[0]
-    if health is not None:
-        assert health.get("status") == "degraded", health
+    assert locked_health["status"] == "degraded", locked_health
+    check = locked_health["checks"]["database_writable"]
+    assert not check["ok"] and "locked" in check["detail"], locked_health
 
     # Everything drains by itself (the writer retries with capped backoff), in order.
     wait_for(lambda: event_count(daemon) == len(load.acks), 20,
              f"all {len(load.acks)} acknowledged events to be committed")
     assert log_events_named(daemon, "commit_recovered")
     assert daemon.running
+    assert health(daemon)["status"] == "ok"
     assert daemon.stop() == 0
     assert dict(daemon.query("SELECT id, seq FROM events")) == load.acks
     assert assert_seq_gap_free(daemon) == (len(load.acks), set())
     stream = daemon.query("SELECT stream_seq FROM events ORDER BY seq")
     assert [row[0] for row in stream] == list(range(1, len(stream) + 1))
     assert_integrity_ok(daemon.db_path)
-
-
-def _health_if_served(daemon: Any) -> dict[str, Any] | None:
-    """GET /health over the status socket, once the daemon serves one (issue 3 step 3)."""
-    if not os.path.exists(daemon.status_socket):
-        return None
-    import asyncio
-
-    import aiohttp
-
-    async def get() -> dict[str, Any]:
-        connector = aiohttp.UnixConnector(path=daemon.status_socket)
-        async with aiohttp.ClientSession(connector=connector) as session, \
-                session.get("http://auditd/health") as response:
-            body: dict[str, Any] = await response.json(content_type=None)
-            return body
-
-    return asyncio.run(get())

@@ -3,7 +3,9 @@
 The fault is a real schema change made from this test while the daemon runs: a
 trigger that aborts the insert of events of type `poison.event`. The writer must
 bisect the batch, dead-letter exactly the poison events (source "writer", their seq,
-the SQLite error as reason) and commit every neighbour, keeping seq gap-free.
+the SQLite error as reason) and commit every neighbour, keeping seq gap-free; once the
+cause is removed, `POST /dlq/retry` on the status socket stores the event under its
+original seq.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fault_helpers import (
     assert_integrity_ok,
     assert_seq_gap_free,
     event_count,
+    status_request,
     wait_for,
 )
 
@@ -104,3 +107,53 @@ def test_poison_event_stays_dead_lettered_across_a_restart(make_daemon: Any) -> 
     assert daemon.stop() == 0
     assert daemon.query("SELECT seq FROM dead_letters") == [(acks["e3"],)]
     assert assert_seq_gap_free(daemon) == (8, {acks["e3"]})
+
+
+def test_dead_lettered_poison_event_is_stored_by_retry_once_the_cause_is_removed(
+        make_daemon: Any) -> None:
+    daemon = make_daemon()
+    poison_the_schema(daemon)
+    with daemon.connect() as conn:
+        events = [{"type": "poison.event" if i == 5 else "normal.event", "id": f"e{i}",
+                   "stream": "s", "data": i} for i in range(10)]
+        acks = acked_seqs(events, conn.request(events))
+    wait_for(lambda: event_count(daemon) + dead_letter_count(daemon) == 10, 15, "the commit")
+    ((dlq_id, seq),) = daemon.query("SELECT dlq_id, seq FROM dead_letters")
+    assert seq == acks["e5"]
+
+    # While the cause is still there, a retry fails again and the entry stays, counted.
+    status, result = status_request(daemon, "POST", "/dlq/retry", {"ids": [dlq_id]})
+    assert status == 200, result
+    assert (result["retried"], result["accepted"], result["failed"]) == (1, 0, 1), result
+    ((attempts, reason),) = daemon.query(
+        "SELECT attempts, reason FROM dead_letters WHERE dlq_id = ?", dlq_id)
+    assert attempts == 2 and "poisoned" in reason
+
+    # Remove the cause (a real schema change), retry: stored under its original seq.
+    conn = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=10)
+    try:
+        conn.execute("DROP TRIGGER poison")
+    finally:
+        conn.close()
+    status, result = status_request(daemon, "POST", "/dlq/retry", {"ids": [dlq_id]})
+    assert status == 200, result
+    assert (result["retried"], result["accepted"], result["failed"]) == (1, 1, 0), result
+    assert daemon.query("SELECT count(*) FROM dead_letters") == [(0,)]
+
+    # Retrying is idempotent: resending the id is a duplicate of the restored event.
+    with daemon.connect() as conn:
+        again = conn.request({"type": "poison.event", "id": "e5", "stream": "s"})
+    assert again.get("duplicates") == [[0, seq]], again
+    assert daemon.stop() == 0
+    # Each admin action is itself recorded as an auditd.admin.* event after ours.
+    admin = daemon.query("SELECT e.seq, n.value FROM events e JOIN names n ON n.id = e.type"
+                         " WHERE n.value LIKE 'auditd.admin.%' ORDER BY e.seq")
+    assert [row[1] for row in admin] == ["auditd.admin.dlq.retry"] * 2, admin
+    stored = daemon.query("SELECT id, seq FROM events WHERE seq NOT IN"
+                          f" ({','.join(str(row[0]) for row in admin)})")
+    assert dict(stored) == acks
+    assert assert_seq_gap_free(daemon) == (10 + len(admin), set())
+    stream = [row[0] for row in daemon.query(
+        "SELECT stream_seq FROM events WHERE stream IS NOT NULL ORDER BY seq")]
+    assert stream == list(range(1, 11)), "the restored event keeps its stream_seq"
+    assert_integrity_ok(daemon.db_path)

@@ -20,9 +20,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import DaemonProcess, RawConnection
 
 from auditd.framing import encode_frame
-from conftest import DaemonProcess, RawConnection
 
 encode = msgspec.msgpack.encode
 FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
@@ -364,3 +364,21 @@ def test_overflow_reject_answers_overloaded_and_a_retrying_client_loses_nothing(
     assert sorted(acknowledged.values()) == list(range(1, 101))
     wait_committed(daemon, 100)
     assert dict(daemon.query("SELECT id, seq FROM events")) == acknowledged
+
+
+def test_buffer_max_bytes_bounds_pending_events_too(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon({"buffer": {"capacity": 1000, "overflow": "reject",
+                                     "max_bytes": "8KB"}, **FAST_RETRY})
+    event = {"type": "big", "data": "x" * 3000}
+    with daemon.connect() as conn:
+        with write_lock(daemon):
+            assert conn.request(event) == {"ok": 1, "first": 1, "last": 1}
+            assert conn.request(event) == {"ok": 1, "first": 2, "last": 2}
+            # A third would take pending bytes past 8 KB, though 997 slots are free.
+            assert conn.request(event) == {"ok": 0, "error": "overloaded",
+                                           "message": "the buffer is full",
+                                           "retry_after_ms": 100}
+            assert conn.request({"type": "small"}) == {"ok": 1, "first": 3, "last": 3}
+        wait_committed(daemon, 3)
+        assert conn.request(event) == {"ok": 1, "first": 4, "last": 4}

@@ -134,7 +134,7 @@ def test_overloaded_frames_are_retried_until_stored_once(make_daemon: Any) -> No
             client.send_many([{"type": "probe"} for _ in range(6000)], batch=100)
         assert info.value.code == "overloaded"
         # The failed call left nothing in flight: the connection is still in step.
-        client.overload_retries = 200
+        client.overload_retries = 10_000
         replies = client.send_many(events, batch=100)
     assert sum(reply.ok + len(reply.duplicates) for reply in replies) == 6000
     daemon.stop()
@@ -143,7 +143,7 @@ def test_overloaded_frames_are_retried_until_stored_once(make_daemon: Any) -> No
 
 
 async def _async_overloaded(path: str, events: list[dict[str, Any]]) -> list[Reply]:
-    async with AsyncClient(path, max_in_flight=64, overload_retries=200) as client:
+    async with AsyncClient(path, max_in_flight=64, overload_retries=10_000) as client:
         return await client.send_many(events, batch=100)
 
 

@@ -6,6 +6,7 @@ SQLite file the daemon wrote.
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import threading
@@ -15,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from conftest import DaemonProcess
 
 from auditd.framing import encode_frame
-from conftest import DaemonProcess
 
 encode = msgspec.msgpack.encode
 
@@ -103,7 +104,7 @@ def test_100k_events_from_8_connections_stored_once_in_order(daemon: DaemonProce
         ranges += [(r["first"], r["last"], number, k) for k, r in enumerate(answers)]
     ranges.sort()
     assert ranges[0][0] == 1 and ranges[-1][1] == total
-    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(ranges))
 
     wait_committed(daemon, total)
     rows = daemon.query(
@@ -250,7 +251,8 @@ def test_duplicate_after_restart_answers_the_original_seq(daemon: DaemonProcess)
 
 def test_duplicate_after_a_crash_and_journal_replay(daemon: DaemonProcess) -> None:
     with daemon.connect() as conn:
-        reply = conn.request([{"type": "t", "id": f"k-{i}"} for i in range(50)])
+        reply = conn.request([{"type": "t", "id": f"k-{i}", "stream": "crash"}
+                              for i in range(50)])
         assert reply == {"ok": 50, "first": 1, "last": 50}
     daemon.stop(signal.SIGKILL)  # acknowledged, maybe not yet committed: the journal has it
     daemon.start()
@@ -258,9 +260,15 @@ def test_duplicate_after_a_crash_and_journal_replay(daemon: DaemonProcess) -> No
         reply = conn.request([{"type": "t", "id": "k-7"}, {"type": "t", "id": "k-49"},
                               {"type": "t", "id": "k-new"}])
         assert reply == {"ok": 1, "first": 51, "last": 51, "duplicates": [[0, 8], [1, 50]]}
-    wait_committed(daemon, 51)
+        # The stream's version came back too.
+        assert conn.request({"type": "t", "stream": "crash", "expect": 49}) == {
+            "ok": 0, "rejected": [[0, "conflict", "stream 'crash' is at version 50, not 49"]]}
+        assert conn.request({"type": "t", "stream": "crash", "expect": 50}) == {
+            "ok": 1, "first": 52, "last": 52}
+    wait_committed(daemon, 52)
     assert daemon.query("SELECT count(*), count(DISTINCT id), min(seq), max(seq) FROM events") == [
-        (51, 51, 1, 51)]
+        (52, 52, 1, 52)]
+    assert daemon.query("SELECT stream_seq FROM events WHERE seq = 52") == [(51,)]
 
 
 def test_duplicate_beyond_the_in_memory_window_is_found_in_the_database(
@@ -280,10 +288,17 @@ def test_duplicate_beyond_the_in_memory_window_is_found_in_the_database(
         assert conn.request([{"type": "t", "id": "fresh"}, {"type": "t", "id": "old-2"},
                              {"type": "t", "id": "old"}]) == {
             "ok": 1, "first": 403, "last": 403, "duplicates": [[1, 2], [2, 1]]}
-    wait_committed(daemon, 403)
+        # Pipelined: a frame waiting on the database lookup keeps its place in line.
+        conn.send_raw(encode_frame(encode({"type": "t", "id": "p-1"}))
+                      + encode_frame(encode({"type": "t", "id": "old"}))
+                      + encode_frame(encode({"type": "t", "id": "p-2"})))
+        assert [conn.recv() for _ in range(3)] == [
+            {"ok": 1, "first": 404, "last": 404}, {"ok": 0, "duplicates": [[0, 1]]},
+            {"ok": 1, "first": 405, "last": 405}]
+    wait_committed(daemon, 405)
     assert id_count(daemon, "old") == 1
     assert id_count(daemon, "old-2") == 1
-    assert daemon.query("SELECT count(*) FROM events") == [(403,)]
+    assert daemon.query("SELECT count(*) FROM events") == [(405,)]
 
 
 def test_same_ids_from_many_connections_are_stored_once(daemon: DaemonProcess) -> None:
@@ -313,3 +328,19 @@ def test_same_ids_from_many_connections_are_stored_once(daemon: DaemonProcess) -
     assert dict(daemon.query("SELECT id, seq FROM events")) == owner
     assert daemon.query("SELECT count(*) FROM events") == [(200,)]
 
+
+
+def test_resent_expect_append_is_a_duplicate_not_a_conflict(daemon: DaemonProcess) -> None:
+    append = {"type": "deposit", "id": "dep-1", "stream": "acct", "expect": 0}
+    with daemon.connect() as conn:
+        assert conn.request(append) == {"ok": 1, "first": 1, "last": 1}
+        # The reply was "lost": the client sends the very same frame again.
+        assert conn.request(append) == {"ok": 0, "duplicates": [[0, 1]]}
+    daemon.restart()
+    with daemon.connect() as conn:
+        assert conn.request(append) == {"ok": 0, "duplicates": [[0, 1]]}
+        assert conn.request({"type": "deposit", "id": "dep-2", "stream": "acct",
+                             "expect": 1}) == {"ok": 1, "first": 2, "last": 2}
+    wait_committed(daemon, 2)
+    assert daemon.query("SELECT id, stream_seq FROM events ORDER BY seq") == [
+        ("dep-1", 1), ("dep-2", 2)]

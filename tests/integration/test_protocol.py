@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from conftest import DaemonProcess, RawConnection
 
 from auditd.framing import encode_frame
-from conftest import DaemonProcess, RawConnection
 
 encode = msgspec.msgpack.encode
 
@@ -112,6 +118,19 @@ def own_comm() -> str:
         return handle.read().strip()
 
 
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[DaemonProcess]:
+    """One daemon for tests that need no fresh state (each uses its own connections)."""
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="adp"))
+    daemon = DaemonProcess(root)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # -- the test vector -----------------------------------------------------------------
 
 
@@ -119,8 +138,7 @@ def test_protocol_vector_byte_for_byte(daemon: DaemonProcess) -> None:
     assert encode_frame(encode({"type": "user.login", "actor": "alice"})) == VECTOR
     with daemon.connect() as conn:
         conn.send_raw(VECTOR)
-        header = conn._exactly(4)
-        body = conn._exactly(int.from_bytes(header, "big"))
+        body = conn.recv_frame()
         assert msgspec.msgpack.decode(body) == {"ok": 1, "first": 1, "last": 1}
     wait_committed(daemon, 1)
     ((seq, event_id, type_, actor, stream, stream_seq, data, pid, uid, gid, comm),) = (
@@ -342,23 +360,28 @@ def test_mixed_frame_accepts_the_valid_and_reports_the_rest(
     (encode("hello"), "body must be a map (one event) or an array (a batch), got str"),
     (b"\x82\xa4type", "body is not valid MessagePack: Input data was truncated"),
 ], ids=["not-msgpack", "trailing-map", "trailing-array", "int", "str", "truncated"])
-def test_bad_frame_is_fatal(daemon: DaemonProcess, body: bytes, message: str) -> None:
+def test_bad_frame_is_fatal(shared_daemon: DaemonProcess, body: bytes, message: str) -> None:
+    daemon = shared_daemon
+    marker = f"never-{body.hex()[:16]}"
     with daemon.connect() as conn:
         conn.send_raw(encode_frame(encode({"type": "before"})) + encode_frame(body)
-                      + encode_frame(encode({"type": "never"})))
-        assert conn.recv() == {"ok": 1, "first": 1, "last": 1}
+                      + encode_frame(encode({"type": marker})))
+        before = conn.recv()
+        assert before["ok"] == 1 and before["first"] == before["last"]
         assert conn.recv() == {"ok": 0, "error": "bad_frame", "message": message,
                                "fatal": True}
         assert_closed(conn)
     with daemon.connect() as other:  # the daemon itself is fine
-        assert other.request({"type": "next"}) == {"ok": 1, "first": 2, "last": 2}
-    wait_committed(daemon, 2)
-    assert [row[2] for row in stored(daemon)] == ["before", "next"]
+        assert other.request({"type": "next"})["first"] == before["first"] + 1
+    wait_committed(daemon, before["first"] + 1)
+    assert daemon.query("SELECT count(*) FROM events e JOIN names n ON n.id = e.type"
+                        " WHERE n.value = ?", marker) == [(0,)]
 
 
 @pytest.mark.parametrize("length", [0, 1_048_577, 0x7FFFFFFF, 0xFFFFFFFF])
-def test_frame_too_large_is_fatal_and_allocates_nothing(daemon: DaemonProcess,
+def test_frame_too_large_is_fatal_and_allocates_nothing(shared_daemon: DaemonProcess,
                                                         length: int) -> None:
+    daemon = shared_daemon
     pid = daemon_pid(daemon)
     with daemon.connect() as conn:  # warm up the daemon's code paths first
         assert conn.request({"type": "warm"})["ok"] == 1
@@ -372,7 +395,7 @@ def test_frame_too_large_is_fatal_and_allocates_nothing(daemon: DaemonProcess,
             assert_closed(conn)
     assert vm_rss_kb(pid) - before < 8 * 1024  # nowhere near `length` bytes
     with daemon.connect() as conn:
-        assert conn.request({"type": "still-fine"}) == {"ok": 1, "first": 2, "last": 2}
+        assert conn.request({"type": "still-fine"})["ok"] == 1
 
 
 def test_frame_too_large_after_good_frames_answers_them_first(daemon: DaemonProcess) -> None:
@@ -438,9 +461,132 @@ def test_max_connections_refuses_with_overloaded(
                                     "retry_after_ms": 1000, "fatal": True}
             assert_closed(extra)
         conns.pop().close()
-        time.sleep(0.2)
-        with daemon.connect() as again:
-            assert again.request({"type": "t"}) == {"ok": 1, "first": 4, "last": 4}
+
+        def served_again() -> dict[str, Any] | None:
+            with daemon.connect() as again:
+                try:
+                    reply = again.request({"type": "t"})
+                except (BrokenPipeError, ConnectionError):
+                    return None  # refused and closed before our frame got in
+            return None if reply.get("error") == "overloaded" else reply
+
+        # Served once the daemon has seen the close (it may take a moment under load).
+        assert wait_for(served_again, timeout=10) == {"ok": 1, "first": 4, "last": 4}
     finally:
         for conn in conns:
             conn.close()
+
+
+# -- durability = fsync, half-closed clients -------------------------------------------
+
+
+def test_fsync_durability_replies_in_order_then_the_fatal_error(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon({"ingest": {"durability": "fsync"}})
+    with daemon.connect() as conn:
+        conn.send_raw(b"".join(encode_frame(encode([{"type": "f"}] * 3)) for _ in range(20))
+                      + encode_frame(encode(7)))
+        replies = [conn.recv() for _ in range(21)]
+        assert replies[:20] == [{"ok": 3, "first": 3 * i + 1, "last": 3 * i + 3}
+                                for i in range(20)]
+        assert replies[20] == {"ok": 0, "error": "bad_frame", "fatal": True, "message":
+                               "body must be a map (one event) or an array (a batch), got int"}
+        assert_closed(conn)
+    wait_committed(daemon, 60)
+
+
+@pytest.mark.parametrize("durability", ["write", "fsync"])
+def test_client_that_half_closes_still_gets_every_reply(
+        make_daemon: Callable[..., DaemonProcess], durability: str) -> None:
+    daemon = make_daemon({"ingest": {"durability": durability}})
+    with daemon.connect() as conn:
+        conn.send_raw(b"".join(encode_frame(encode({"type": "h", "id": f"h{i}"}))
+                               for i in range(10)))
+        conn.sock.shutdown(socket.SHUT_WR)  # "that is all I have to say"; still reading
+        replies = [conn.recv() for _ in range(10)]
+    assert replies == [{"ok": 1, "first": i, "last": i} for i in range(1, 11)]
+
+
+def test_half_closed_client_held_by_a_full_buffer_gets_every_reply(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon({"buffer": {"capacity": 16}, **FAST_RETRY})
+    with daemon.connect() as conn:
+        with write_lock(daemon):
+            conn.send_raw(b"".join(encode_frame(encode({"type": "h", "id": f"h{i}"}))
+                                   for i in range(24)))
+            conn.sock.shutdown(socket.SHUT_WR)
+            replies = [conn.recv() for _ in range(16)]
+            time.sleep(0.3)
+        replies += [conn.recv() for _ in range(8)]
+    assert replies == [{"ok": 1, "first": i, "last": i} for i in range(1, 25)]
+
+
+# -- transport and identity ------------------------------------------------------------
+
+CHILD_CLIENT = """
+import socket, sys
+import msgspec
+with open("/proc/self/comm", "w") as handle:
+    handle.write("audit-writer")
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+body = msgspec.msgpack.encode([{"type": "from.child", "id": "child-1"},
+                               {"type": "forged", "pid": 1, "uid": 0, "comm": "init"}])
+sock.sendall(len(body).to_bytes(4, "big") + body)
+size = int.from_bytes(sock.recv(4), "big")
+reply = b""
+while len(reply) < size:
+    reply += sock.recv(size - len(reply))
+print(msgspec.msgpack.decode(reply))
+"""
+
+
+def test_identity_comes_from_the_kernel_not_the_client(daemon: DaemonProcess) -> None:
+    child = subprocess.run([sys.executable, "-c", CHILD_CLIENT, daemon.ingest_socket],
+                           capture_output=True, text=True, timeout=60, check=True)
+    # A client cannot set its identity: the forged keys are refused by name.
+    assert child.stdout.strip() == str({"ok": 1, "first": 1, "last": 1, "rejected": [
+        [1, "invalid", "pid: set by the daemon, a client may not send it"]]})
+    wait_committed(daemon, 1)
+    rows = daemon.query("SELECT e.pid, e.uid, e.gid, c.value FROM events e"
+                        " JOIN names c ON c.id = e.comm")
+    assert len(rows) == 1
+    pid, uid, gid, comm = rows[0]
+    assert pid != os.getpid() and pid > 0  # the child's own pid
+    assert (uid, gid, comm) == (os.getuid(), os.getgid(), "audit-writer")
+
+
+def test_socket_mode_and_a_refused_second_daemon(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    first = make_daemon()
+    assert stat.S_IMODE(os.stat(first.ingest_socket).st_mode) == 0o660
+    second = make_daemon({"ingest": {"socket": first.ingest_socket},
+                          "status": {"socket": str(first.root / "status2.sock")}}, start=False)
+    second.start(wait=False)
+    proc = second.proc
+    assert proc is not None
+    refusal = f"auditd: another daemon is already listening on {first.ingest_socket}"
+    wait_for(lambda: refusal in second.log_text() or proc.poll() is not None,
+             what="the refusal")
+    assert refusal in second.log_text()
+    try:
+        code = proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the refused daemon said why but never exited")
+    assert code == 1
+    with first.connect() as conn:  # the first one was not disturbed
+        assert conn.request({"type": "t"}) == {"ok": 1, "first": 1, "last": 1}
+
+
+def test_stale_socket_file_is_replaced(make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon(start=False)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(daemon.ingest_socket)
+    stale.close()  # the file stays, nobody listens: what a crash leaves behind
+    assert os.path.exists(daemon.ingest_socket)
+    daemon.start()
+    with daemon.connect() as conn:
+        assert conn.request({"type": "t"}) == {"ok": 1, "first": 1, "last": 1}
+    assert '"stale_socket_replaced"' in daemon.log_text()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,9 +16,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import DaemonProcess
 
 from auditd.framing import encode_frame
-from conftest import DaemonProcess
 
 encode = msgspec.msgpack.encode
 FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
@@ -53,6 +55,15 @@ def write_lock(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
 
 def stored_ids(daemon: DaemonProcess) -> dict[str, int]:
     return dict(daemon.query("SELECT id, seq FROM events"))
+
+
+def assert_refuses_connections(daemon: DaemonProcess) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+            sock.connect(daemon.ingest_socket)
+    finally:
+        sock.close()
 
 
 def signal_daemon(daemon: DaemonProcess, signum: int) -> None:
@@ -160,7 +171,7 @@ def test_sigterm_under_load_loses_nothing_acknowledged(daemon: DaemonProcess) ->
     assert len(stored_ids(daemon)) == len(seqs) + 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_clean_stop_commits_pending_and_exits_0(daemon: DaemonProcess, signum: int) -> None:
     with daemon.connect() as conn:
         for i in range(20):
@@ -168,8 +179,7 @@ def test_clean_stop_commits_pending_and_exits_0(daemon: DaemonProcess, signum: i
     signal_daemon(daemon, signum)
     assert exit_code(daemon) == 0
     assert len(stored_ids(daemon)) == 200
-    with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
-        daemon.connect()
+    assert_refuses_connections(daemon)
 
 
 # -- shutting_down ---------------------------------------------------------------------
@@ -191,8 +201,7 @@ def test_frame_on_an_open_connection_during_shutdown_is_answered_shutting_down(
             assert second.request([{"type": "late", "id": "late-2"}]) == SHUTTING_DOWN
             assert first.request({"type": "late", "id": "late-3"}) == SHUTTING_DOWN
             # No new connections while draining.
-            with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
-                daemon.connect()
+            assert_refuses_connections(daemon)
             time.sleep(0.5)
             assert daemon.running, "the daemon gave up draining while the lock was held"
         assert exit_code(daemon) == 0
@@ -247,3 +256,33 @@ def test_second_signal_exits_at_once_and_the_journal_keeps_the_acknowledged(
     with daemon.connect() as conn:
         assert conn.request([{"type": "t", "id": "j3"}, {"type": "t", "id": "new"}]) == {
             "ok": 1, "first": 31, "last": 31, "duplicates": [[0, 4]]}
+
+
+def test_sigterm_with_a_client_that_never_reads_still_exits(daemon: DaemonProcess) -> None:
+    with daemon.connect() as conn:
+        assert conn.request({"type": "seed", "id": "seen"})["ok"] == 1
+    # A client that fills its socket with frames and never reads a reply.
+    hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        hog.connect(daemon.ingest_socket)
+        hog.setblocking(False)
+        chunk = encode_frame(encode([{"type": "seed", "id": "seen"}] * 20)) * 200
+        stalled_since = time.monotonic()
+        while time.monotonic() - stalled_since < 1.0:
+            try:
+                hog.send(chunk)
+                stalled_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.05)
+        with daemon.connect() as conn:  # others are still served meanwhile
+            assert conn.request({"type": "other"}) == {"ok": 1, "first": 2, "last": 2}
+        signal_daemon(daemon, signal.SIGTERM)
+        try:
+            code = exit_code(daemon, timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("shutdown hangs on a connection whose client does not read")
+        assert code == 0
+    finally:
+        hog.close()
+    assert stored_ids(daemon)["seen"] == 1
+    assert len(stored_ids(daemon)) == 2

@@ -73,7 +73,7 @@ def test_migrate_down_to_zero_and_up_again(conn: sqlite3.Connection) -> None:
     assert tables(conn) == {"schema_migrations"}
     assert migrations.migrate(conn, to=0) == []
     migrations.migrate(conn)
-    assert TABLES <= tables(conn)
+    assert tables(conn) >= TABLES
     assert migrations.applied(conn) == [m.version for m in migrations.MIGRATIONS]
 
 

@@ -66,8 +66,8 @@ def test_invalid_event_message_names_the_field(event: dict[str, Any], message: s
 
 @pytest.mark.parametrize("key", sorted(RESERVED_KEYS))
 def test_reserved_keys_are_refused_by_name(key: str) -> None:
-    assert RESERVED_KEYS == {"seq", "stream_seq", "received_at", "pid", "uid", "gid",
-                             "comm", "hash"}
+    expected = {"seq", "stream_seq", "received_at", "pid", "uid", "gid", "comm", "hash"}
+    assert expected == RESERVED_KEYS
     assert only_message({"type": "t", key: 1}) == (
         f"{key}: set by the daemon, a client may not send it")
 
