@@ -152,14 +152,17 @@ class IngestServer:
             frame = decode_body(body, self.limits.max_batch_events,
                                 self.limits.max_event_bytes)
         except ProtocolError as exc:
-            conn.reply_error(exc.code, exc.message, fatal=exc.fatal)
+            if exc.code == "batch_too_large":
+                self._refuse_batch(conn, body, exc.message)
+            else:
+                conn.reply_error(exc.code, exc.message, fatal=exc.fatal)
             return True
         valid = frame.valid
         if valid:
             size = sum(v.size for v in valid)
             if len(valid) > self.ring.capacity:
-                conn.reply_error("batch_too_large", f"batch of {len(valid)} events exceeds "
-                                 f"the buffer capacity of {self.ring.capacity}")
+                self._refuse_batch(conn, body, f"batch of {len(valid)} events exceeds "
+                                   f"the buffer capacity of {self.ring.capacity}")
                 return True
             if self.refusal is not None or not self.ring.has_room(len(valid), size):
                 if self.limits.overflow == "reject":
@@ -179,6 +182,14 @@ class IngestServer:
             return self.limits.overflow == "reject"
         self._reply(conn, frame, acceptance)
         return True
+
+    def _refuse_batch(self, conn: Connection, body: bytes, message: str) -> None:
+        """Refused whole, yet kept as a dead letter: a fire-and-forget client's events
+        can still be found (overloaded and shutting_down are not: clients resend those)."""
+        self.writer.add_dead_letters([
+            DeadLetter("ingest", "batch_too_large", message, body, uid=conn.peer.uid)])
+        self.stats.dead_lettered("batch_too_large")
+        conn.reply_error("batch_too_large", message)
 
     def _accept(self, conn: Connection, frame: DecodedFrame) -> Acceptance | None:
         stored_ids, conn.stored_ids = conn.stored_ids or {}, None

@@ -148,7 +148,11 @@ class RawConnection:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(30)
-        self.sock.connect(path)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)

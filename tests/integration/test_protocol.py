@@ -417,6 +417,10 @@ def test_batch_too_large(make_daemon: Callable[..., DaemonProcess]) -> None:
         assert conn.request([{"type": "t"}] * 10) == {"ok": 10, "first": 1, "last": 10}
     wait_committed(daemon, 10)
     assert daemon.query("SELECT count(*) FROM events") == [(10,)]
+    # The refused frame is kept whole, so a fire-and-forget client's events can be found.
+    assert daemon.query("SELECT seq, source, code, reason, raw FROM dead_letters") == [
+        (None, "ingest", "batch_too_large", "batch of 11 events exceeds 10",
+         encode([{"type": "t"}] * 11))]
 
 
 def test_batch_larger_than_the_buffer_is_batch_too_large(
