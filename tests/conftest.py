@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,31 @@ class RawConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "",
+             interval: float = 0.02) -> Any:
+    """Poll until `predicate` returns something truthy; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}"
+                                 f" (last: {value!r})")
+        time.sleep(interval)
+
+
+def committed_seq(daemon: DaemonProcess) -> int:
+    return int(daemon.query("SELECT value FROM meta WHERE key = 'committed_seq'")[0][0])
+
+
+def wait_committed(daemon: DaemonProcess, seq: int, timeout: float = 30.0) -> None:
+    wait_for(lambda: committed_seq(daemon) >= seq, timeout, f"commit of seq {seq}")
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import contextlib
 import json
 import sqlite3
 import struct
-import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,16 +73,6 @@ def write_lock(db_path: Path) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-             interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def log_events_named(daemon: Any, name: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import wait_for
 from fault_helpers import (
     acked_seqs,
     assert_integrity_ok,
@@ -24,7 +25,6 @@ from fault_helpers import (
     health,
     journal_records,
     log_events_named,
-    wait_for,
 )
 
 OLD_ONLY = 3000  # events whose journal segment was released: only the database has them

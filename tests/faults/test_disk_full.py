@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from fault_helpers import (
     acked_seqs,
     assert_integrity_ok,
@@ -26,7 +27,6 @@ from fault_helpers import (
     event_count,
     health,
     log_events_named,
-    wait_for,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

@@ -14,7 +14,7 @@ import sqlite3
 from typing import Any
 
 import pytest
-from conftest import write_config
+from conftest import wait_for, write_config
 from fault_helpers import (
     HEADER,
     JournalRecord,
@@ -24,7 +24,6 @@ from fault_helpers import (
     event_count,
     journal_records,
     log_events_named,
-    wait_for,
     write_lock,
 )
 

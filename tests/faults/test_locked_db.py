@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from conftest import wait_for
 from fault_helpers import (
     acked_seqs,
     assert_integrity_ok,
@@ -20,7 +21,6 @@ from fault_helpers import (
     event_count,
     health,
     log_events_named,
-    wait_for,
 )
 
 LOCK_SECONDS = 5.0

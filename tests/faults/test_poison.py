@@ -15,13 +15,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import wait_for
 from fault_helpers import (
     acked_seqs,
     assert_integrity_ok,
     assert_seq_gap_free,
     event_count,
     status_request,
-    wait_for,
 )
 
 BATCH = 50

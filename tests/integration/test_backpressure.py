@@ -20,31 +20,23 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import DaemonProcess, RawConnection
+from conftest import (
+    FAST_RETRY,
+    DaemonProcess,
+    RawConnection,
+    committed_seq,
+    wait_committed,
+)
 
 from auditd.framing import encode_frame
 
 encode = msgspec.msgpack.encode
-FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
-def committed_seq(daemon: DaemonProcess) -> int:
-    return int(daemon.query("SELECT value FROM meta WHERE key = 'committed_seq'")[0][0])
 
 
-def wait_committed(daemon: DaemonProcess, seq: int) -> None:
-    wait_for(lambda: committed_seq(daemon) >= seq, what=f"commit of seq {seq}")
 
 
 def vm_rss_kb(daemon: DaemonProcess) -> int:

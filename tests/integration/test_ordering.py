@@ -16,30 +16,17 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from conftest import DaemonProcess
+from conftest import DaemonProcess, wait_committed, wait_for
 
 from auditd.framing import encode_frame
 
 encode = msgspec.msgpack.encode
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
-def committed_seq(daemon: DaemonProcess) -> int:
-    return int(daemon.query("SELECT value FROM meta WHERE key = 'committed_seq'")[0][0])
 
 
-def wait_committed(daemon: DaemonProcess, seq: int) -> None:
-    wait_for(lambda: committed_seq(daemon) >= seq, what=f"commit of seq {seq}")
 
 
 def run_threads(targets: list[Callable[[], None]], timeout: float = 120.0) -> None:

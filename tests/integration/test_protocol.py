@@ -22,7 +22,14 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import DaemonProcess, RawConnection
+from conftest import (
+    FAST_RETRY,
+    DaemonProcess,
+    RawConnection,
+    committed_seq,
+    wait_committed,
+    wait_for,
+)
 
 from auditd.framing import encode_frame
 
@@ -39,26 +46,12 @@ FROM events e JOIN names t ON t.id = e.type LEFT JOIN names a ON a.id = e.actor
 LEFT JOIN names s ON s.id = e.stream JOIN names c ON c.id = e.comm
 ORDER BY e.seq"""
 
-FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
-def committed_seq(daemon: DaemonProcess) -> int:
-    return int(daemon.query("SELECT value FROM meta WHERE key = 'committed_seq'")[0][0])
 
 
-def wait_committed(daemon: DaemonProcess, seq: int) -> None:
-    wait_for(lambda: committed_seq(daemon) >= seq, what=f"commit of seq {seq}")
 
 
 def dead_letters(daemon: DaemonProcess) -> list[tuple[Any, ...]]:

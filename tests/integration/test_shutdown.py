@@ -16,25 +16,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import DaemonProcess
+from conftest import FAST_RETRY, DaemonProcess, wait_for
 
 from auditd.framing import encode_frame
 
 encode = msgspec.msgpack.encode
-FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
 SHUTTING_DOWN = {"ok": 0, "error": "shutting_down",
                  "message": "the daemon is stopping; nothing was accepted"}
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def wait_stopping(daemon: DaemonProcess) -> None:

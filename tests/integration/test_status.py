@@ -16,12 +16,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
 import pytest
+from conftest import wait_for
 
 from auditd.client import Client
 from auditd.status.health import HealthInputs, evaluate
@@ -110,15 +109,6 @@ def send_as(uid: int, socket_path: str, events: list[dict[str, Any]]) -> None:
                    check=True, timeout=60, cwd="/")
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
-        time.sleep(0.05)
 
 
 def open_to_everyone(daemon: Any) -> None:
@@ -143,7 +133,7 @@ def admin_events_when(daemon: Any, count: int) -> list[tuple[str, int, str, dict
     def enough() -> list[tuple[str, int, str, dict[str, Any]]] | None:
         events = admin_events(daemon)
         return events if len(events) >= count else None
-    return eventually(enough)
+    return wait_for(enough)
 
 
 OPEN = {"status": {"socket_mode": "0666"}, "ingest": {"socket_mode": "0666"}}
@@ -172,7 +162,7 @@ def test_stats_has_the_documented_figures_and_counts_traffic(daemon: Any) -> Non
         done = body["last_committed_seq"] == body["last_seq"] and body["dead_letters"]
         return body if done else None
 
-    body = eventually(settled)
+    body = wait_for(settled)
     assert set(body) >= STATS_KEYS
     assert body["accepted"] == 10 and body["rejected"] == 1 and body["duplicates"] == 0
     assert body["committed"] >= 10 and body["last_seq"] >= 10 and body["pending"] == 0
@@ -192,7 +182,7 @@ def test_stats_counts_open_connections_by_uid(daemon: Any) -> None:
         client.send({"type": "hello"})
         body = call(daemon.status_socket, "GET", "/stats")[1]
         assert body["connections"] == 1 and body["connections_by_uid"] == {"0": 1}
-    eventually(lambda: call(daemon.status_socket, "GET", "/stats")[1]["connections"] == 0)
+    wait_for(lambda: call(daemon.status_socket, "GET", "/stats")[1]["connections"] == 0)
 
 
 def test_unknown_paths_and_methods_answer_json_errors(daemon: Any) -> None:
@@ -219,7 +209,7 @@ def test_dlq_list_retry_drop(daemon: Any) -> None:
     with Client(daemon.ingest_socket, raise_on_reject=False) as client:
         client.send_batch([{"type": ""}, {"type": "fine"}, {"type": "x" * 300}])
     sock = daemon.status_socket
-    listed = eventually(lambda: call(sock, "GET", "/dlq")[1]["dead_letters"])
+    listed = wait_for(lambda: call(sock, "GET", "/dlq")[1]["dead_letters"])
     assert len(listed) == 2
     first, second = listed
     assert {"id", "seq", "source", "code", "reason", "size", "uid", "attempts",
@@ -258,7 +248,7 @@ def test_dlq_readers_see_every_entry_others_only_their_own(make_daemon: Any) -> 
         entries: list[dict[str, Any]] = call(sock, "GET", "/dlq")[1]["dead_letters"]
         return entries if len(entries) == 2 else None
 
-    everything = eventually(both)
+    everything = wait_for(both)
     assert sorted(e["uid"] for e in everything) == [0, NOBODY]
 
     status, own = call_as(NOBODY, sock, "GET", "/dlq")
@@ -343,7 +333,7 @@ def test_backup_writes_a_consistent_copy_and_refuses_bad_targets(daemon: Any) ->
         client.send_batch([{"type": "before.backup"} for _ in range(50)])
     sock, dest = daemon.status_socket, daemon.root / "copy.db"
     # The copy holds what is committed; acknowledged means journaled, not yet committed.
-    eventually(lambda: call(sock, "GET", "/stats")[1]["last_committed_seq"] >= 50)
+    wait_for(lambda: call(sock, "GET", "/stats")[1]["last_committed_seq"] >= 50)
     status, body = call(sock, "POST", "/backup", {"dest": str(dest)})
     assert status == 200, body
     assert body["dest"] == str(dest) and body["bytes"] == dest.stat().st_size
@@ -397,7 +387,7 @@ def test_health_degrades_and_fails_with_a_sentence_per_check() -> None:
 
 def test_health_degrades_while_the_database_is_locked_and_recovers(daemon: Any) -> None:
     sock = daemon.status_socket
-    eventually(lambda: call(sock, "GET", "/health")[0] == 200)
+    wait_for(lambda: call(sock, "GET", "/health")[0] == 200)
     holder = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=30)
     try:
         holder.execute("BEGIN IMMEDIATE")  # the writer's commits now fail with SQLITE_BUSY
@@ -408,14 +398,14 @@ def test_health_degrades_while_the_database_is_locked_and_recovers(daemon: Any) 
             status, body = call(sock, "GET", "/health")
             return body if status == 503 else None
 
-        body = eventually(degraded)
+        body = wait_for(degraded)
         assert body["status"] == "degraded"
         assert body["checks"]["database_writable"]["severity"] == "degraded"
         assert "locked" in body["problems"]["database_writable"]
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    eventually(lambda: call(sock, "GET", "/health")[0] == 200)
+    wait_for(lambda: call(sock, "GET", "/health")[0] == 200)
 
 
 def test_health_reports_a_full_disk_as_failing(make_daemon: Any) -> None:
@@ -427,7 +417,7 @@ def test_health_reports_a_full_disk_as_failing(make_daemon: Any) -> None:
         return body if status == 503 and "ingest_accepting" in body.get("problems", {}) \
             else None
 
-    body = eventually(unhealthy)
+    body = wait_for(unhealthy)
     assert body["status"] == "failing"
     assert body["checks"]["disk_space"]["ok"] is False
     assert "below the" in body["problems"]["disk_space"]
