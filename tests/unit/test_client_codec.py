@@ -14,16 +14,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from auditd import client
 from auditd.client import (
     AsyncClient,
     Client,
     ClientClosedError,
     DisconnectedError,
     FrameError,
-    Outage,
     Reply,
 )
+from auditd.client import common as client
+from auditd.client.common import Outage
 from auditd.errors import ClientError, RejectedError
 from auditd.framing import FrameDecoder
 from auditd.schema import WireEvent, wire_decoder
