@@ -1,28 +1,22 @@
 """The ingest socket: frame -> validate -> sequence -> journal -> ring -> reply.
 
-One asyncio.Protocol per connection and no coroutine per frame. Frames wait in a
-per-connection queue while something holds the connection back (buffer full, a
-database id lookup, the client not reading its replies); reading is paused meanwhile,
-which is what pushes back on the client. Replies leave in frame order.
+One asyncio.Protocol per connection (connection.py) and no coroutine per frame; this
+module decides what each frame gets: accepted, rejected, refused or held back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import os
 import socket
-import struct
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
+from auditd.connection import Connection
 from auditd.errors import DaemonRunningError, JournalError, ProtocolError
-from auditd.framing import FrameDecoder, encode_frame
 from auditd.journal import Journal, encode_record
 from auditd.ring import RingBuffer
 from auditd.schema import encoder, reply_bytes
@@ -34,7 +28,6 @@ from auditd.writer import Pending, Writer
 
 log = structlog.get_logger("auditd.ingest")
 
-_PEERCRED = struct.Struct("3i")
 _RETRY_AFTER_MS = 100
 
 
@@ -68,17 +61,6 @@ def bind_unix(path: str, mode: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    pid, uid, gid = _PEERCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as handle:
-            comm = handle.read().strip()
-    except OSError:
-        comm = ""
-    return Peer(pid, uid, gid, comm)
 
 
 class IngestServer:
@@ -284,152 +266,3 @@ class IngestServer:
         task = asyncio.get_running_loop().create_task(look_up())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-
-class Connection(asyncio.Protocol):
-    def __init__(self, server: IngestServer) -> None:
-        self.server = server
-        self.decoder = FrameDecoder(server.limits.max_frame_bytes)
-        self.frames: deque[tuple[bytes, float]] = deque()
-        self.replies: deque[list[Any]] = deque()  # [ready, body, started]
-        self.held: set[str] = set()
-        self.stored_ids: dict[str, int] | None = None
-        self.sync_position = 0
-        self.closing = False
-        self.eof = False
-        self.transport: asyncio.Transport | None = None
-        self.peer = Peer(0, -1, -1, "")
-        self._started = 0.0
-
-    # -- asyncio.Protocol ----------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        server, stats = self.server, self.server.stats
-        self.peer = peer_of(self.transport.get_extra_info("socket"))
-        server.connections.add(self)
-        stats.connections += 1
-        stats.connections_total += 1
-        stats.connections_by_uid[self.peer.uid] += 1
-        if len(server.connections) > server.limits.max_connections:
-            log.warning("connection_refused", reason="max_connections", uid=self.peer.uid)
-            self.reply_error("overloaded", f"too many connections (max "
-                             f"{server.limits.max_connections})", fatal=True,
-                             retry_after_ms=1000)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        server, stats = self.server, self.server.stats
-        server.connections.discard(self)
-        server.blocked.discard(self)
-        stats.connections -= 1
-        stats.connections_by_uid[self.peer.uid] -= 1
-        if stats.connections_by_uid[self.peer.uid] <= 0:
-            del stats.connections_by_uid[self.peer.uid]
-        self.frames.clear()
-        self.closing = True
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        now = time.perf_counter()
-        decoder = self.decoder
-        for body in decoder.feed(data):
-            self.frames.append((body, now))
-        if decoder.error is not None:
-            self.frames.append((b"", now))  # stands for the framing error, in order
-        self.process()
-
-    def eof_received(self) -> bool:
-        """The client has said all it will; it still gets every reply it is owed."""
-        self.eof = True
-        self._close_if_done()
-        return True  # keep the transport open for those replies
-
-    def _close_if_done(self) -> None:
-        if self.eof and not self.frames and not self.replies and self.transport is not None:
-            self.transport.close()
-
-    def pause_writing(self) -> None:
-        self.block("writing")  # the client is not reading its replies
-
-    def resume_writing(self) -> None:
-        self.unblock("writing")
-
-    # -- flow ----------------------------------------------------------------------
-
-    def process(self) -> None:
-        frames, server = self.frames, self.server
-        while frames and not self.held and not self.closing:
-            body, self._started = frames[0]
-            if not body:
-                error = self.decoder.error
-                assert error is not None
-                frames.clear()
-                self.reply_error(error.code, error.message, fatal=True)
-                return
-            if not server.handle(self, body):
-                return
-            if frames:  # a fatal reply clears the queue
-                frames.popleft()
-            server.stats.frames += 1
-        self._close_if_done()
-
-    def block(self, reason: str) -> None:
-        if not self.held and self.transport is not None:
-            self.transport.pause_reading()
-        self.held.add(reason)
-
-    def unblock(self, reason: str) -> None:
-        if reason not in self.held:
-            return
-        self.held.discard(reason)
-        if reason == "buffer":
-            self.server.blocked.discard(self)
-        if not self.held and not self.closing and self.transport is not None:
-            self.transport.resume_reading()
-            self.process()
-
-    # -- replies -------------------------------------------------------------------
-
-    def reply_error(self, code: str, message: str, *, fatal: bool = False,
-                    retry_after_ms: int | None = None) -> None:
-        reply: dict[str, Any] = {"ok": 0, "error": code, "message": message}
-        if retry_after_ms is not None:
-            reply["retry_after_ms"] = retry_after_ms
-        if fatal:
-            reply["fatal"] = True
-        self.send_reply(reply_bytes(reply), None)
-        if fatal:
-            self.closing = True
-            self.frames.clear()
-            if not self.replies and self.transport is not None:
-                self.transport.close()
-
-    def send_reply(self, body: bytes, wait: asyncio.Future[None] | None) -> None:
-        entry = [wait is None, encode_frame(body), self._started]
-        if wait is None and not self.replies:
-            self._write(entry)
-            return
-        self.replies.append(entry)
-        if wait is not None:
-            wait.add_done_callback(functools.partial(self._ready, entry))
-
-    def _ready(self, entry: list[Any], _done: object = None) -> None:
-        entry[0] = True
-        replies = self.replies
-        while replies and replies[0][0]:
-            self._write(replies.popleft())
-        if self.closing and not replies and self.transport is not None:
-            self.transport.close()
-        self._close_if_done()
-
-    def _write(self, entry: list[Any]) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(entry[1])
-        self.server.stats.reply_latency_ms.observe((time.perf_counter() - entry[2]) * 1000)
-
-    def transport_close(self) -> None:
-        if self.transport is not None:
-            with contextlib.suppress(Exception):
-                self.transport.close()
