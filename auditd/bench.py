@@ -32,18 +32,17 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import msgspec
 
 from auditd.config import Config
-from auditd.errors import AuditdError
+from auditd.errors import AuditdError, ConfigError
 from auditd.framing import FrameDecoder, encode_frame
 from auditd.migrations import migrate
 from auditd.ring import RingBuffer
-from auditd.schema import StoredEvent, encoder, uuid7
-from auditd.store import DB_NAME, EVENT_INSERT, connect_sync, event_row
+from auditd.schema import StoredEvent, encoder, id_hash, uuid7
+from auditd.store import DB_NAME, EVENTS, connect_sync, event_row
 
 _START_TIMEOUT_S = 60.0
 _STALL_S = 10.0  # the committed count stopped growing this long ago: stop waiting
@@ -101,8 +100,9 @@ def stored_events(count: int, correlations: int = 0) -> list[StoredEvent]:
         events.append(StoredEvent(
             i + 1, wire["id"], ts, ts, wire["type"], wire["actor"], wire["target"],
             wire["stream"], versions[wire["stream"]],
-            f"op-{i % correlations}" if correlations else None, None, wire["tags"],
-            encoder.encode(wire["data"]), pid, uid, gid, "bench"))
+            f"op-{i % correlations}" if correlations else None, None,
+            encoder.encode(wire["tags"]), encoder.encode(wire["data"]), pid, uid, gid, "bench",
+            id_hash(wire["id"])))
     return events
 
 
@@ -143,7 +143,7 @@ class ThrowawayDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 lines = self.log_path.read_text(errors="replace").strip().splitlines()
-                self.__exit__(None, None, None)
+                self.__exit__()
                 raise AuditdError(f"bench daemon exited {self.proc.returncode}: "
                                   f"{lines[-1] if lines else '(no log)'}")
             # The socket is bound (and connections queue) before the store is open and
@@ -151,11 +151,10 @@ class ThrowawayDaemon:
             if '"daemon_ready"' in self.log_path.read_text(errors="replace"):
                 return self
             time.sleep(0.02)
-        self.__exit__(None, None, None)
+        self.__exit__()
         raise AuditdError(f"bench daemon not ready after {_START_TIMEOUT_S:.0f}s")
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)  # a clean stop, as systemd does
@@ -189,7 +188,10 @@ def cpu_seconds(pid: int | None) -> float | None:
 def listener_pid(path: str) -> int | None:
     """The pid that listens on `path`: SO_PEERCRED on a client socket names it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise AuditdError(f"cannot connect to {path}: {exc.strerror or exc}") from None
         pid: int = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
     return pid or None
@@ -283,10 +285,12 @@ def drive(sock: socket.socket, frames: list[bytes], spec: ClientSpec) -> dict[st
     total, queued, answered = len(frames), 0, 0
     start = due = last_send = time.monotonic()
     deadline = start + spec.duration_s if spec.duration_s else math.inf
-    while answered < total:
+    while True:
         now = time.monotonic()
         if now >= deadline:
             total = queued  # stop offering; collect what is in flight
+        if answered >= total:
+            break
         while queued < total and queued - answered < spec.window and due <= now:
             out += frames[queued]
             sent_at.append(due if spec.interval_s else now)
@@ -297,11 +301,9 @@ def drive(sock: socket.socket, frames: list[bytes], spec: ClientSpec) -> dict[st
                 del out[:sock.send(out)]
             if not out:
                 last_send = time.monotonic()
-        timeout = None  # nothing to do until a reply comes or the socket drains
+        timeout = None  # window full or all sent: wait for a reply or a drained socket
         if queued < total and queued - answered < spec.window:
             timeout = max(0.0, min(due, deadline) - time.monotonic())
-        elif deadline < math.inf:
-            timeout = max(0.0, deadline - time.monotonic())
         readable, _, _ = select.select([sock], [sock] if out else [], [], timeout)
         if not readable:
             continue
@@ -383,7 +385,7 @@ def run_baseline(count: int, batch_max: int) -> tuple[float, float]:
         started, cpu = time.perf_counter(), time.process_time()
         for at in range(0, count, batch_max):
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(EVENT_INSERT,
+            conn.executemany(EVENTS.one(),
                              [event_row(e, name_id) for e in events[at:at + batch_max]])
             conn.execute("COMMIT")
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -430,8 +432,9 @@ def _per_s(count: int | None, seconds: float) -> float | None:
 
 
 def run_load(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    if min(args.clients, args.events, args.batch) < 1 or (args.rate or 1) <= 0:
-        raise AuditdError("--clients, --events, --batch and --rate must be positive")
+    for flag in ("clients", "events", "batch", "window", "rate", "duration", "capacity"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:  # a usage error
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     # First, while nothing else runs, so neither measurement disturbs the other.
     baseline = run_baseline(args.events, config.writer.batch_max) if args.baseline else None
     with contextlib.ExitStack() as stack:
@@ -507,6 +510,8 @@ def print_human(doc: dict[str, Any], prefix: str = "") -> None:
 
 
 def main(args: argparse.Namespace, config: Config) -> int:
+    # Killed by a timeout, the bench still stops its daemon and removes the temp dir.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     doc = {"ring": run_ring()} if args.ring else run_load(args, config)
     if args.json:
         print(json.dumps(doc))

@@ -92,6 +92,7 @@ class Journal:
         self.written = 0  # bytes appended since start, across segments
         self.synced = 0  # of those, bytes covered by a completed fsync
         self._unsynced_fds: list[int] = []
+        self._new_entry = False
         self._dirty = asyncio.Event()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.last_seq = 0
@@ -174,7 +175,8 @@ class Journal:
                 os.close(self._fd)
         self._fd, self._segment, self._segment_size = fd, path, os.fstat(fd).st_size
         if self.fsync:
-            self._dirty.set()  # the directory entry needs its own fsync
+            self._new_entry = True  # the directory entry needs its own fsync, once
+            self._dirty.set()
 
     def append(self, data: bytes, first_seq: int, last_seq: int) -> int:
         """Write records; return the journal position a sync must reach to cover them.
@@ -217,11 +219,12 @@ class Journal:
             await self._dirty.wait()
             self._dirty.clear()
             target, fd, old = self.written, self._fd, self._unsynced_fds
-            self._unsynced_fds = []
+            new_entry, self._unsynced_fds, self._new_entry = self._new_entry, [], False
             try:
-                await loop.run_in_executor(None, self._sync_files, fd, old)
+                await loop.run_in_executor(None, self._sync_files, fd, old, new_entry)
             except OSError as exc:
                 log.error("journal_fsync_failed", error=str(exc))
+                self._new_entry = self._new_entry or new_entry
                 self._dirty.set()
                 await asyncio.sleep(0.1)
                 continue
@@ -234,11 +237,13 @@ class Journal:
                 else:
                     self._sync_waiters.append((position, future))
 
-    def _sync_files(self, fd: int, old: list[int]) -> None:
+    def _sync_files(self, fd: int, old: list[int], new_entry: bool) -> None:
         for stale in old:
             os.fdatasync(stale)
             os.close(stale)
         os.fdatasync(fd)
+        if not new_entry:
+            return
         directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from auditd.schema import id_hash
-from auditd.store import EVENT_INSERT, STREAM_UPSERT, connect_sync
+from auditd.store import EVENTS, STREAMS, connect_sync
 
 log = structlog.get_logger("auditd.recovery")
 
@@ -205,12 +205,12 @@ def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dic
                         break
                     mapped[column] = _name_id(target, live_names, value)
             else:
-                target.execute(EVENT_INSERT, mapped)
+                target.execute(EVENTS.one(), mapped)
                 result.copied += 1
                 result.copied_hashes.append(int(str(row[2])))
                 if mapped[8] is not None and row[9] is not None:
                     stream, version = names[int(str(row[8]))], int(str(row[9]))
-                    target.execute(STREAM_UPSERT, (mapped[8], version, seq))
+                    target.execute(STREAMS.one(), (mapped[8], version, seq))
                     result.stream_versions[stream] = max(
                         version, result.stream_versions.get(stream, 0))
         target.execute("COMMIT")

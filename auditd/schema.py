@@ -56,12 +56,13 @@ class StoredEvent(Struct, array_like=True, gc=False):
     stream_seq: int | None
     correlation_id: str | None
     causation_id: str | None
-    tags: dict[str, str] | None
+    tags: bytes | None  # encoded MessagePack map: one small object, not a dict per event
     data: bytes | None
     pid: int
     uid: int
     gid: int
     comm: str
+    id_hash: int  # schema.id_hash(id), computed once at acceptance
 
 
 wire_decoder = msgspec.msgpack.Decoder(WireEvent)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from sys import intern
 
 from msgspec import UnsetType
 
-from auditd.schema import StoredEvent, id_hash, uuid7
+from auditd.schema import StoredEvent, encoder, id_hash, uuid7
 from auditd.validation import ValidEvent
 
 
@@ -96,6 +97,7 @@ class Sequencer:
         """Sequence a frame's valid events; `stored_ids` are the database's answers."""
         result = Acceptance(seq_before=self.last_seq)
         streams, recent = self.streams, self._recent
+        encode = encoder.encode
         for valid in events:
             event = valid.event
             event_id = event.id or uuid7()
@@ -116,12 +118,17 @@ class Sequencer:
                 stream_seq = streams[event.stream] = version + 1
             self.last_seq += 1
             recent[event_id] = self.last_seq
+            # Interned: a full buffer holds the same few types and actors many times over.
             result.stored.append(StoredEvent(
                 self.last_seq, event_id, received_at if valid.ts is None else valid.ts,
-                received_at, event.type, event.actor, event.target, event.stream,
-                stream_seq, event.correlation_id, event.causation_id, event.tags,
+                received_at, intern(event.type),
+                None if event.actor is None else intern(event.actor),
+                None if event.target is None else intern(event.target),
+                None if event.stream is None else intern(event.stream),
+                stream_seq, event.correlation_id, event.causation_id,
+                None if event.tags is None else encode(event.tags),
                 None if isinstance(event.data, UnsetType) else bytes(event.data),
-                peer.pid, peer.uid, peer.gid, peer.comm))
+                peer.pid, peer.uid, peer.gid, peer.comm, id_hash(event_id)))
             result.sizes.append(valid.size)
         return result
 
@@ -130,7 +137,7 @@ class Sequencer:
         order, add = self._recent_order, self.id_filter.add
         for event in acceptance.stored:
             order.append(event.id)
-            add(id_hash(event.id))
+            add(event.id_hash)
 
     def undo(self, acceptance: Acceptance) -> None:
         """Forget an acceptance whose journal write failed; it must be the latest."""
@@ -150,7 +157,7 @@ class Sequencer:
                                              event.stream_seq)
         self._recent[event.id] = event.seq
         self._recent_order.append(event.id)
-        self.id_filter.add(id_hash(event.id))
+        self.id_filter.add(event.id_hash)
 
     def trim(self, committed_seq: int) -> None:
         """Drop ids of committed events beyond the window; the filter still holds them."""
