@@ -28,8 +28,8 @@ log = structlog.get_logger("auditd.store")
 
 # Primary result codes (exc.sqlite_errorcode & 0xFF) that the same data will hit again.
 _PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
-_NAMES_CACHE_MAX = 200_000
 DB_NAME = "auditd.db"
+_NAMES_CACHE_MAX = 200_000
 
 # Multi-row statements instead of executemany: sqlite3 gives the GIL up around every
 # statement it steps, and with the event loop busy the database thread waits up to the
@@ -130,7 +130,7 @@ class Store:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._names: dict[str, int] = {}
+        self._names: dict[str, int] = {}  # names-table ids, filled as batches commit
 
     @property
     def conn(self) -> aiosqlite.Connection:
@@ -225,11 +225,8 @@ class Store:
                 name_id = lookup.__getitem__
                 await _insert(conn, EVENTS, [event_row(e, name_id) for e in events])
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
-                if streams:
-                    await _insert(conn, STREAMS,
-                                  [(lookup[s], v, q) for s, (v, q) in streams.items()])
-                if dead:
-                    await _insert(conn, DEAD_LETTERS, [_dead_row(d) for d in dead])
+                await _insert(conn, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
+                await _insert(conn, DEAD_LETTERS, [_dead_row(d) for d in dead])
                 if resolved_dead:
                     await conn.execute(
                         "DELETE FROM dead_letters WHERE dlq_id IN (SELECT value FROM json_each(?))",
@@ -239,23 +236,20 @@ class Store:
                     (checkpoint, checkpoint))
                 await conn.execute("COMMIT")
             except BaseException:
-                await _rollback(conn)
+                with contextlib.suppress(sqlite3.Error):  # BEGIN itself may have failed
+                    await conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise classify(exc, "committing a batch") from exc
-        if fresh:
+        if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()
             self._names.update(fresh)
 
     def _missing_names(self, events: list[StoredEvent]) -> set[str]:
         names = self._names
-        missing: set[str] = set()
-        for e in events:
-            for value in (e.type, e.actor, e.target, e.stream, e.comm):
-                if value is not None and value not in names:
-                    missing.add(value)
-        return missing
+        return {value for e in events for value in (e.type, e.actor, e.target, e.stream, e.comm)
+                if value is not None and value not in names}
 
     async def _resolve_names(self, values: set[str]) -> dict[str, int]:
         conn = self.conn
@@ -296,6 +290,7 @@ def _json_list(values: Iterable[object]) -> str:
     return json.dumps(list(values))
 
 
+
 async def _insert(conn: aiosqlite.Connection, statement: RowsInsert,
                   rows: list[tuple[Any, ...]]) -> None:
     for sql, parameters in statement.statements(rows):
@@ -306,7 +301,3 @@ async def _scalar(conn: aiosqlite.Connection, sql: str) -> Any:
     rows = list(await conn.execute_fetchall(sql))
     return rows[0][0] if rows else None
 
-
-async def _rollback(conn: aiosqlite.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):  # no transaction was open: BEGIN itself failed
-        await conn.execute("ROLLBACK")
