@@ -30,6 +30,7 @@ log = structlog.get_logger("auditd.store")
 _PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
 DB_NAME = "auditd.db"
 _NAMES_CACHE_MAX = 200_000
+_WRITER_CACHE_KB = 16 * 1024
 
 # Multi-row statements instead of executemany: sqlite3 gives the GIL up around every
 # statement it steps, and with the event loop busy the database thread waits up to the
@@ -149,6 +150,9 @@ class Store:
             for conn in (self._conn, self._reader):
                 await conn.execute("PRAGMA synchronous=NORMAL")
                 await conn.execute("PRAGMA busy_timeout=200")
+            # Inserts touch a leaf of every index at a random place: once the indexes
+            # outgrow SQLite's default 2 MB cache, each batch rereads pages it just wrote.
+            await self._conn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KB}")
         except sqlite3.Error as exc:
             raise classify(exc, f"opening {self.path}") from exc
 

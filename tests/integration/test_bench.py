@@ -47,3 +47,9 @@ def test_ring_micro_benchmark() -> None:
     for name in ("recent_100_us", "by_correlation_us"):
         assert set(ring[name]) == {"mean", "p99", "max"}
         assert ring[name]["mean"] > 0
+
+
+def test_replay_commits_every_journaled_event() -> None:
+    doc = bench("--replay", "3000")["replay"]
+    assert doc["events"] == 3000 and doc["journal_bytes"] > 3000 * 200
+    assert 0 < doc["ready_s"] <= doc["all_committed_s"]

@@ -1,0 +1,160 @@
+"""The bench's daemon side: a throw-away `auditd run`, and what /proc and the database
+say about it (peak memory, CPU, the moment the last event was committed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from auditd.config import Config
+from auditd.errors import AuditdError
+from auditd.store import DB_NAME
+
+_START_TIMEOUT_S = 600.0  # a replay benchmark journals a million events first
+_STALL_S = 10.0  # the committed count stopped growing this long ago: stop waiting
+_POLL_S = 0.005
+_PEERCRED = struct.Struct("3i")
+
+
+class ThrowawayDaemon:
+    """`auditd run` as a subprocess in a short temp dir; the dir goes away on exit."""
+
+    def __init__(self, config: Config, durability: str, capacity: int | None,
+                 prepare: Callable[[Path], None] | None = None) -> None:
+        # A short /tmp dir: a Unix socket path must fit in 107 bytes.
+        self.root = Path(tempfile.mkdtemp(dir="/tmp", prefix="adbench"))
+        self.socket = str(self.root / "ingest.sock")
+        self.db_path = self.root / "lib" / DB_NAME
+        self.log_path = self.root / "daemon.log"
+        # The writer settings follow --config, so the baseline's batch is the daemon's.
+        sections: dict[str, dict[str, Any]] = {
+            "ingest": {"socket": self.socket, "durability": durability},
+            "buffer": {"capacity": capacity or config.buffer.capacity,
+                       "overflow": config.buffer.overflow},
+            "writer": {"batch_max": config.writer.batch_max,
+                       "batch_delay_ms": config.writer.batch_delay_ms},
+            "storage": {"path": str(self.root / "lib"), "reserve_bytes": "1MB"},
+            "status": {"socket": str(self.root / "status.sock")},
+            "log": {"format": "json"},
+        }
+        (self.root / "auditd.toml").write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+            for name, keys in sections.items()))
+        self.proc: subprocess.Popen[bytes] | None = None
+        if prepare is not None:  # e.g. a journal to replay at start
+            prepare(self.root / "lib")
+
+    def __enter__(self) -> ThrowawayDaemon:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "auditd.cli", "run", "--config",
+                 str(self.root / "auditd.toml")], stdout=log, stderr=log)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                lines = self.log_path.read_text(errors="replace").strip().splitlines()
+                self.__exit__()
+                raise AuditdError(f"bench daemon exited {self.proc.returncode}: "
+                                  f"{lines[-1] if lines else '(no log)'}")
+            # The socket is bound (and connections queue) before the store is open and
+            # the journal replayed, so only the ready line says the daemon is serving.
+            if '"daemon_ready"' in self.log_path.read_text(errors="replace"):
+                return self
+            time.sleep(0.02)
+        self.__exit__()
+        raise AuditdError(f"bench daemon not ready after {_START_TIMEOUT_S:.0f}s")
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # a clean stop, as systemd does
+                try:
+                    self.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def peak_rss_mb(pid: int | None) -> float | None:
+    """The process's high-water resident set (VmHWM), None when it cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process: on a shared machine, a figure that the
+    other tenants do not distort the way they distort wall-clock rates."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def listener_pid(path: str) -> int | None:
+    """The pid that listens on `path`: SO_PEERCRED on a client socket names it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise AuditdError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        pid: int = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+    return pid or None
+
+
+class CommitWatcher(threading.Thread):
+    """Polls max(seq), a rowid lookup that stays cheap at any size, to time the last commit.
+
+    count(*) walks a whole index and would steal CPU from the daemon on every poll, so
+    the exact count is taken only before and after the run.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        super().__init__(daemon=True)
+        self.uri = f"file:{db_path}?mode=ro"
+        self.count_before = self.query("count(*)")
+        self.latest = self.max_before = self.query("coalesce(max(seq), 0)")
+        self.changed_at = time.monotonic()
+        self._done = threading.Event()
+
+    def query(self, what: str, conn: sqlite3.Connection | None = None) -> int:
+        if conn is None:
+            with contextlib.closing(sqlite3.connect(self.uri, uri=True)) as own:
+                return self.query(what, own)
+        return int(conn.execute(f"SELECT {what} FROM events").fetchone()[0])
+
+    def run(self) -> None:
+        with contextlib.closing(sqlite3.connect(self.uri, uri=True)) as conn:
+            while not self._done.wait(_POLL_S):
+                value = self.query("coalesce(max(seq), 0)", conn)
+                if value != self.latest:
+                    self.latest, self.changed_at = value, time.monotonic()
+
+    def wait_for(self, events: int) -> tuple[int, float]:
+        """Wait until `events` more seqs are committed or progress stalls; return the
+        events committed meanwhile and when the last of them was seen."""
+        while (self.latest - self.max_before < events
+               and time.monotonic() - self.changed_at < _STALL_S):
+            time.sleep(_POLL_S)
+        self._done.set()
+        self.join()
+        return self.query("count(*)") - self.count_before, self.changed_at
