@@ -100,7 +100,6 @@ class StoreState:
     committed_seq: int
     max_seq: int
     streams: dict[str, int]
-    ingest_dead_letter_bytes: int
 
 
 def event_row(event: StoredEvent, name_id: Callable[[str], int]) -> tuple[Any, ...]:
@@ -169,13 +168,10 @@ class Store:
         max_dead = await _scalar(conn, "SELECT max(seq) FROM dead_letters")
         rows = await conn.execute_fetchall(
             "SELECT n.value, s.version FROM streams s JOIN names n ON n.id = s.stream")
-        dead_bytes = await _scalar(
-            conn, "SELECT total(size) FROM dead_letters WHERE source='ingest'")
         return StoreState(
             committed_seq=int(committed or 0),
             max_seq=max(int(committed or 0), int(max_event or 0), int(max_dead or 0)),
             streams={str(name): int(version) for name, version in rows},
-            ingest_dead_letter_bytes=int(dead_bytes or 0),
         )
 
     async def id_hashes(self, sink: Callable[[int], None]) -> int:
