@@ -55,6 +55,7 @@ class Daemon:
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
+        self.failed = False
         self.dead_letters = DeadLetterStore(self.store.path)
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)
@@ -95,7 +96,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
         await self.stop_requested.wait()
         await self._shutdown()
-        return 0
+        return 1 if self.failed else 0
 
     async def _open(self) -> int:
         """Database (checked, migrated), state, components; returns the checkpoint."""
@@ -302,6 +303,7 @@ class Daemon:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.critical("task_failed", task=task.get_name(), error=repr(task.exception()))
+            self.failed = True  # exit non-zero, so systemd's Restart=on-failure steps in
             self.stop_requested.set()
 
     def _install_signals(self) -> None:
