@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -199,6 +200,33 @@ class RawConnection:
 
 
 FAST_RETRY = {"writer": {"retry_max_delay": "100ms"}}
+
+
+@contextlib.contextmanager
+def write_lock(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
+    """Hold the database's write lock from this (another) process: the writer stalls."""
+    conn = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=30)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over the status socket, for tests that want the raw HTTP exchange."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("auditd", timeout=30)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self.socket_path)
+        self.sock = sock
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "",

@@ -11,7 +11,6 @@ import random
 import resource
 import select
 import socket
-import sqlite3
 import statistics
 import threading
 import time
@@ -26,6 +25,7 @@ from conftest import (
     RawConnection,
     committed_seq,
     wait_committed,
+    write_lock,
 )
 
 from auditd.framing import encode_frame
@@ -48,16 +48,6 @@ def vm_rss_kb(daemon: DaemonProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-@contextlib.contextmanager
-def write_lock(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=30)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield conn
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        conn.close()
 
 
 def round_trip_ms(conn: RawConnection, event: dict[str, Any]) -> tuple[float, dict[str, Any]]:

@@ -12,23 +12,12 @@ import time
 from typing import Any
 
 import pytest
+from conftest import UnixHTTPConnection
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditd.client import Client
 from auditd.errors import ConfigError
 from auditd.status import parse_listen
-
-
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("auditd", timeout=30)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(30)
-        sock.connect(self.socket_path)
-        self.sock = sock
 
 
 def get(conn: http.client.HTTPConnection, url: str,
@@ -56,7 +45,7 @@ def traffic(daemon: Any) -> None:
         client.send({"type": ""})
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        stats = json.loads(get(_UnixHTTP(daemon.status_socket), "/stats")[2])
+        stats = json.loads(get(UnixHTTPConnection(daemon.status_socket), "/stats")[2])
         # dlq_entries counts stored rows: the dead letter's own commit is done too.
         if stats["last_committed_seq"] == stats["last_seq"] and stats["dlq_entries"]:
             return
@@ -69,7 +58,7 @@ def test_promtool_check_metrics_passes(daemon: Any) -> None:
     traffic(daemon)
     with Client(daemon.ingest_socket) as client:  # an open connection: a labelled series
         client.send({"type": "held.open"})
-        status, content_type, text = get(_UnixHTTP(daemon.status_socket), "/metrics")
+        status, content_type, text = get(UnixHTTPConnection(daemon.status_socket), "/metrics")
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
     assert 'auditd_connections_open_by_uid{uid="0"} 1.0' in text
     assert 'auditd_dead_letters_total{reason="rejected"} 1.0' in text
@@ -82,8 +71,8 @@ def test_promtool_check_metrics_passes(daemon: Any) -> None:
 
 def test_metrics_agree_with_stats(daemon: Any) -> None:
     traffic(daemon)
-    stats = json.loads(get(_UnixHTTP(daemon.status_socket), "/stats")[2])
-    found = samples(get(_UnixHTTP(daemon.status_socket), "/metrics")[2])
+    stats = json.loads(get(UnixHTTPConnection(daemon.status_socket), "/stats")[2])
+    found = samples(get(UnixHTTPConnection(daemon.status_socket), "/metrics")[2])
     assert found[("auditd_events_accepted_total", ())] == stats["accepted"] == 20
     assert found[("auditd_events_rejected_total", ())] == stats["rejected"] == 1
     assert found[("auditd_events_committed_total", ())] == stats["committed"]
@@ -108,7 +97,7 @@ def test_metrics_agree_with_stats(daemon: Any) -> None:
 
 
 def test_openmetrics_is_served_when_asked_for(daemon: Any) -> None:
-    status, content_type, text = get(_UnixHTTP(daemon.status_socket), "/metrics",
+    status, content_type, text = get(UnixHTTPConnection(daemon.status_socket), "/metrics",
                                      accept="application/openmetrics-text; version=1.0.0")
     assert status == 200 and content_type.startswith("application/openmetrics-text")
     assert text.endswith("# EOF\n")
@@ -131,7 +120,7 @@ def test_metrics_listen_serves_only_metrics_over_tcp(make_daemon: Any) -> None:
                               "/stats")
     assert (status, json.loads(body)["error"]) == (404, "not_found")
     # The Unix socket still serves everything.
-    assert get(_UnixHTTP(daemon.status_socket), "/stats")[0] == 200
+    assert get(UnixHTTPConnection(daemon.status_socket), "/stats")[0] == 200
 
 
 @pytest.mark.parametrize(("value", "expected"), [

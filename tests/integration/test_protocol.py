@@ -6,11 +6,9 @@ message; every rejected event is then looked up in the daemon's dead-letter tabl
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from conftest import (
     committed_seq,
     wait_committed,
     wait_for,
+    write_lock,
 )
 
 from auditd.framing import encode_frame
@@ -93,17 +92,6 @@ def assert_closed(conn: RawConnection, timeout: float = 10.0) -> None:
     assert data == b"", f"unexpected bytes after a fatal reply: {data!r}"
 
 
-@contextlib.contextmanager
-def write_lock(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
-    """Hold the database's write lock from this (another) process: the writer stalls."""
-    conn = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=30)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield conn
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        conn.close()
 
 
 def own_comm() -> str:

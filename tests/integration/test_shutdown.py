@@ -4,19 +4,17 @@ signal exits at once and the journal brings the acknowledged events back at the 
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
-from conftest import FAST_RETRY, DaemonProcess, wait_for
+from conftest import FAST_RETRY, DaemonProcess, wait_for, write_lock
 
 from auditd.framing import encode_frame
 
@@ -31,16 +29,6 @@ def wait_stopping(daemon: DaemonProcess) -> None:
     wait_for(lambda: '"daemon_stopping"' in daemon.log_text(), what="daemon_stopping")
 
 
-@contextlib.contextmanager
-def write_lock(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=30)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield conn
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        conn.close()
 
 
 def stored_ids(daemon: DaemonProcess) -> dict[str, int]:

@@ -8,11 +8,9 @@ a subprocess under setpriv: SO_PEERCRED then reports that uid, as it would in us
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import pytest
-from conftest import wait_for
+from conftest import UnixHTTPConnection, wait_for
 
 from auditd.client import Client
 from auditd.status.health import HealthInputs, evaluate
@@ -45,21 +43,11 @@ as_root_only = pytest.mark.skipif(
     reason="calling as another uid needs root and setpriv")
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("auditd", timeout=30)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(30)
-        sock.connect(self.socket_path)
-        self.sock = sock
 
 
 def call(path: str, method: str, url: str, body: Any = None,
          raw: bytes | None = None) -> tuple[int, Any]:
-    conn = _UnixHTTP(path)
+    conn = UnixHTTPConnection(path)
     try:
         payload = raw if raw is not None else (None if body is None else json.dumps(body))
         conn.request(method, url, body=payload, headers={"Content-Type": "application/json"})
