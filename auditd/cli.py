@@ -102,12 +102,27 @@ def cmd_recover(args: argparse.Namespace, config: Config) -> int:
         if code != 200:
             return _fail(str(document.get("message", code)))
     except operator.StatusUnreachable:
+        if _listening(config.ingest.socket):  # copying beside it would bypass its id filter
+            return _fail(f"a daemon is listening on {config.ingest.socket} but its status "
+                         "socket does not answer; recover through it (--status-socket) "
+                         "or stop it first")
         document = salvage(damaged, live, _progress("recovering")).document(str(live))
     print(json.dumps(document) if args.json else
           f"copied {document['copied']} events into {document['into']}; "
           f"{document['already_present']} were already there; "
           f"{document['unreadable']} could not be read")
     return EXIT_OK
+
+
+def _listening(path: str) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:

@@ -56,7 +56,8 @@ def move_aside(path: Path) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.damaged-{stamp}")
     number = 1
-    while target.exists():  # never overwrite an earlier damaged file
+    while any(Path(f"{target}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+        # never overwrite an earlier damaged file, nor its WAL
         number += 1
         target = path.with_name(f"{path.name}.damaged-{stamp}-{number}")
     for suffix in ("", "-wal", "-shm"):
