@@ -108,6 +108,22 @@ def send(daemon: Any, prefix: str, count: int, stream: str) -> dict[str, int]:
     return acks
 
 
+def damage_only_copy(daemon: Any, prefix: str, stream: str
+                     ) -> tuple[dict[str, int], list[int], Path]:
+    """FRAME events committed and released from the journal, so the database holds the
+    only copy; a page of them damaged; the daemon restarted on it. Returns the acks,
+    the seqs on the damaged page and where the damaged file was moved."""
+    acks = send(daemon, prefix, FRAME, stream)
+    wait_for(lambda: event_count(daemon) == FRAME, 15, "the commit")
+    daemon.restart()
+    wait_for(lambda: log_events_named(daemon, "journal_released"), 10, "journal_released")
+    assert daemon.stop() == 0
+    lost = damage_events_page(daemon.db_path, FRAME // 2)
+    daemon.start()
+    moved = Path(log_events_named(daemon, "database_damaged")[0]["moved_to"])
+    return acks, lost, moved
+
+
 def recover(daemon: Any, damaged: Path) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", "auditd.cli", "recover", "--json", "--config",
@@ -188,14 +204,7 @@ def test_damaged_database_is_set_aside_replayed_and_recovered(make_daemon: Any) 
 def test_recovered_stream_keeps_its_version(make_daemon: Any) -> None:
     """A stream that only the damaged database knew must continue, not restart at 1."""
     daemon = make_daemon()
-    send(daemon, "old", FRAME, "only-in-old")
-    wait_for(lambda: event_count(daemon) == FRAME, 15, "the commit")
-    daemon.restart()
-    wait_for(lambda: log_events_named(daemon, "journal_released"), 10, "journal_released")
-    assert daemon.stop() == 0
-    lost = damage_events_page(daemon.db_path, FRAME // 2)
-    daemon.start()
-    moved = Path(log_events_named(daemon, "database_damaged")[0]["moved_to"])
+    _, lost, moved = damage_only_copy(daemon, "old", "only-in-old")
     assert daemon.stop() == 0
     result = recover(daemon, moved)
     assert result["copied"] > FRAME - 2 * len(lost), result  # exact counts: the test above
@@ -223,14 +232,7 @@ def test_recover_into_the_running_daemon_keeps_ids_idempotent(make_daemon: Any) 
     """After `auditd recover` runs beside the live daemon, a client resending a
     recovered event's id must get `duplicates`, never a second copy."""
     daemon = make_daemon()
-    acks = send(daemon, "old", FRAME, "s")
-    wait_for(lambda: event_count(daemon) == FRAME, 15, "the commit")
-    daemon.restart()
-    wait_for(lambda: log_events_named(daemon, "journal_released"), 10, "journal_released")
-    assert daemon.stop() == 0
-    lost = damage_events_page(daemon.db_path, FRAME // 2)
-    daemon.start()
-    moved = Path(log_events_named(daemon, "database_damaged")[0]["moved_to"])
+    acks, lost, moved = damage_only_copy(daemon, "old", "s")
     result = recover(daemon, moved)  # the daemon keeps running
     assert result["copied"] > 0, result
     resend_id = next(i for i, seq in acks.items() if seq not in lost and seq > 1)

@@ -71,18 +71,6 @@ def many_files() -> Iterator[None]:
 # -- many connections --------------------------------------------------------------------
 
 
-class ClosingConnection(RawConnection):
-    """A RawConnection that closes its socket when the connect itself fails."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
-
 
 def test_1000_concurrent_connections_are_served(many_files: None,
                                                 make_daemon: Callable[..., DaemonProcess]
@@ -94,7 +82,7 @@ def test_1000_concurrent_connections_are_served(many_files: None,
         # must hold them all (a client with a timeout gets EAGAIN from a full backlog).
         for i in range(1000):
             try:
-                conns.append(ClosingConnection(daemon.ingest_socket))
+                conns.append(RawConnection(daemon.ingest_socket))
             except BlockingIOError:
                 pytest.fail(f"connect {i} refused with EAGAIN: the daemon's listen backlog "
                             "is full")
