@@ -89,8 +89,15 @@ class Sequencer:
     def pending_lookups(self, events: list[ValidEvent]) -> list[str]:
         """Client ids that only the database can tell apart from new ones."""
         recent, may_contain = self._recent, self.id_filter.may_contain
-        return [v.event.id for v in events if v.event.id is not None
-                and v.event.id not in recent and may_contain(id_hash(v.event.id))]
+        lookups = []
+        for valid in events:
+            event_id = valid.event.id
+            if event_id is None or event_id in recent:
+                continue
+            valid.id_hash = hashed = id_hash(event_id)  # kept for accept()
+            if may_contain(hashed):
+                lookups.append(event_id)
+        return lookups
 
     def accept(self, events: list[ValidEvent], peer: Peer, received_at: int,
                stored_ids: dict[str, int]) -> Acceptance:
@@ -128,7 +135,8 @@ class Sequencer:
                 stream_seq, event.correlation_id, event.causation_id,
                 None if event.tags is None else encode(event.tags),
                 None if isinstance(event.data, UnsetType) else bytes(event.data),
-                peer.pid, peer.uid, peer.gid, peer.comm, id_hash(event_id)))
+                peer.pid, peer.uid, peer.gid, peer.comm,
+                id_hash(event_id) if valid.id_hash is None else valid.id_hash))
             result.sizes.append(valid.size)
         return result
 

@@ -31,6 +31,7 @@ class ValidEvent:
     event: WireEvent
     ts: int | None
     raw: bytes
+    id_hash: int | None = None  # of the client's id, once the sequencer has computed it
 
     @property
     def size(self) -> int:
