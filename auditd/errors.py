@@ -33,6 +33,11 @@ class PermanentStoreError(StoreError):
     """Constraint or data error: the same work will fail again; dead-letter it."""
 
 
+class BatchSkippedError(StoreError):
+    """A batch queued behind one that failed: not attempted, so that nothing commits
+    ahead of an earlier seq."""
+
+
 class JournalError(AuditdError):
     """The journal could not be written (disk full, I/O error)."""
 

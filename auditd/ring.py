@@ -97,10 +97,12 @@ class RingBuffer(Generic[T]):
                 del self._by_correlation[entry.correlation_id]
         self._start += 1
 
-    def peek_pending(self, limit: int) -> list[T]:
-        """The oldest pending entries, at most `limit`, still pending until mark_committed()."""
-        stop = min(self._end, self._committed + limit)
-        return [self._at(p) for p in range(self._committed, stop)]
+    def peek_pending(self, limit: int, skip: int = 0) -> list[T]:
+        """The oldest pending entries after the first `skip`, at most `limit`; they stay
+        pending until mark_committed()."""
+        first = self._committed + skip
+        stop = min(self._end, first + limit)
+        return [self._at(p) for p in range(first, stop)]
 
     def mark_committed(self, count: int) -> None:
         """The first `count` pending entries are durable; they join the recent window."""

@@ -13,24 +13,35 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import structlog
 
 from auditd import migrations
-from auditd.errors import PermanentStoreError, StoreError, TransientStoreError
+from auditd.errors import (
+    BatchSkippedError,
+    PermanentStoreError,
+    StoreError,
+    TransientStoreError,
+)
 from auditd.schema import StoredEvent, id_hash
 
 log = structlog.get_logger("auditd.store")
+_T = TypeVar("_T")
 
 # Primary result codes (exc.sqlite_errorcode & 0xFF) that the same data will hit again.
 _PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
 DB_NAME = "auditd.db"
 _NAMES_CACHE_MAX = 200_000
 _WRITER_CACHE_KB = 16 * 1024
+# Each batch dirties a leaf per index key it touches, mostly the same leaves as the last
+# batch. Checkpointing every 64 MB of WAL instead of SQLite's 4 MB writes each hot leaf
+# into the database file once per many batches rather than after every one.
+_WAL_CHECKPOINT_PAGES = 1000
 
 # Multi-row statements instead of executemany: sqlite3 gives the GIL up around every
 # statement it steps, and with the event loop busy the database thread waits up to the
@@ -40,24 +51,37 @@ _WRITER_CACHE_KB = 16 * 1024
 _MAX_PARAMETERS = 32_766  # SQLite's limit since 3.32
 
 
-@dataclass(frozen=True, slots=True)
 class RowsInsert:
-    """An INSERT whose VALUES list repeats: `head` VALUES (?,..),(?,..) `tail`."""
+    """An INSERT whose VALUES list repeats: `head` VALUES (?,..),(?,..) `tail`.
 
-    head: str
-    width: int
-    tail: str = ""
+    Rows go in chunks whose sizes are powers of two, so a table needs at most a dozen
+    distinct statements and sqlite3's statement cache reuses them. With any size, a
+    statement per batch size seen was compiled and cached: up to 128 of them, a few
+    MB each, grew the daemon by 100 MB.
+    """
+
+    def __init__(self, head: str, width: int, tail: str = "") -> None:
+        self.head, self.width, self.tail = head, width, tail
+        self._largest = 1 << ((_MAX_PARAMETERS // width).bit_length() - 1)
+        self._sql: dict[int, str] = {}
 
     def statements(self, rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
-        per = _MAX_PARAMETERS // self.width
-        one = "(" + ",".join("?" * self.width) + ")"
-        for start in range(0, len(rows), per):
-            chunk = rows[start : start + per]
-            sql = f"{self.head} VALUES {','.join([one] * len(chunk))} {self.tail}"
-            yield sql, [value for row in chunk for value in row]
+        start = 0
+        while start < len(rows):
+            size = min(self._largest, 1 << ((len(rows) - start).bit_length() - 1))
+            chunk = rows[start : start + size]
+            yield self._statement(size), [value for row in chunk for value in row]
+            start += size
+
+    def _statement(self, size: int) -> str:
+        sql = self._sql.get(size)
+        if sql is None:
+            one = "(" + ",".join("?" * self.width) + ")"
+            sql = self._sql[size] = f"{self.head} VALUES {','.join([one] * size)} {self.tail}"
+        return sql
 
     def one(self) -> str:
-        return f"{self.head} VALUES ({','.join('?' * self.width)}) {self.tail}"
+        return self._statement(1)
 
 
 EVENTS = RowsInsert(
@@ -122,52 +146,64 @@ def connect_sync(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=200")
+    conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
     return conn
 
 
 class Store:
+    """The writer's connection lives on one dedicated thread, and a whole batch (names,
+    events, streams, dead letters, checkpoint, COMMIT) is one call to it. With one
+    aiosqlite round trip per statement, the database thread sat idle for a quarter of
+    every batch waiting for a busy event loop to hand it the next statement. Readers
+    (`lookup_ids`) keep their own aiosqlite connection."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._conn: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # touched only on self._thread
+        self._thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._names: dict[str, int] = {}  # names-table ids, filled as batches commit
+        self._checkpoint = 0  # the last committed checkpoint, as the store's thread saw it
 
-    @property
-    def conn(self) -> aiosqlite.Connection:
-        assert self._conn is not None, "store not open"
-        return self._conn
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        assert self._thread is not None, "store not open"
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     async def open(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
-            setup = connect_sync(self.path)
-            try:
-                migrations.migrate(setup)
-            finally:
-                setup.close()
-            self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+            self._db = await self._call(_open_writer, self.path)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            for conn in (self._conn, self._reader):
-                await conn.execute("PRAGMA synchronous=NORMAL")
-                await conn.execute("PRAGMA busy_timeout=200")
-            # Inserts touch a leaf of every index at a random place: once the indexes
-            # outgrow SQLite's default 2 MB cache, each batch rereads pages it just wrote.
-            await self._conn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KB}")
+            await self._reader.execute("PRAGMA synchronous=NORMAL")
+            await self._reader.execute("PRAGMA busy_timeout=200")
         except sqlite3.Error as exc:
             raise classify(exc, f"opening {self.path}") from exc
 
     async def close(self) -> None:
-        for conn in (self._reader, self._conn):
-            if conn is not None:
-                await conn.close()
-        self._conn = self._reader = None
+        if self._reader is not None:
+            await self._reader.close()
+        if self._db is not None:
+            await self._call(self._db.close)
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        self._reader = self._db = self._thread = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None, "store not open"
+        return self._db
 
     async def load_state(self) -> StoreState:
-        conn = self.conn
-        committed = await _scalar(conn, "SELECT value FROM meta WHERE key='committed_seq'")
-        max_event = await _scalar(conn, "SELECT max(seq) FROM events")
-        max_dead = await _scalar(conn, "SELECT max(seq) FROM dead_letters")
-        rows = await conn.execute_fetchall(
+        return await self._call(self._load_state)
+
+    def _load_state(self) -> StoreState:
+        db = self.db
+        committed = _scalar(db, "SELECT value FROM meta WHERE key='committed_seq'")
+        max_event = _scalar(db, "SELECT max(seq) FROM events")
+        max_dead = _scalar(db, "SELECT max(seq) FROM dead_letters")
+        rows = db.execute(
             "SELECT n.value, s.version FROM streams s JOIN names n ON n.id = s.stream")
+        self._checkpoint = int(committed or 0)
         return StoreState(
             committed_seq=int(committed or 0),
             max_seq=max(int(committed or 0), int(max_event or 0), int(max_dead or 0)),
@@ -209,38 +245,59 @@ class Store:
 
         `resolved_dead` are dead-letter entries whose events this batch re-commits.
 
-        Cancellation: the SQL runs on aiosqlite's thread and is not stopped by
+        Cancellation: the call runs on the store's thread and is not stopped by
         cancelling this coroutine; the checkpoint in the same transaction is what keeps
         replay exactly-once either way.
         """
-        conn = self.conn
+        await self._call(self._insert_batch, events, dead, checkpoint, resolved_dead, None)
+
+    def submit_batch(self, events: list[StoredEvent], dead: list[DeadLetter],
+                     checkpoint: int, after: int | None) -> asyncio.Future[None]:
+        """Queue a batch behind the one in flight whose checkpoint is `after` (if any).
+
+        It commits only if that one did; otherwise it fails with BatchSkippedError
+        untried. The writer hands over the next batch this way while the current one
+        commits, so the store's thread never waits for the event loop in between.
+        """
+        assert self._thread is not None, "store not open"
+        return asyncio.get_running_loop().run_in_executor(
+            self._thread, self._insert_batch, events, dead, checkpoint, (), after)
+
+    def _insert_batch(self, events: list[StoredEvent], dead: list[DeadLetter],
+                      checkpoint: int, resolved_dead: tuple[int, ...],
+                      after: int | None) -> None:
+        if after is not None and after != self._checkpoint:
+            raise BatchSkippedError(f"not attempted: the batch through seq {after} failed")
+        db = self.db
         fresh: dict[str, int] = {}
         try:
-            await conn.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
                 missing = self._missing_names(events)
                 if missing:
-                    fresh = await self._resolve_names(missing)
+                    fresh = _resolve_names(db, missing)
                 lookup = self._names | fresh if fresh else self._names
                 name_id = lookup.__getitem__
-                await _insert(conn, EVENTS, [event_row(e, name_id) for e in events])
+                _insert(db, EVENTS, [event_row(e, name_id) for e in events])
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
-                await _insert(conn, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
-                await _insert(conn, DEAD_LETTERS, [_dead_row(d) for d in dead])
+                _insert(db, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
+                _insert(db, DEAD_LETTERS, [_dead_row(d) for d in dead])
                 if resolved_dead:
-                    await conn.execute(
+                    db.execute(
                         "DELETE FROM dead_letters WHERE dlq_id IN (SELECT value FROM json_each(?))",
                         (_json_list(resolved_dead),))
-                await conn.execute(
+                db.execute(
                     "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
                     (checkpoint, checkpoint))
-                await conn.execute("COMMIT")
+                db.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # BEGIN itself may have failed
-                    await conn.execute("ROLLBACK")
+                if db.in_transaction:  # BEGIN itself may have failed
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise classify(exc, "committing a batch") from exc
+        self._checkpoint = max(self._checkpoint, checkpoint)
         if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()
@@ -251,14 +308,6 @@ class Store:
         return {value for e in events for value in (e.type, e.actor, e.target, e.stream, e.comm)
                 if value is not None and value not in names}
 
-    async def _resolve_names(self, values: set[str]) -> dict[str, int]:
-        conn = self.conn
-        await _insert(conn, NAMES, [(v,) for v in values])
-        rows = await conn.execute_fetchall(
-            "SELECT value, id FROM names WHERE value IN (SELECT value FROM json_each(?))",
-            (_json_list(values),))
-        return {str(value): int(name_id) for value, name_id in rows}
-
     async def checkpoint_wal(self) -> bool:
         """Copy the WAL into the database file; True when every frame was copied.
 
@@ -266,10 +315,10 @@ class Store:
         this, so journal segments are released only behind a complete checkpoint.
         """
         try:
-            rows = await self.conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            busy, log_frames, copied = await self._call(
+                lambda: self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         except sqlite3.Error as exc:
             raise classify(exc, "checkpointing the WAL") from exc
-        busy, log_frames, copied = next(iter(rows))
         return bool(busy == 0 and log_frames == copied)
 
     def size_bytes(self) -> int:
@@ -278,6 +327,27 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 total += Path(f"{self.path}{suffix}").stat().st_size
         return total
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    db = connect_sync(path)
+    try:
+        migrations.migrate(db)
+        # Inserts touch a leaf of every index at a random place: once the indexes
+        # outgrow SQLite's default 2 MB cache, each batch rereads pages it just wrote.
+        db.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KB}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _resolve_names(db: sqlite3.Connection, values: set[str]) -> dict[str, int]:
+    _insert(db, NAMES, [(v,) for v in values])
+    rows = db.execute(
+        "SELECT value, id FROM names WHERE value IN (SELECT value FROM json_each(?))",
+        (_json_list(values),))
+    return {str(value): int(name_id) for value, name_id in rows}
 
 
 def _dead_row(entry: DeadLetter) -> tuple[Any, ...]:
@@ -291,13 +361,12 @@ def _json_list(values: Iterable[object]) -> str:
 
 
 
-async def _insert(conn: aiosqlite.Connection, statement: RowsInsert,
-                  rows: list[tuple[Any, ...]]) -> None:
+def _insert(db: sqlite3.Connection, statement: RowsInsert,
+            rows: list[tuple[Any, ...]]) -> None:
     for sql, parameters in statement.statements(rows):
-        await conn.execute(sql, parameters)
+        db.execute(sql, parameters)
 
 
-async def _scalar(conn: aiosqlite.Connection, sql: str) -> Any:
-    rows = list(await conn.execute_fetchall(sql))
-    return rows[0][0] if rows else None
-
+def _scalar(db: sqlite3.Connection, sql: str) -> Any:
+    row = db.execute(sql).fetchone()
+    return None if row is None else row[0]
