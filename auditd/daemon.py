@@ -29,7 +29,7 @@ from auditd.ingest import IngestLimits, IngestServer, bind_unix
 from auditd.journal import CorruptRange, Journal
 from auditd.recovery import read_remnant, set_aside_if_damaged
 from auditd.ring import RingBuffer
-from auditd.schema import stored_decoder
+from auditd.schema import id_hash, stored_decoder
 from auditd.sequencer import Sequencer
 from auditd.stats import Stats
 from auditd.status.server import StatusServer
@@ -152,6 +152,7 @@ class Daemon:
         """Feed journaled events past the checkpoint to the writer, as first sequenced."""
         started, replayed, stats = time.monotonic(), 0, self.stats
         chunk = max(1, self.ring.capacity // 2)
+        await self.writer.catch_up(True)
         for item in self.journal.replay(committed_seq):
             if isinstance(item, CorruptRange):
                 gaps = self._gaps(item.first_seq, item.last_seq, item.raw,
@@ -167,6 +168,7 @@ class Daemon:
                                             f"journal record cannot be decoded: {exc}"),
                                  len(item.payload))
                 continue
+            event.id_hash = id_hash(event.id)  # a journal may predate the current key
             await self._push([event], len(item.payload))
             self.sequencer.restore(event)
             replayed += 1
@@ -174,6 +176,7 @@ class Daemon:
                 stats.replay_done = replayed
                 log.info("replay_progress", events=replayed, seq=event.seq)
                 self.writer.wake()
+        await self.writer.catch_up(False)
         self.writer.wake()
         self.sequencer.last_seq = max(self.sequencer.last_seq, self.journal.last_seq)
         stats.replay_done = replayed

@@ -198,6 +198,7 @@ def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dic
                 result.already_present += 1
                 continue
             mapped = list(row)
+            mapped[2] = id_hash(event_id)  # the source may predate the current key
             for column in (5, 6, 7, 8, 17):  # type, actor, target, stream, comm
                 if mapped[column] is not None:
                     value = names.get(int(str(mapped[column])))
@@ -208,7 +209,7 @@ def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dic
             else:
                 target.execute(EVENTS.one(), mapped)
                 result.copied += 1
-                result.copied_hashes.append(int(str(row[2])))
+                result.copied_hashes.append(int(str(mapped[2])))
                 if mapped[8] is not None and row[9] is not None:
                     stream, version = names[int(str(row[8]))], int(str(row[9]))
                     target.execute(STREAMS.one(), (mapped[8], version, seq))

@@ -152,9 +152,28 @@ def uuid7() -> str:
 
 
 def id_hash(event_id: str) -> int:
-    """A stable signed 64-bit hash of an event id: the indexed key for idempotency."""
+    """The indexed idempotency key of an event id: a signed 64-bit integer, stable.
+
+    For a UUIDv7 (what the client library generates) it is the id's millisecond
+    timestamp followed by 15 bits of hash, so new keys land at the right edge of the
+    index like the rowid does. A purely random key dirties a different index leaf for
+    almost every row of a batch: at a million rows that alone halved the insert rate.
+    Any other id gets its plain 64-bit hash. Equal keys are told apart by the id text.
+    """
     digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    hashed = int.from_bytes(digest, "big", signed=True)
+    millis = uuid7_millis(event_id)
+    return hashed if millis is None else (millis << 15) | (hashed & 0x7FFF)
+
+
+def uuid7_millis(text: str) -> int | None:
+    """The timestamp of a UUIDv7 in canonical text form, or None for anything else."""
+    if len(text) != 36 or text[14] != "7" or text[8] != "-" or text[13] != "-":
+        return None
+    try:
+        return int(text[:8] + text[9:13], 16)
+    except ValueError:
+        return None
 
 
 def reply_bytes(reply: dict[str, Any]) -> bytes:

@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from auditd.migrations import m0001_initial
+from auditd.migrations import m0001_initial, m0002_id_key
+
+# A step is SQL, or a function for what SQL cannot compute (it runs in the same
+# transaction).
+Step = str | Callable[[sqlite3.Connection], None]
 
 
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
-    up: tuple[str, ...]
-    down: tuple[str, ...]
+    up: tuple[Step, ...]
+    down: tuple[Step, ...]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", m0001_initial.UP, m0001_initial.DOWN),
+    Migration(2, "id_key", m0002_id_key.UP, m0002_id_key.DOWN),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -71,12 +77,15 @@ def migrate(conn: sqlite3.Connection, to: int | None = None) -> list[str]:
     return actions
 
 
-def _run(conn: sqlite3.Connection, statements: tuple[str, ...],
+def _run(conn: sqlite3.Connection, statements: tuple[Step, ...],
          bookkeeping: tuple[str, tuple[object, ...]]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in statements:
-            conn.execute(statement)
+            if isinstance(statement, str):
+                conn.execute(statement)
+            else:
+                statement(conn)
         conn.execute(*bookkeeping)
         conn.execute("COMMIT")
     except BaseException:

@@ -12,7 +12,10 @@ Why this shape (see the README's storage section):
   the events it covers, which is what makes journal replay exactly-once.
 """
 
-UP = (
+NO_UPDATE_TRIGGER = """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+       BEGIN SELECT RAISE(ABORT, 'events are append-only'); END"""
+
+UP: tuple[str, ...] = (
     "CREATE TABLE names (id INTEGER PRIMARY KEY, value TEXT NOT NULL UNIQUE)",
     """CREATE TABLE events (
         seq INTEGER PRIMARY KEY,
@@ -70,8 +73,7 @@ UP = (
         LEFT JOIN names s ON s.id = e.stream JOIN names c ON c.id = e.comm""",
     # Append-only: only the retention path, which opens the gate inside its own
     # transaction, may delete.
-    """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-       BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",
+    NO_UPDATE_TRIGGER,
     """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
        WHEN (SELECT value FROM meta WHERE key = 'retention_gate') IS NOT 1
        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END""",

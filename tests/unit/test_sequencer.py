@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from auditd.schema import id_hash
+from auditd.schema import id_hash, uuid7, uuid7_millis
 from auditd.sequencer import IdFilter, Peer, Sequencer
 from auditd.validation import ValidEvent, decode_body
 
@@ -36,6 +36,30 @@ def test_id_filter_has_no_false_negatives_and_few_false_positives() -> None:
     assert all(id_filter.may_contain(h) for h in members)
     outsiders = [rng.getrandbits(64) - (1 << 63) for _ in range(20_000)]
     false_positives = sum(id_filter.may_contain(h) for h in outsiders)
+    assert false_positives < 20_000 * 0.02
+
+
+def test_id_keys_of_uuid7_ids_rise_with_time_and_others_are_plain_hashes() -> None:
+    ids = [f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7abc-8def-0123456789ab"
+           for ms in range(1_700_000_000_000, 1_700_000_000_000 + 5000, 7)]
+    keys = [id_hash(event_id) for event_id in ids]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert keys[0] >> 15 == 1_700_000_000_000  # the timestamp leads the key
+    assert id_hash(ids[0]) == keys[0]  # stable
+    # Not a UUIDv7 (version 4, or not canonical text): the plain signed 64-bit hash.
+    for other in ("order-17-created", "018f2a4c-1b2c-4d3e-8f40-123456789abc", "x" * 36):
+        assert uuid7_millis(other) is None
+        assert -(1 << 63) <= id_hash(other) < (1 << 63)
+    assert uuid7_millis("0000000g-0000-7000-8000-000000000000") is None  # not hex
+
+
+def test_id_filter_spreads_time_ordered_keys() -> None:
+    """Keys of UUIDv7 ids share their leading bits; the filter still rules out
+    almost every id it has not seen."""
+    id_filter = IdFilter(capacity=20_000)
+    for _ in range(20_000):
+        id_filter.add(id_hash(uuid7()))
+    false_positives = sum(id_filter.may_contain(id_hash(uuid7())) for _ in range(20_000))
     assert false_positives < 20_000 * 0.02
 
 
