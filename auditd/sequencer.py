@@ -20,9 +20,9 @@ from auditd.validation import ValidEvent
 
 
 class IdFilter:
-    """A growing Bloom filter over 64-bit id hashes (about 1% false positives)."""
-
-    _HASHES = 7
+    """A growing Bloom filter over 64-bit id keys: three probes at 16 or more bits a
+    key, about 0.5% false positives. Three unrolled probes rather than seven in a loop:
+    this runs twice for every event on the ingest path."""
 
     def __init__(self, capacity: int = 1 << 20) -> None:
         self._filters: list[tuple[bytearray, int]] = []
@@ -31,38 +31,40 @@ class IdFilter:
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
-        bits = 1 << max(23, (capacity * 10 - 1).bit_length())
+        bits = 1 << max(23, (capacity * 16 - 1).bit_length())
         self._filters.append((bytearray(bits // 8), bits - 1))
         self._limit, self._count = capacity, 0
 
-    def add(self, hashed: int) -> None:
+    def add(self, key: int) -> None:
         if self._count >= self._limit:
             self._grow(self._limit * 4)
         bits, mask = self._filters[-1]
-        low, step = _probes(hashed)
-        for i in range(self._HASHES):
-            index = (low + i * step) & mask
-            bits[index >> 3] |= 1 << (index & 7)
+        # Keys of UUIDv7 ids begin with their timestamp: spread the bits first, with an
+        # xor-shift and a multiply (Fibonacci hashing), then double hashing.
+        mixed = (key ^ (key >> 29)) * 0x9E3779B97F4A7C15 & _MASK64
+        first, step = mixed >> 32, (mixed & 0xFFFFFFFF) | 1
+        index = first & mask
+        bits[index >> 3] |= 1 << (index & 7)
+        index = (first + step) & mask
+        bits[index >> 3] |= 1 << (index & 7)
+        index = (first + 2 * step) & mask
+        bits[index >> 3] |= 1 << (index & 7)
         self._count += 1
 
-    def may_contain(self, hashed: int) -> bool:
-        low, step = _probes(hashed)
+    def may_contain(self, key: int) -> bool:
+        mixed = (key ^ (key >> 29)) * 0x9E3779B97F4A7C15 & _MASK64
+        first, step = mixed >> 32, (mixed & 0xFFFFFFFF) | 1
         for bits, mask in self._filters:
-            for i in range(self._HASHES):
-                index = (low + i * step) & mask
-                if not bits[index >> 3] & (1 << (index & 7)):
-                    break
-            else:
+            index = first & mask
+            if not bits[index >> 3] & (1 << (index & 7)):
+                continue
+            index = (first + step) & mask
+            if not bits[index >> 3] & (1 << (index & 7)):
+                continue
+            index = (first + 2 * step) & mask
+            if bits[index >> 3] & (1 << (index & 7)):
                 return True
         return False
-
-
-def _probes(key: int) -> tuple[int, int]:
-    """Start and step of the probes for an id key. Keys of UUIDv7 ids begin with
-    their timestamp, so the bits are spread first: one xor-shift and a multiply
-    (Fibonacci hashing), cheap enough for the ingest path."""
-    mixed = (key ^ (key >> 29)) * 0x9E3779B97F4A7C15 & _MASK64
-    return mixed >> 32, (mixed & 0xFFFFFFFF) | 1
 
 
 _MASK64 = (1 << 64) - 1

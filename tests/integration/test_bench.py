@@ -11,6 +11,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 
 def bench(*flags: str) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-m", "auditd.cli", "bench", "--json", *flags],
@@ -31,7 +33,10 @@ def test_load_with_baseline_stores_every_event() -> None:
     assert doc["events_committed"] == doc["events_sent"]
     assert doc["events_rejected"] == 0 and doc["frame_errors"] == {}
     assert doc["events_per_s"] > 0 and doc["baseline_rows_per_s"] > 0
-    assert doc["ratio"] > 0
+    before, after = doc["baseline_runs_rows_per_s"]  # around the daemon's run
+    assert doc["baseline_rows_per_s"] == pytest.approx((before + after) / 2, abs=0.1)
+    assert doc["ratio"] == pytest.approx(doc["events_per_s"] / doc["baseline_rows_per_s"],
+                                         abs=0.001)
     assert doc["peak_rss_mb"] > 0
 
 

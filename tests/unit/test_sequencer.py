@@ -8,7 +8,8 @@ from typing import Any
 
 import msgspec
 
-from auditd.schema import id_hash, uuid7, uuid7_millis
+from auditd.migrations.m0002_id_key import _plain_hash as plain_hash
+from auditd.schema import id_hash, uuid7
 from auditd.sequencer import IdFilter, Peer, Sequencer
 from auditd.validation import ValidEvent, decode_body
 
@@ -40,17 +41,18 @@ def test_id_filter_has_no_false_negatives_and_few_false_positives() -> None:
 
 
 def test_id_keys_of_uuid7_ids_rise_with_time_and_others_are_plain_hashes() -> None:
-    ids = [f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7abc-8def-0123456789ab"
-           for ms in range(1_700_000_000_000, 1_700_000_000_000 + 5000, 7)]
+    ids = [f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7abc-8def-0123{ms % 65536:08x}"
+           for ms in range(1_700_000_000_000, 1_700_000_000_000 + 50_000, 7)]
     keys = [id_hash(event_id) for event_id in ids]
-    assert keys == sorted(keys) and len(set(keys)) == len(keys)
-    assert keys[0] >> 15 == 1_700_000_000_000  # the timestamp leads the key
+    assert len(set(keys)) == len(keys)
+    millis = [((key + (1 << 63)) >> 20) + 1_577_836_800_000 for key in keys]
+    assert millis == sorted(millis) and millis[0] == 1_700_000_000_000  # time leads
     assert id_hash(ids[0]) == keys[0]  # stable
-    # Not a UUIDv7 (version 4, or not canonical text): the plain signed 64-bit hash.
-    for other in ("order-17-created", "018f2a4c-1b2c-4d3e-8f40-123456789abc", "x" * 36):
-        assert uuid7_millis(other) is None
-        assert -(1 << 63) <= id_hash(other) < (1 << 63)
-    assert uuid7_millis("0000000g-0000-7000-8000-000000000000") is None  # not hex
+    # Not a UUIDv7 (version 4, not hex, not canonical text): the plain 64-bit hash.
+    for other in ("order-17-created", "018f2a4c-1b2c-4d3e-8f40-123456789abc", "x" * 36,
+                  "0000000g-0000-7000-8000-000000000000",
+                  "00000000-0000-7000-8000-000000000000"):  # before 2020: no time key
+        assert id_hash(other) == plain_hash(other)
 
 
 def test_id_filter_spreads_time_ordered_keys() -> None:
