@@ -38,6 +38,7 @@ from auditd.systemd import Notifier, watchdog_interval
 from auditd.writer import Gap, Pending, Writer
 
 log = structlog.get_logger("auditd.daemon")
+_GC_YOUNG_THRESHOLD = 100_000
 
 _MAINTENANCE_S = 0.5
 _STATUS_EVERY_S = 2.0
@@ -91,6 +92,11 @@ class Daemon:
         # collections from walking them, which showed up as 15-30 ms loop pauses.
         gc.collect()
         gc.freeze()
+        # Ingest allocates a score of container objects per event and frees nearly all
+        # by reference count, so at the default 700 a young collection ran every few
+        # dozen events and found nothing. Measured: +10-15% committed/s under a flood,
+        # no change to reply p99 or peak RSS. Older generations keep their defaults.
+        gc.set_threshold(_GC_YOUNG_THRESHOLD, 10, 10)
         log.info("daemon_ready", socket=config.ingest.socket, last_seq=self.sequencer.last_seq,
                  durability=config.ingest.durability)
         self.notifier.ready(self.status_line())
