@@ -172,7 +172,13 @@ def id_hash(event_id: str) -> int:
                 return (since << 20 | int(event_id[29:], 16) & 0xFFFFF) - (1 << 63)
         except ValueError:
             pass
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return hash64(event_id)
+
+
+def hash64(text: str) -> int:
+    """A signed 64-bit blake2b hash: the key of ids that are not UUIDv7, and schema 1's
+    key of every id."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

@@ -39,10 +39,7 @@ class IdFilter:
         if self._count >= self._limit:
             self._grow(self._limit * 4)
         bits, mask = self._filters[-1]
-        # Keys of UUIDv7 ids begin with their timestamp: spread the bits first, with an
-        # xor-shift and a multiply (Fibonacci hashing), then double hashing.
-        mixed = (key ^ (key >> 29)) * 0x9E3779B97F4A7C15 & _MASK64
-        first, step = mixed >> 32, (mixed & 0xFFFFFFFF) | 1
+        first, step = _probes(key)
         index = first & mask
         bits[index >> 3] |= 1 << (index & 7)
         index = (first + step) & mask
@@ -52,8 +49,7 @@ class IdFilter:
         self._count += 1
 
     def may_contain(self, key: int) -> bool:
-        mixed = (key ^ (key >> 29)) * 0x9E3779B97F4A7C15 & _MASK64
-        first, step = mixed >> 32, (mixed & 0xFFFFFFFF) | 1
+        first, step = _probes(key)
         for bits, mask in self._filters:
             index = first & mask
             if not bits[index >> 3] & (1 << (index & 7)):
@@ -65,6 +61,14 @@ class IdFilter:
             if bits[index >> 3] & (1 << (index & 7)):
                 return True
         return False
+
+
+def _probes(key: int) -> tuple[int, int]:
+    """First probe and step (double hashing) for a key. Keys of UUIDv7 ids begin with
+    their timestamp, so the bits are spread first: an xor-shift and a multiply
+    (Fibonacci hashing)."""
+    mixed = (key ^ (key >> 29)) * 0x9E3779B97F4A7C15 & _MASK64
+    return mixed >> 32, (mixed & 0xFFFFFFFF) | 1
 
 
 _MASK64 = (1 << 64) - 1

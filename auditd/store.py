@@ -169,9 +169,10 @@ class Store:
         self._names: dict[str, int] = {}  # names-table ids, filled as batches commit
         self._checkpoint = 0  # the last committed checkpoint, as the store's thread saw it
 
-    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+    def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run `function` on the store's thread, after everything queued before it."""
         assert self._thread is not None, "store not open"
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+        return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     async def open(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
@@ -263,9 +264,7 @@ class Store:
         untried. The writer hands over the next batch this way while the current one
         commits, so the store's thread never waits for the event loop in between.
         """
-        assert self._thread is not None, "store not open"
-        return asyncio.get_running_loop().run_in_executor(
-            self._thread, self._insert_batch, events, dead, checkpoint, (), after)
+        return self._call(self._insert_batch, events, dead, checkpoint, (), after)
 
     def _insert_batch(self, events: list[StoredEvent], dead: list[DeadLetter],
                       checkpoint: int, resolved_dead: tuple[int, ...],

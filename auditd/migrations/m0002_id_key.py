@@ -8,18 +8,11 @@ inside the migration's transaction, and put back as it was.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable
 
 from auditd.migrations.m0001_initial import NO_UPDATE_TRIGGER
-from auditd.schema import id_hash
-
-
-def _plain_hash(event_id: str) -> int:
-    """Schema 1's key: the 64-bit hash alone."""
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+from auditd.schema import hash64, id_hash
 
 
 def _rekey(key: Callable[[str], int]) -> Callable[[sqlite3.Connection], None]:
@@ -31,4 +24,4 @@ def _rekey(key: Callable[[str], int]) -> Callable[[sqlite3.Connection], None]:
 
 
 UP = ("DROP TRIGGER events_no_update", _rekey(id_hash), NO_UPDATE_TRIGGER)
-DOWN = ("DROP TRIGGER events_no_update", _rekey(_plain_hash), NO_UPDATE_TRIGGER)
+DOWN = ("DROP TRIGGER events_no_update", _rekey(hash64), NO_UPDATE_TRIGGER)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from auditd import migrations
-from auditd.migrations.m0002_id_key import _plain_hash as plain_hash
-from auditd.schema import id_hash, uuid7
+from auditd.schema import hash64, id_hash, uuid7
 from auditd.store import connect_sync
 
 TABLES = {"names", "events", "streams", "meta", "dead_letters"}
@@ -146,16 +145,16 @@ def test_migration_2_rekeys_uuid7_ids_and_rolling_back_restores_plain_hashes(
     for seq, event_id in enumerate(event_ids, 1):
         conn.execute(
             "INSERT INTO events (seq, id, id_hash, ts, received_at, type, pid, uid, gid, comm)"
-            " VALUES (?, ?, ?, 1, 1, 1, 1, 0, 0, 1)", (seq, event_id, plain_hash(event_id)))
+            " VALUES (?, ?, ?, 1, 1, 1, 1, 0, 0, 1)", (seq, event_id, hash64(event_id)))
 
     def keys() -> list[int]:
         return [key for (key,) in conn.execute("SELECT id_hash FROM events ORDER BY seq")]
 
     migrations.migrate(conn)
-    assert keys() == [id_hash(event_ids[0]), plain_hash(event_ids[1])]
-    assert keys()[0] != plain_hash(event_ids[0])
+    assert keys() == [id_hash(event_ids[0]), hash64(event_ids[1])]
+    assert keys()[0] != hash64(event_ids[0])
     migrations.migrate(conn, to=1)
-    assert keys() == [plain_hash(e) for e in event_ids]
+    assert keys() == [hash64(e) for e in event_ids]
     # The append-only trigger is back after either direction.
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         conn.execute("UPDATE events SET id_hash = 0")
