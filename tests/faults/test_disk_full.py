@@ -104,6 +104,13 @@ def batch(prefix: str, start: int, count: int) -> list[dict[str, Any]]:
             for i in range(start, start + count)]
 
 
+def commit_a_first_batch(daemon: Any, conn: Any, acks: dict[str, int]) -> None:
+    """200 events acknowledged and committed while the disk still has room."""
+    events = batch("a", 0, 200)
+    acks.update(acked_seqs(events, conn.request(events)))
+    wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+
+
 def check_everything_acknowledged_is_stored(daemon: Any, acks: dict[str, int]) -> None:
     wait_for(lambda: event_count(daemon) == len(acks), 20, "every acknowledged event committed")
     assert daemon.stop() == 0
@@ -119,9 +126,7 @@ def test_full_disk_refuses_frames_with_the_reason_then_resumes(
     daemon = tmpfs_daemon("reject")
     acks: dict[str, int] = {}
     with daemon.connect() as conn:
-        events = batch("a", 0, 200)
-        acks.update(acked_seqs(events, conn.request(events)))
-        wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+        commit_a_first_batch(daemon, conn, acks)
 
         # Fill the volume to the last byte: journal appends and SQLite writes both fail.
         filler = fill(daemon.storage, 0)
@@ -171,9 +176,7 @@ def test_disk_below_reserve_blocks_frames_until_space_returns(
     daemon = tmpfs_daemon("block")
     acks: dict[str, int] = {}
     with daemon.connect() as conn:
-        events = batch("a", 0, 200)
-        acks.update(acked_seqs(events, conn.request(events)))
-        wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+        commit_a_first_batch(daemon, conn, acks)
 
         # Below the reserve but not full: the daemon itself must notice and hold back.
         filler = fill(daemon.storage, RESERVE // 2)
@@ -206,9 +209,7 @@ def test_full_disk_blocks_frames_until_space_returns(
     daemon = tmpfs_daemon("block")
     acks: dict[str, int] = {}
     with daemon.connect() as conn:
-        events = batch("a", 0, 200)
-        acks.update(acked_seqs(events, conn.request(events)))
-        wait_for(lambda: event_count(daemon) == 200, 10, "the first commit")
+        commit_a_first_batch(daemon, conn, acks)
         filler = fill(daemon.storage, 0)
         # Pipelined frames: some may fit the journal file's last page; the rest wait.
         frames = [batch("b", i * 10, 10) for i in range(8)]
