@@ -24,7 +24,7 @@ import structlog
 from auditd.config import Config
 from auditd.control import DaemonControl
 from auditd.deadletters import DeadLetterStore
-from auditd.errors import AuditdError
+from auditd.errors import AuditdError, StoreError
 from auditd.ingest import IngestLimits, IngestServer, bind_unix
 from auditd.journal import CorruptRange, Journal
 from auditd.recovery import read_remnant, set_aside_if_damaged
@@ -39,6 +39,10 @@ from auditd.writer import Gap, Pending, Writer
 
 log = structlog.get_logger("auditd.daemon")
 _GC_YOUNG_THRESHOLD = 100_000
+# Past this many replayed events, and half the events already stored, the replay goes on
+# without the secondary indexes and builds them at the end (migrations.deferred): below
+# it, building them costs about what it saves.
+_SET_INDEXES_ASIDE_AFTER = 100_000
 
 _MAINTENANCE_S = 0.5
 _STATUS_EVERY_S = 2.0
@@ -62,6 +66,8 @@ class Daemon:
         self.status = StatusServer(self.control)
         self._space = asyncio.Event()  # set after each commit: room in the ring for replay
         self.notifier = Notifier()
+        self._stored_events = 0
+        self._indexes_aside = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -79,6 +85,7 @@ class Daemon:
             await self.status.start(status_sock, config.status.metrics_listen or None)
             self._spawn(self.writer.run(), "writer")
             self._spawn(self._maintain(), "maintenance")
+            self._spawn(self.store.checkpoint_forever(), "wal_checkpoint")
             await self._replay(committed_seq)
             self.journal.open_segment(self.sequencer.last_seq + 1)
             if self.journal.fsync:
@@ -120,7 +127,8 @@ class Daemon:
         self.ring: RingBuffer[Pending] = RingBuffer(
             capacity, config.size("buffer", "max_bytes"))
         self.sequencer = Sequencer(state.max_seq, state.streams, recent_limit=2 * capacity)
-        stored = await self.store.id_hashes(self.sequencer.id_filter.add)
+        stored = self._stored_events = await self.store.id_hashes(
+            self.sequencer.id_filter.add)
         self.journal = Journal(self.storage / "journal",
                                config.size("storage", "journal_segment_bytes"),
                                fsync=config.ingest.durability == "fsync")
@@ -158,6 +166,7 @@ class Daemon:
         """Feed journaled events past the checkpoint to the writer, as first sequenced."""
         started, replayed, stats = time.monotonic(), 0, self.stats
         chunk = max(1, self.ring.capacity // 2)
+        set_aside_at = max(_SET_INDEXES_ASIDE_AFTER, self._stored_events // 2)
         await self.writer.catch_up(True)
         for item in self.journal.replay(committed_seq):
             if isinstance(item, CorruptRange):
@@ -178,10 +187,15 @@ class Daemon:
             await self._push([event], len(item.payload))
             self.sequencer.restore(event)
             replayed += 1
+            if replayed == set_aside_at:
+                await self._set_indexes_aside(replayed)
             if replayed % 100_000 == 0:
                 stats.replay_done = replayed
                 log.info("replay_progress", events=replayed, seq=event.seq)
                 self.writer.wake()
+        if self._indexes_aside:
+            await self._drain()
+            await self._build_indexes()
         await self.writer.catch_up(False)
         self.writer.wake()
         self.sequencer.last_seq = max(self.sequencer.last_seq, self.journal.last_seq)
@@ -199,6 +213,34 @@ class Daemon:
             await self._space.wait()
         self.sequencer.last_seq = max(self.sequencer.last_seq, entries[-1].seq)
         self.ring.push(entries, [size] + [0] * (len(entries) - 1))
+
+    async def _drain(self) -> None:
+        """Wait until the writer has committed everything in the ring."""
+        while self.ring.pending:
+            self._space.clear()
+            self.writer.wake()
+            await self._space.wait()
+
+    async def _set_indexes_aside(self, replayed: int) -> None:
+        try:
+            names = await self.store.set_indexes_aside()
+        except StoreError as exc:  # only slower without it
+            log.warning("indexes_not_set_aside", error=str(exc))
+            return
+        self._indexes_aside = True
+        log.info("indexes_set_aside", indexes=names, replayed=replayed,
+                 note="built again once the replay is committed")
+
+    async def _build_indexes(self) -> None:
+        started = time.monotonic()
+        try:
+            names = await self.store.build_indexes()
+        except StoreError as exc:
+            log.error("index_build_failed", error=str(exc),
+                      note="retried by maintenance; queries are slow until it succeeds")
+            return
+        self._indexes_aside = False
+        log.info("indexes_built", indexes=names, seconds=round(time.monotonic() - started, 3))
 
     def _gaps(self, first: int, last: int, raw: bytes, why: str) -> list[Pending]:
         """One dead letter per seq the bytes stood for; the bytes go with the first."""
@@ -261,6 +303,8 @@ class Daemon:
                 elif self.ingest.refusal is not None:
                     self.ingest.set_refusal(None)
                 await self._release_journal()
+                if self._indexes_aside and self.ready:  # the build at replay's end failed
+                    await self._build_indexes()
             except Exception as exc:
                 log.error("maintenance_failed", error=str(exc))
 

@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from auditd.schema import id_hash
-from auditd.store import EVENTS, STREAMS, connect_sync
+from auditd.statements import EVENTS, STREAMS, transaction
+from auditd.store import connect_sync
 
 log = structlog.get_logger("auditd.recovery")
 
@@ -187,8 +188,7 @@ def _read_rows(source: sqlite3.Connection, first: int, last: int,
 
 def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dict[int, str],
           live_names: dict[str, int], result: Salvage) -> None:
-    target.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(target):
         for row in rows:
             seq, event_id = row[0], str(row[1])
             present = target.execute(
@@ -215,10 +215,6 @@ def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dic
                     target.execute(STREAMS.one(), (mapped[8], version, seq))
                     result.stream_versions[stream] = max(
                         version, result.stream_versions.get(stream, 0))
-        target.execute("COMMIT")
-    except BaseException:
-        target.execute("ROLLBACK")
-        raise
 
 
 def _name_id(target: sqlite3.Connection, cache: dict[str, int], value: str) -> int:

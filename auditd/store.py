@@ -1,6 +1,7 @@
 """The SQLite store: schema via migrations, batch inserts, the checkpoint, dead letters.
 
-All SQL runs on aiosqlite's threads, never on the event loop. sqlite3 errors are
+All SQL runs on threads, never on the event loop: the writer's connection on a thread
+of its own, WAL checkpoints on another, readers on aiosqlite's. sqlite3 errors are
 translated here, at one boundary, into TransientStoreError (retry) or
 PermanentStoreError (dead-letter). The writer is the only caller of the write methods.
 """
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,18 @@ from auditd.errors import (
     StoreError,
     TransientStoreError,
 )
+from auditd.migrations import deferred
 from auditd.schema import StoredEvent, id_hash
+from auditd.statements import (
+    DEAD_LETTERS,
+    EVENTS,
+    NAMES,
+    STREAMS,
+    event_row,
+    insert_rows,
+    json_list,
+    transaction,
+)
 
 log = structlog.get_logger("auditd.store")
 _T = TypeVar("_T")
@@ -38,68 +49,18 @@ _PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
 DB_NAME = "auditd.db"
 _NAMES_CACHE_MAX = 200_000
 _WRITER_CACHE_KB = 16 * 1024
-# SQLite's default checkpoint every 1000 pages (4 MB) of WAL. Under live ingest, every
-# 64 MB measured no faster for the daemon: the loop and clients share its two cores.
-_WAL_CHECKPOINT_PAGES = 1000
+# The WAL is copied into the database file by a thread of its own (checkpoint_forever),
+# not by the writer's COMMIT: with SQLite's default (every 1000 pages) nearly every
+# batch's COMMIT also ran a checkpoint, a quarter of the writer's time. The writer's own
+# automatic checkpoint stays on as a backstop, far past where the thread keeps the WAL.
+_WAL_CHECKPOINT_PAGES = 16_384
+_CHECKPOINT_EVERY_S = 0.1
 _CATCH_UP_CACHE_KB = 48 * 1024
 _CATCH_UP_CHECKPOINT_PAGES = 65_536
+_CATCH_UP_CHECKPOINT_EVERY_S = 1.0
 # A WAL that grew during catch-up is cut back to this at the next checkpoint reset (not
 # during catch-up: cutting a file that grows again at once made replay 30% slower).
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-
-# Multi-row statements instead of executemany: sqlite3 gives the GIL up around every
-# statement it steps, and with the event loop busy the database thread waits up to the
-# 5 ms switch interval to get it back. executemany steps once per row: measured 174
-# rows/s against a spinning thread, and 58,000 with 1,000-row statements (134,000 vs
-# 81,000 with no contention).
-_MAX_PARAMETERS = 32_766  # SQLite's limit since 3.32
-
-
-class RowsInsert:
-    """An INSERT whose VALUES list repeats: `head` VALUES (?,..),(?,..) `tail`.
-
-    Rows go in chunks whose sizes are powers of two, so a table needs at most a dozen
-    distinct statements and sqlite3's statement cache reuses them. With any size, a
-    statement per batch size seen was compiled and cached: up to 128 of them, a few
-    MB each, grew the daemon by 100 MB.
-    """
-
-    def __init__(self, head: str, width: int, tail: str = "") -> None:
-        self.head, self.width, self.tail = head, width, tail
-        self._largest = 1 << ((_MAX_PARAMETERS // width).bit_length() - 1)
-        self._sql: dict[int, str] = {}
-
-    def statements(self, rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
-        start = 0
-        while start < len(rows):
-            size = min(self._largest, 1 << ((len(rows) - start).bit_length() - 1))
-            chunk = rows[start : start + size]
-            yield self._statement(size), [value for row in chunk for value in row]
-            start += size
-
-    def _statement(self, size: int) -> str:
-        sql = self._sql.get(size)
-        if sql is None:
-            one = "(" + ",".join("?" * self.width) + ")"
-            sql = self._sql[size] = f"{self.head} VALUES {','.join([one] * size)} {self.tail}"
-        return sql
-
-    def one(self) -> str:
-        return self._statement(1)
-
-
-EVENTS = RowsInsert(
-    "INSERT INTO events (seq, id, id_hash, ts, received_at, type, actor, target, stream,"
-    " stream_seq, correlation_id, causation_id, tags, data, pid, uid, gid, comm)", 18)
-STREAMS = RowsInsert(
-    "INSERT INTO streams (stream, version, last_seq)", 3,
-    "ON CONFLICT (stream) DO UPDATE SET version = max(version, excluded.version),"
-    " last_seq = max(last_seq, excluded.last_seq)")
-DEAD_LETTERS = RowsInsert(
-    "INSERT INTO dead_letters (seq, source, code, reason, raw, size, uid, attempts,"
-    " first_failed_at, last_failed_at)", 10)
-NAMES = RowsInsert("INSERT INTO names (value)", 1, "ON CONFLICT (value) DO NOTHING")
-
 
 def classify(exc: sqlite3.Error, what: str) -> StoreError:
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
@@ -130,20 +91,6 @@ class StoreState:
     streams: dict[str, int]
 
 
-def event_row(event: StoredEvent, name_id: Callable[[str], int]) -> tuple[Any, ...]:
-    """The events-table row of a stored event; `name_id` maps a string to its names id."""
-    return (
-        event.seq, event.id, event.id_hash, event.ts, event.received_at,
-        name_id(event.type),
-        None if event.actor is None else name_id(event.actor),
-        None if event.target is None else name_id(event.target),
-        None if event.stream is None else name_id(event.stream),
-        event.stream_seq, event.correlation_id, event.causation_id,
-        event.tags,
-        event.data, event.pid, event.uid, event.gid, name_id(event.comm),
-    )
-
-
 def connect_sync(path: Path) -> sqlite3.Connection:
     """A plain sqlite3 connection with the daemon's pragmas (migrations, bench, recover)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -159,7 +106,7 @@ class Store:
     writer queue the next batch behind the one committing (`submit_batch`), so the
     thread never waits for a busy event loop in between: it sat idle a fifth of the time
     with one aiosqlite round trip per statement. Readers (`lookup_ids`) keep their own
-    aiosqlite connection."""
+    aiosqlite connection, and WAL checkpoints have a connection and thread of their own."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -168,6 +115,10 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._names: dict[str, int] = {}  # names-table ids, filled as batches commit
         self._checkpoint = 0  # the last committed checkpoint, as the store's thread saw it
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpoint_db: sqlite3.Connection | None = None  # only on _checkpointer
+        self.checkpoint_every_s = _CHECKPOINT_EVERY_S
+        self.commits = 0  # batches committed, counted on the store's thread
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -178,6 +129,9 @@ class Store:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
             self._db = await self._call(_open_writer, self.path)
+            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="auditd-checkpoint")
+            self._checkpoint_db = await asyncio.get_running_loop().run_in_executor(
+                self._checkpointer, connect_sync, self.path)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._reader.execute("PRAGMA synchronous=NORMAL")
             await self._reader.execute("PRAGMA busy_timeout=200")
@@ -187,11 +141,18 @@ class Store:
     async def close(self) -> None:
         if self._reader is not None:
             await self._reader.close()
+        if self._checkpointer is not None:
+            if self._checkpoint_db is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._checkpointer, self._checkpoint_db.close)
+            self._checkpointer.shutdown(wait=True)
+        # The writer's connection closes last: the last one out checkpoints the WAL.
         if self._db is not None:
             await self._call(self._db.close)
         if self._thread is not None:
             self._thread.shutdown(wait=True)
         self._reader = self._db = self._thread = None
+        self._checkpoint_db = self._checkpointer = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -239,7 +200,7 @@ class Store:
         try:
             rows = await self._reader.execute_fetchall(
                 "SELECT id, seq FROM events WHERE id_hash IN (SELECT value FROM json_each(?))",
-                (_json_list(wanted.values()),))
+                (json_list(wanted.values()),))
         except sqlite3.Error as exc:
             raise classify(exc, "looking up ids") from exc
         return {str(event_id): int(seq) for event_id, seq in rows if event_id in wanted}
@@ -274,33 +235,27 @@ class Store:
         db = self.db
         fresh: dict[str, int] = {}
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 missing = self._missing_names(events)
                 if missing:
                     fresh = _resolve_names(db, missing)
                 lookup = self._names | fresh if fresh else self._names
                 name_id = lookup.__getitem__
-                _insert(db, EVENTS, [event_row(e, name_id) for e in events])
+                insert_rows(db, EVENTS, [event_row(e, name_id) for e in events])
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
-                _insert(db, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
-                _insert(db, DEAD_LETTERS, [_dead_row(d) for d in dead])
+                insert_rows(db, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
+                insert_rows(db, DEAD_LETTERS, [_dead_row(d) for d in dead])
                 if resolved_dead:
                     db.execute(
                         "DELETE FROM dead_letters WHERE dlq_id IN (SELECT value FROM json_each(?))",
-                        (_json_list(resolved_dead),))
+                        (json_list(resolved_dead),))
                 db.execute(
                     "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
                     (checkpoint, checkpoint))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # BEGIN itself may have failed
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise classify(exc, "committing a batch") from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
+        self.commits += 1
         if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()
@@ -314,15 +269,30 @@ class Store:
     async def catch_up(self, on: bool) -> None:
         """Settings for committing a long backlog (journal replay at start), when
         throughput is all that counts: a page cache that holds the hot leaf of every
-        index key past a million events, and a checkpoint every 256 MB of WAL instead
-        of 4 MB, so each hot leaf is copied to the database file once per many batches
-        rather than after every one."""
+        index key past a million events, and checkpoints every second rather than
+        every tenth, so each hot leaf is copied to the database file once per many
+        batches rather than after every one."""
         cache_kb, pages, wal_limit = (
             (_CATCH_UP_CACHE_KB, _CATCH_UP_CHECKPOINT_PAGES, -1) if on
             else (_WRITER_CACHE_KB, _WAL_CHECKPOINT_PAGES, _WAL_SIZE_LIMIT))
+        self.checkpoint_every_s = _CATCH_UP_CHECKPOINT_EVERY_S if on else _CHECKPOINT_EVERY_S
         await self._call(self.db.executescript, f"PRAGMA cache_size=-{cache_kb};"
                          f"PRAGMA wal_autocheckpoint={pages};"
                          f"PRAGMA journal_size_limit={wal_limit};")
+
+    async def set_indexes_aside(self) -> list[str]:
+        """Drop the indexes a long backlog is committed faster without (see
+        migrations.deferred); build_indexes builds them again. Their names."""
+        try:
+            return await self._call(deferred.set_aside, self.db)
+        except sqlite3.Error as exc:
+            raise classify(exc, "setting indexes aside") from exc
+
+    async def build_indexes(self) -> list[str]:
+        try:
+            return await self._call(deferred.restore, self.db)
+        except sqlite3.Error as exc:
+            raise classify(exc, "building the indexes set aside") from exc
 
     async def checkpoint_wal(self) -> bool:
         """Copy the WAL into the database file; True when every frame was copied.
@@ -330,12 +300,37 @@ class Store:
         With synchronous=NORMAL a commit is durable against power loss only after
         this, so journal segments are released only behind a complete checkpoint.
         """
+        db, thread = self._checkpoint_db, self._checkpointer
+        assert db is not None and thread is not None, "store not open"
         try:
-            busy, log_frames, copied = await self._call(
-                lambda: self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+            busy, log_frames, copied = await asyncio.get_running_loop().run_in_executor(
+                thread, lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         except sqlite3.Error as exc:
             raise classify(exc, "checkpointing the WAL") from exc
         return bool(busy == 0 and log_frames == copied)
+
+    async def checkpoint_forever(self) -> None:
+        """Checkpoint every `checkpoint_every_s` while batches commit.
+
+        PASSIVE: it copies what no reader still needs and never blocks the writer,
+        which appends to the WAL meanwhile. Failures are logged once each and retried.
+        """
+        seen, failing = -1, ""
+        while True:
+            await asyncio.sleep(self.checkpoint_every_s)
+            if self.commits == seen:
+                continue
+            seen = self.commits
+            try:
+                await self.checkpoint_wal()
+            except StoreError as exc:
+                if str(exc) != failing:
+                    log.warning("wal_checkpoint_failed", error=str(exc))
+                failing = str(exc)
+                continue
+            if failing:
+                log.info("wal_checkpoint_recovered")
+                failing = ""
 
     def size_bytes(self) -> int:
         total = 0
@@ -352,6 +347,7 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         # Inserts touch a leaf of every index at a random place: once the indexes
         # outgrow SQLite's default 2 MB cache, each batch rereads pages it just wrote.
         db.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KB}")
+        db.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
     except BaseException:
         db.close()
         raise
@@ -359,10 +355,10 @@ def _open_writer(path: Path) -> sqlite3.Connection:
 
 
 def _resolve_names(db: sqlite3.Connection, values: set[str]) -> dict[str, int]:
-    _insert(db, NAMES, [(v,) for v in values])
+    insert_rows(db, NAMES, [(v,) for v in values])
     rows = db.execute(
         "SELECT value, id FROM names WHERE value IN (SELECT value FROM json_each(?))",
-        (_json_list(values),))
+        (json_list(values),))
     return {str(value): int(name_id) for value, name_id in rows}
 
 
@@ -370,17 +366,6 @@ def _dead_row(entry: DeadLetter) -> tuple[Any, ...]:
     now = time.time_ns()
     return (entry.seq, entry.source, entry.code, entry.reason, entry.raw, len(entry.raw),
             entry.uid, entry.attempts, entry.first_failed_at, now)
-
-
-def _json_list(values: Iterable[object]) -> str:
-    return json.dumps(list(values))
-
-
-
-def _insert(db: sqlite3.Connection, statement: RowsInsert,
-            rows: list[tuple[Any, ...]]) -> None:
-    for sql, parameters in statement.statements(rows):
-        db.execute(sql, parameters)
 
 
 def _scalar(db: sqlite3.Connection, sql: str) -> Any:

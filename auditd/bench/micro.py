@@ -20,7 +20,8 @@ from auditd.journal import encode_record
 from auditd.migrations import migrate
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, encoder, id_hash
-from auditd.store import DB_NAME, EVENTS, connect_sync, event_row
+from auditd.statements import EVENTS, event_row
+from auditd.store import DB_NAME, connect_sync
 
 
 def stored_events(count: int, correlations: int = 0, first: int = 1,

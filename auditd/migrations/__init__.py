@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from auditd.migrations import m0001_initial, m0002_id_key
+from auditd.migrations import deferred, m0001_initial, m0002_id_key
+from auditd.statements import transaction
 
 # A step is SQL, or a function for what SQL cannot compute (it runs in the same
 # transaction).
@@ -61,6 +62,7 @@ def migrate(conn: sqlite3.Connection, to: int | None = None) -> list[str]:
     if target < 0 or target > LATEST:
         raise ValueError(f"no schema version {target}; versions are 0..{LATEST}")
     conn.execute(_BOOKKEEPING)
+    deferred.restore(conn)  # a migration must find the schema whole
     done = set(applied(conn))
     actions: list[str] = []
     for migration in MIGRATIONS:
@@ -79,15 +81,10 @@ def migrate(conn: sqlite3.Connection, to: int | None = None) -> list[str]:
 
 def _run(conn: sqlite3.Connection, statements: tuple[Step, ...],
          bookkeeping: tuple[str, tuple[object, ...]]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for statement in statements:
             if isinstance(statement, str):
                 conn.execute(statement)
             else:
                 statement(conn)
         conn.execute(*bookkeeping)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from auditd import migrations
+from auditd.migrations import deferred
 from auditd.schema import hash64, id_hash, uuid7
 from auditd.store import connect_sync
 
@@ -158,3 +159,50 @@ def test_migration_2_rekeys_uuid7_ids_and_rolling_back_restores_plain_hashes(
     # The append-only trigger is back after either direction.
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         conn.execute("UPDATE events SET id_hash = 0")
+
+
+def index_sql(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"))
+
+
+SET_ASIDE = ["events_actor_ts", "events_correlation", "events_target_ts", "events_ts",
+             "events_type_ts"]
+
+
+def test_indexes_set_aside_are_built_again_as_they_were(conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn)
+    before = index_sql(conn)
+    assert deferred.set_aside(conn) == SET_ASIDE
+    remaining = index_sql(conn)
+    # Ingest's id lookups and the unique stream constraint are never set aside.
+    assert {"events_id_hash", "events_stream"} <= set(remaining)
+    assert not set(SET_ASIDE) & set(remaining)
+    for seq in range(1, 101):
+        insert_event(conn, seq)
+    assert deferred.restore(conn) == SET_ASIDE
+    assert index_sql(conn) == before
+    assert conn.execute("SELECT count(*) FROM meta WHERE key='deferred_indexes'").fetchone() == (0,)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert deferred.restore(conn) == []  # nothing left to build
+
+
+def test_an_interrupted_bulk_load_gets_its_indexes_back_at_the_next_open(
+        tmp_path: Path) -> None:
+    path = tmp_path / "auditd.db"
+    first = connect_sync(path)
+    migrations.migrate(first)
+    before = index_sql(first)
+    deferred.set_aside(first)
+    first.close()  # as a crash would leave it: set aside, never built
+    second = connect_sync(path)
+    try:
+        assert migrations.migrate(second) == []  # nothing to migrate, indexes built all the same
+        assert index_sql(second) == before
+    finally:
+        second.close()
+
+
+def test_restore_on_a_fresh_file_does_nothing(conn: sqlite3.Connection) -> None:
+    assert deferred.restore(conn) == []
+    assert tables(conn) == set()

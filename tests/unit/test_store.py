@@ -11,7 +11,8 @@ import pytest
 
 from auditd.bench.micro import stored_events
 from auditd.errors import BatchSkippedError, TransientStoreError
-from auditd.store import DB_NAME, EVENTS, Store, connect_sync
+from auditd.statements import EVENTS
+from auditd.store import DB_NAME, Store, connect_sync
 
 
 @pytest.mark.parametrize(("rows", "chunks"), [
@@ -69,3 +70,37 @@ def test_a_batch_queued_behind_a_failing_one_is_not_attempted(tmp_path: Path) ->
     with sqlite3.connect(path) as conn:
         assert conn.execute(
             "SELECT value FROM meta WHERE key = 'committed_seq'").fetchone() == (5,)
+
+
+def size(path: Path | str) -> int:
+    return Path(path).stat().st_size
+
+
+def test_the_wal_is_checkpointed_by_its_own_thread_not_by_commits(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+
+    async def scenario() -> None:
+        store = Store(path)
+        await store.open()
+        try:
+            await store.load_state()
+            await store.insert_batch(stored_events(3000), [], 3000)
+            # The commit appended to the WAL and copied nothing into the database file.
+            assert size(f"{path}-wal") > 1_000_000 > size(path)
+            store.checkpoint_every_s = 0.01
+            checkpoints = asyncio.ensure_future(store.checkpoint_forever())
+            try:
+                for _ in range(500):
+                    if size(path) > 1_000_000:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                checkpoints.cancel()
+            assert size(path) > 1_000_000  # the pages are in the file now
+            assert await store.checkpoint_wal()  # and nothing is left to copy
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (3000,)
