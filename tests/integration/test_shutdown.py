@@ -245,10 +245,12 @@ def test_sigterm_with_a_client_that_never_reads_still_exits(daemon: DaemonProces
         hog.connect(daemon.ingest_socket)
         hog.setblocking(False)
         chunk = encode_frame(encode([{"type": "seed", "id": "seen"}] * 20)) * 200
+        unsent = memoryview(b"")
         stalled_since = time.monotonic()
         while time.monotonic() - stalled_since < 1.0:
-            try:
-                hog.send(chunk)
+            unsent = unsent or memoryview(chunk)
+            try:  # a short send leaves the rest of a frame to send first
+                unsent = unsent[hog.send(unsent):]
                 stalled_since = time.monotonic()
             except BlockingIOError:
                 time.sleep(0.05)
