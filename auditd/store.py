@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -356,10 +357,13 @@ def _open_writer(path: Path) -> sqlite3.Connection:
 
 def _resolve_names(db: sqlite3.Connection, values: set[str]) -> dict[str, int]:
     insert_rows(db, NAMES, [(v,) for v in values])
-    rows = db.execute(
-        "SELECT value, id FROM names WHERE value IN (SELECT value FROM json_each(?))",
-        (json_list(values),))
-    return {str(value): int(name_id) for value, name_id in rows}
+    # One row holding them all: sqlite3 gives the GIL up for every row it fetches and
+    # waits to get it back from a busy event loop: the bench's first batch, 6,000 new
+    # names among 4,096 events, took 630 ms that way and 100-180 ms with one row.
+    (found,) = db.execute(
+        "SELECT json_group_object(value, id) FROM names"
+        " WHERE value IN (SELECT value FROM json_each(?))", (json_list(values),)).fetchone()
+    return {str(value): int(name_id) for value, name_id in json.loads(found).items()}
 
 
 def _dead_row(entry: DeadLetter) -> tuple[Any, ...]:
