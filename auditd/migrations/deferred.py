@@ -50,8 +50,10 @@ def restore(db: sqlite3.Connection) -> list[str]:
         return []
     with transaction(db):
         recorded = _recorded(db)
-        for sql in recorded.values():
-            db.execute(sql)
+        for name, sql in recorded.items():
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
+                              (name,)).fetchone():  # e.g. built by hand meanwhile
+                db.execute(sql)
         db.execute("DELETE FROM meta WHERE key = ?", (_KEY,))
     return sorted(recorded)
 
