@@ -123,16 +123,14 @@ class Store:
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
-        assert self._thread is not None, "store not open"
-        return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+        return _on(self._thread, function, *args)
 
     async def open(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
             self._db = await self._call(_open_writer, self.path)
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="auditd-checkpoint")
-            self._checkpoint_db = await asyncio.get_running_loop().run_in_executor(
-                self._checkpointer, connect_sync, self.path)
+            self._checkpoint_db = await _on(self._checkpointer, connect_sync, self.path)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._reader.execute("PRAGMA synchronous=NORMAL")
             await self._reader.execute("PRAGMA busy_timeout=200")
@@ -144,8 +142,7 @@ class Store:
             await self._reader.close()
         if self._checkpointer is not None:
             if self._checkpoint_db is not None:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._checkpointer, self._checkpoint_db.close)
+                await _on(self._checkpointer, self._checkpoint_db.close)
             self._checkpointer.shutdown(wait=True)
         # The writer's connection closes last: the last one out checkpoints the WAL.
         if self._db is not None:
@@ -301,11 +298,12 @@ class Store:
         With synchronous=NORMAL a commit is durable against power loss only after
         this, so journal segments are released only behind a complete checkpoint.
         """
-        db, thread = self._checkpoint_db, self._checkpointer
-        assert db is not None and thread is not None, "store not open"
+        db = self._checkpoint_db
+        assert db is not None, "store not open"
         try:
-            busy, log_frames, copied = await asyncio.get_running_loop().run_in_executor(
-                thread, lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+            busy, log_frames, copied = await _on(
+                self._checkpointer,
+                lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         except sqlite3.Error as exc:
             raise classify(exc, "checkpointing the WAL") from exc
         return bool(busy == 0 and log_frames == copied)
@@ -339,6 +337,13 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 total += Path(f"{self.path}{suffix}").stat().st_size
         return total
+
+
+def _on(thread: ThreadPoolExecutor | None, function: Callable[..., _T],
+        *args: Any) -> asyncio.Future[_T]:
+    """Run `function` on one of the store's own single threads."""
+    assert thread is not None, "store not open"
+    return asyncio.get_running_loop().run_in_executor(thread, function, *args)
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:
