@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ class Daemon:
                 log.info("replay_progress", events=replayed, seq=event.seq)
                 self.writer.wake()
         if self._indexes_aside:
-            await self._drain()
+            await self._wait_for_writer(lambda: not self.ring.pending)  # all committed
             await self._build_indexes()
         await self.writer.catch_up(False)
         self.writer.wake()
@@ -207,16 +208,13 @@ class Daemon:
 
     async def _push(self, entries: list[Pending], size: int) -> None:
         """Into the ring in seq order, waiting for the writer to make room."""
-        while not self.ring.has_room(len(entries), size):
-            self._space.clear()
-            self.writer.wake()
-            await self._space.wait()
+        await self._wait_for_writer(lambda: self.ring.has_room(len(entries), size))
         self.sequencer.last_seq = max(self.sequencer.last_seq, entries[-1].seq)
         self.ring.push(entries, [size] + [0] * (len(entries) - 1))
 
-    async def _drain(self) -> None:
-        """Wait until the writer has committed everything in the ring."""
-        while self.ring.pending:
+    async def _wait_for_writer(self, until: Callable[[], bool]) -> None:
+        """Wake the writer and wait, commit after commit, until `until()` holds."""
+        while not until():
             self._space.clear()
             self.writer.wake()
             await self._space.wait()
