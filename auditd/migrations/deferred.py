@@ -27,9 +27,8 @@ _KEPT = frozenset({"events_id_hash"})
 def set_aside(db: sqlite3.Connection) -> list[str]:
     """Drop the deferrable indexes of `events`, recording their SQL; their names."""
     with transaction(db):
-        listed = [(name, bool(unique), origin) for _, name, unique, origin, _
-                  in db.execute("PRAGMA index_list(events)")]
-        names = sorted(name for name, unique, origin in listed
+        names = sorted(name for _, name, unique, origin, _
+                       in db.execute("PRAGMA index_list(events)")
                        if not unique and origin == "c" and name not in _KEPT)
         recorded = _recorded(db)
         for name in names:
@@ -61,4 +60,3 @@ def restore(db: sqlite3.Connection) -> list[str]:
 def _recorded(db: sqlite3.Connection) -> dict[str, str]:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (_KEY,)).fetchone()
     return {} if row is None else dict(json.loads(row[0]))
-
