@@ -20,7 +20,7 @@ from auditd.journal import encode_record
 from auditd.migrations import migrate
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, encoder, id_hash
-from auditd.statements import EVENTS, event_row
+from auditd.statements import EVENTS, event_row, transaction
 from auditd.store import DB_NAME, connect_sync
 
 
@@ -68,10 +68,9 @@ def run_baseline(count: int, batch_max: int) -> tuple[float, float]:
 
         started, cpu = time.perf_counter(), time.process_time()
         for at in range(0, count, batch_max):
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(EVENTS.one(),
-                             [event_row(e, name_id) for e in events[at:at + batch_max]])
-            conn.execute("COMMIT")
+            with transaction(conn):
+                conn.executemany(EVENTS.one(),
+                                 [event_row(e, name_id) for e in events[at:at + batch_max]])
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         conn.close()
         return count / elapsed, round(cpu, 2)
