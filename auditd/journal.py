@@ -7,7 +7,8 @@ are only appended to; a new one starts at each daemon start and when the current
 exceeds its size, and a segment is deleted once every event in it is durably committed.
 
 Appends are synchronous write(2) calls on the event loop (page-cache writes); fsyncs
-run in a thread, one covering every record written before it (group commit).
+run in a child process (a thread if none can start), one covering every record written
+before it (group commit): see journal_sync.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from auditd.errors import JournalError
+from auditd.journal_sync import ProcessFsync
 
 log = structlog.get_logger("auditd.journal")
 
@@ -96,6 +98,7 @@ class Journal:
         self._dirty = asyncio.Event()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.last_seq = 0
+        self._fsync = ProcessFsync(directory)
 
     # -- reading ---------------------------------------------------------------
 
@@ -214,16 +217,16 @@ class Journal:
 
     async def sync_forever(self) -> None:
         """Group commit: one fdatasync covers every record written before it started."""
-        loop = asyncio.get_running_loop()
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            target, fd, old = self.written, self._fd, self._unsynced_fds
+            target, fd, finished = self.written, self._fd, self._unsynced_fds
             new_entry, self._unsynced_fds, self._new_entry = self._new_entry, [], False
             try:
-                await loop.run_in_executor(None, self._sync_files, fd, old, new_entry)
+                await self._fsync.sync(fd, finished, new_entry)
             except OSError as exc:
                 log.error("journal_fsync_failed", error=str(exc))
+                self._unsynced_fds[:0] = finished
                 self._new_entry = self._new_entry or new_entry
                 self._dirty.set()
                 await asyncio.sleep(0.1)
@@ -236,19 +239,6 @@ class Journal:
                         future.set_result(None)
                 else:
                     self._sync_waiters.append((position, future))
-
-    def _sync_files(self, fd: int, old: list[int], new_entry: bool) -> None:
-        for stale in old:
-            os.fdatasync(stale)
-            os.close(stale)
-        os.fdatasync(fd)
-        if not new_entry:
-            return
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
     def release_through(self, seq: int) -> int:
         """Delete segments whose every record has seq <= `seq`; never the open one."""
@@ -270,3 +260,4 @@ class Journal:
                     os.fdatasync(fd)
                 os.close(fd)
         self._fd, self._unsynced_fds = -1, []
+        self._fsync.close()

@@ -1,0 +1,157 @@
+"""The journal's fsyncs through a real child process: files handed over, failures, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from auditd import fsync_process, journal_sync
+from auditd.fsync_process import REPLY, REQUEST
+from auditd.journal_sync import ProcessFsync
+
+
+def open_files(pid: int) -> set[str]:
+    """What the process holds open, as paths (sockets and pipes by their kind)."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return held
+
+
+def is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
+
+
+def segment(directory: Path, name: str) -> int:
+    fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.write(fd, b"record")
+    return fd
+
+
+def test_the_child_keeps_the_current_segment_and_closes_finished_ones(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        fsync = ProcessFsync(tmp_path)
+        first = segment(tmp_path, "1.journal")
+        await fsync.sync(first, [], True)
+        assert fsync.pid is not None
+        assert str(tmp_path / "1.journal") in open_files(fsync.pid)
+
+        second = segment(tmp_path, "2.journal")
+        await fsync.sync(second, [first], True)
+        assert is_closed(first)  # the journal's own fd, closed once synced
+        held = open_files(fsync.pid)
+        assert str(tmp_path / "2.journal") in held
+        assert str(tmp_path / "1.journal") not in held
+
+        os.write(second, b"more")
+        await fsync.sync(second, [], False)  # the child syncs what it holds
+        pid = fsync.pid
+        fsync.close()
+        os.close(second)
+        return pid
+
+    pid = asyncio.run(scenario())
+    assert not os.path.exists(f"/proc/{pid}")  # exited and reaped
+
+
+def test_a_failed_fdatasync_is_raised_and_the_child_serves_on(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fsync = ProcessFsync(tmp_path)
+        read_end, write_end = os.pipe()  # fdatasync(2) on a pipe fails with EINVAL
+        with pytest.raises(OSError, match="fsync process") as raised:
+            await fsync.sync(write_end, [], True)
+        assert raised.value.errno == errno.EINVAL
+        pid = fsync.pid
+        current = segment(tmp_path, "1.journal")
+        await fsync.sync(current, [], True)
+        assert fsync.pid == pid
+        fsync.close()
+        for fd in (read_end, write_end, current):
+            os.close(fd)
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_child_fails_the_sync_in_flight_and_a_new_one_takes_over(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fsync = ProcessFsync(tmp_path)
+        current = segment(tmp_path, "1.journal")
+        finished = segment(tmp_path, "0.journal")
+        await fsync.sync(current, [], True)
+        first_pid = fsync.pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        with capture_logs() as logs:
+            with pytest.raises(OSError, match=f"fsync process {first_pid} exited"):
+                await fsync.sync(current, [finished], False)
+            assert not is_closed(finished)  # kept for the retry
+            await fsync.sync(current, [finished], False)
+        assert is_closed(finished)
+        assert fsync.pid not in (None, first_pid)
+        assert str(tmp_path / "1.journal") in open_files(fsync.pid)  # handed over again
+        assert [e["event"] for e in logs] == ["fsync_process_exited", "fsync_process_started"]
+        assert logs[0]["returncode"] == -signal.SIGKILL
+        fsync.close()
+        os.close(current)
+
+    asyncio.run(scenario())
+
+
+def test_without_a_child_process_the_syncs_run_in_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_sync.sys, "executable", str(tmp_path / "no-python"))
+
+    async def scenario() -> None:
+        fsync = ProcessFsync(tmp_path)
+        current, finished = segment(tmp_path, "1.journal"), segment(tmp_path, "0.journal")
+        with capture_logs() as logs:
+            await fsync.sync(current, [finished], True)
+            await fsync.sync(current, [], False)
+        assert fsync.pid is None
+        assert is_closed(finished)
+        assert [e["event"] for e in logs] == ["fsync_process_unavailable"]
+        assert "no-python" in logs[0]["error"]
+        fsync.close()
+        os.close(current)
+
+    asyncio.run(scenario())
+
+
+def test_the_child_protocol_served_in_process(tmp_path: Path) -> None:
+    """fsync_process.serve on a real socket pair: kinds in order, one reply a request."""
+    daemon_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = threading.Thread(target=fsync_process.serve, args=(child_end,))
+    server.start()
+    current, finished = segment(tmp_path, "1.journal"), segment(tmp_path, "0.journal")
+    read_end, write_end = os.pipe()
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        socket.send_fds(daemon_end, [REQUEST.pack(7) + b"ocd"], [finished, current, directory])
+        assert REPLY.unpack(daemon_end.recv(64)) == (7, 0)
+        socket.send_fds(daemon_end, [REQUEST.pack(8) + b"o"], [write_end])
+        assert REPLY.unpack(daemon_end.recv(64)) == (8, errno.EINVAL)  # a pipe: named
+        daemon_end.send(REQUEST.pack(9))  # the kept segment only
+        assert REPLY.unpack(daemon_end.recv(64)) == (9, 0)
+    finally:
+        daemon_end.close()  # the child's end sees EOF: serve returns
+        server.join(5)
+        child_end.close()
+    assert not server.is_alive()
+    for fd in (finished, current, read_end, write_end):
+        os.close(fd)  # the daemon's own copies; serve closed the ones it was given
