@@ -34,36 +34,46 @@ MAX_FDS = 64  # finished segments in one request; the daemon sends fewer
 
 def serve(channel: socket.socket) -> None:
     kept = -1
-    while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(channel, 4096, MAX_FDS)
-        except ConnectionError:
-            return
-        if not message:
-            return
-        (token,) = REQUEST.unpack_from(message)
-        failed = 0
-        for kind, fd in zip(message[REQUEST.size:], fds, strict=False):
-            if kind == ord("c"):
-                if kept >= 0:
-                    os.close(kept)
-                kept = fd
-                continue
+    try:
+        while True:
             try:
-                (os.fsync if kind == ord("d") else os.fdatasync)(fd)
-            except OSError as exc:
-                failed = failed or exc.errno or errno.EIO
-            finally:
-                os.close(fd)
+                message, fds, _, _ = socket.recv_fds(channel, 4096, MAX_FDS)
+            except ConnectionError:
+                return
+            if not message:
+                return
+            (token,) = REQUEST.unpack_from(message)
+            kept, failed = _sync(message[REQUEST.size:], fds, kept)
+            try:
+                channel.send(REPLY.pack(token, failed))
+            except OSError:
+                return
+    finally:
         if kept >= 0:
-            try:
-                os.fdatasync(kept)
-            except OSError as exc:
-                failed = failed or exc.errno or errno.EIO
+            os.close(kept)
+
+
+def _sync(kinds: bytes, fds: list[int], kept: int) -> tuple[int, int]:
+    """One request's syncs; returns the segment kept now and the first errno (0: none)."""
+    failed = 0
+    for kind, fd in zip(kinds, fds, strict=False):
+        if kind == ord("c"):
+            if kept >= 0:
+                os.close(kept)
+            kept = fd
+            continue
         try:
-            channel.send(REPLY.pack(token, failed))
-        except OSError:
-            return
+            (os.fsync if kind == ord("d") else os.fdatasync)(fd)
+        except OSError as exc:
+            failed = failed or exc.errno or errno.EIO
+        finally:
+            os.close(fd)
+    if kept >= 0:
+        try:
+            os.fdatasync(kept)
+        except OSError as exc:
+            failed = failed or exc.errno or errno.EIO
+    return kept, failed
 
 
 def main() -> None:

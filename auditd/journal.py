@@ -224,10 +224,13 @@ class Journal:
             new_entry, self._unsynced_fds, self._new_entry = self._new_entry, [], False
             try:
                 await self._fsync.sync(fd, finished, new_entry)
-            except OSError as exc:
-                log.error("journal_fsync_failed", error=str(exc))
+            except BaseException as exc:
+                # Not durable, or not known to be: kept for the retry, or for close().
                 self._unsynced_fds[:0] = finished
                 self._new_entry = self._new_entry or new_entry
+                if not isinstance(exc, OSError):
+                    raise
+                log.error("journal_fsync_failed", error=str(exc))
                 self._dirty.set()
                 await asyncio.sleep(0.1)
                 continue

@@ -101,7 +101,10 @@ def test_ready_only_after_replay_then_stopping(make_daemon: MakeDaemon,
 def test_watchdog_pings_stop_while_the_writer_is_stalled(make_daemon: MakeDaemon,
                                                          notify: NotifyListener) -> None:
     # WatchdogSec=2s: pings every 1 s; a writer without progress for 1 s stops them.
-    daemon = make_daemon(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
+    # Retries at most 1 s apart, so that the writer is back within the 3 s watched after
+    # the lock goes (at the default 5 s, a retry just before the release came too late).
+    daemon = make_daemon({"writer": {"retry_max_delay": "1s"}},
+                         env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
     notify.collect(2.5)
     assert notify.count("WATCHDOG") >= 2, notify.messages
     lock = _hold_write_lock(daemon.db_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -15,6 +16,7 @@ from structlog.testing import capture_logs
 
 from auditd import fsync_process, journal_sync
 from auditd.fsync_process import REPLY, REQUEST
+from auditd.journal import Journal, encode_record
 from auditd.journal_sync import ProcessFsync
 
 
@@ -155,3 +157,30 @@ def test_the_child_protocol_served_in_process(tmp_path: Path) -> None:
     assert not server.is_alive()
     for fd in (finished, current, read_end, write_end):
         os.close(fd)  # the daemon's own copies; serve closed the ones it was given
+
+
+def test_a_group_commit_cancelled_in_flight_leaves_its_files_to_close(tmp_path: Path) -> None:
+    """Shutdown cancels the sync task: the files it carried are synced and closed by
+    Journal.close(), not leaked."""
+    def journal_fds() -> list[str]:
+        return [path for path in open_files(os.getpid()) if path.startswith(str(tmp_path))]
+
+    async def scenario() -> None:
+        journal = Journal(tmp_path, 1 << 20, fsync=True)
+        journal.open_segment(1)
+        journal.append(encode_record(1, b"first"), 1, 1)
+        journal.open_segment(2)  # the first segment is finished, its fd waits for a sync
+        journal.append(encode_record(2, b"second"), 2, 2)
+        task = asyncio.ensure_future(journal.sync_forever())
+        for _ in range(100):  # until the request is out
+            await asyncio.sleep(0)
+            if journal._fsync.pid is not None:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert len(journal_fds()) == 2
+        journal.close()
+        assert journal_fds() == []
+
+    asyncio.run(scenario())
