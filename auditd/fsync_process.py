@@ -29,7 +29,7 @@ import sys
 
 REQUEST = struct.Struct(">Q")
 REPLY = struct.Struct(">QI")
-MAX_FDS = 64  # finished segments in one request; the daemon sends fewer
+MAX_FDS = 64  # file descriptors in one request; the daemon splits larger syncs
 
 
 def serve(channel: socket.socket) -> None:

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import structlog
 
-from auditd.fsync_process import REPLY, REQUEST
+from auditd.fsync_process import MAX_FDS, REPLY, REQUEST
 
 log = structlog.get_logger("auditd.journal")
 
 _PROGRAM = Path(__file__).with_name("fsync_process.py")
+_FINISHED_PER_REQUEST = MAX_FDS - 2  # room for the current segment and the directory
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -113,6 +114,17 @@ class ProcessFsync:
         if self._fallback is not None:
             await self._fallback.sync(fd, finished, new_segment)
             return
+        step = _FINISHED_PER_REQUEST  # more than a message can carry: several requests
+        for start in range(0, max(len(finished), 1), step):
+            last = start + step >= len(finished)
+            failed = await self._request(fd, finished[start:start + step], new_segment and last)
+            if failed:
+                raise OSError(failed, f"fdatasync in the fsync process: {os.strerror(failed)}")
+        for stale in finished:
+            os.close(stale)
+
+    async def _request(self, fd: int, finished: list[int], new_segment: bool) -> int:
+        """One request and its reply: the errno of the first failed sync, or 0."""
         assert self._channel is not None and self._loop is not None
         kinds, fds = bytearray(b"o" * len(finished)), list(finished)
         if new_segment or not self._child_has_segment:
@@ -123,7 +135,8 @@ class ProcessFsync:
             kinds += b"d"
             fds.append(directory)
         self._token += 1
-        pending = self._pending = self._loop.create_future()
+        pending: asyncio.Future[int] = self._loop.create_future()
+        self._pending = pending
         try:
             socket.send_fds(self._channel, [REQUEST.pack(self._token) + kinds], fds)
         except OSError:  # the child is gone: said by the reply handler, or now
@@ -133,10 +146,7 @@ class ProcessFsync:
                 os.close(directory)
         failed = await pending
         self._child_has_segment = True  # the child keeps a `c` even when a sync fails
-        if failed:
-            raise OSError(failed, f"fdatasync in the fsync process: {os.strerror(failed)}")
-        for stale in finished:
-            os.close(stale)
+        return failed
 
     def _on_reply(self) -> None:
         assert self._channel is not None

@@ -274,7 +274,7 @@ class Store:
         """Settings for committing a long backlog (journal replay at start), when
         throughput is all that counts: a page cache that holds the hot leaf of every
         index key past a million events, and checkpoints every second rather than
-        every tenth, so each hot leaf is copied to the database file once per many
+        every 20 ms, so each hot leaf is copied to the database file once per many
         batches rather than after every one."""
         cache_kb, pages, wal_limit = (
             (_CATCH_UP_CACHE_KB, _CATCH_UP_CHECKPOINT_PAGES, -1) if on

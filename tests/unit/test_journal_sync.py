@@ -184,3 +184,21 @@ def test_a_group_commit_cancelled_in_flight_leaves_its_files_to_close(tmp_path: 
         assert journal_fds() == []
 
     asyncio.run(scenario())
+
+
+def test_more_finished_segments_than_one_message_carries_take_several_requests(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        fsync = ProcessFsync(tmp_path)
+        finished = [segment(tmp_path, f"{n}.journal") for n in range(150)]
+        current = segment(tmp_path, "150.journal")
+        await fsync.sync(current, finished, True)
+        assert all(is_closed(fd) for fd in finished)
+        assert fsync.pid is not None
+        held = open_files(fsync.pid)
+        assert str(tmp_path / "150.journal") in held
+        assert not any(str(tmp_path / f"{n}.journal") in held for n in range(150))
+        fsync.close()
+        os.close(current)
+
+    asyncio.run(scenario())
