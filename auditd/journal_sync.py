@@ -35,6 +35,7 @@ log = structlog.get_logger("auditd.journal")
 
 _PROGRAM = Path(__file__).with_name("fsync_process.py")
 _FINISHED_PER_REQUEST = MAX_FDS - 2  # room for the current segment and the directory
+_DEATHS_BEFORE_FALLBACK = 3
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -71,7 +72,9 @@ class ProcessFsync:
 
     One request is in flight at a time (the journal's group commit waits for each). The
     child keeps the segment being written open, so a request names it only when it is
-    new to the child. If a child cannot be started, every later sync runs in a thread.
+    new to the child. If a child cannot be started, or dies `_DEATHS_BEFORE_FALLBACK`
+    times in a row without a reply (its program missing, a sandbox killing it), every
+    later sync runs in a thread: replies must not wait on a child that never serves.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -84,6 +87,7 @@ class ProcessFsync:
         self._token = 0
         self._child_has_segment = False
         self._fallback: ThreadFsync | None = None
+        self._deaths = 0  # children that died since the last reply
 
     def _start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -106,6 +110,9 @@ class ProcessFsync:
     async def sync(self, fd: int, finished: list[int], new_segment: bool) -> None:
         if self._channel is None and self._fallback is None:
             try:
+                if self._deaths >= _DEATHS_BEFORE_FALLBACK:
+                    raise OSError(errno.ECHILD, f"{self._deaths} fsync processes in a row "
+                                  "exited without a reply")
                 self._start()
             except (OSError, subprocess.SubprocessError) as exc:
                 log.warning("fsync_process_unavailable", error=str(exc),
@@ -161,12 +168,14 @@ class ProcessFsync:
             return
         token, failed = REPLY.unpack(reply)
         pending = self._pending
+        self._deaths = 0
         if pending is not None and not pending.done() and token == self._token:
             pending.set_result(failed)
 
     def _lost(self) -> None:
         """The child's end closed: reap it, fail the sync in flight; the next one restarts it."""
         returncode = self._stop(kill=True)
+        self._deaths += 1
         log.error("fsync_process_exited", pid=self.pid, returncode=returncode)
         pending = self._pending
         if pending is not None and not pending.done():

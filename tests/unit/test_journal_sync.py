@@ -202,3 +202,30 @@ def test_more_finished_segments_than_one_message_carries_take_several_requests(
         os.close(current)
 
     asyncio.run(scenario())
+
+
+def test_a_child_that_never_serves_gives_way_to_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that starts and dies at once (here: its program is missing) would leave
+    every reply waiting forever on restarts; after three in a row, a thread syncs."""
+    monkeypatch.setattr(journal_sync, "_PROGRAM", tmp_path / "gone.py")
+
+    async def scenario() -> None:
+        fsync = ProcessFsync(tmp_path)
+        current, finished = segment(tmp_path, "1.journal"), segment(tmp_path, "0.journal")
+        with capture_logs() as logs:
+            for _ in range(3):
+                with pytest.raises(OSError, match="exited"):
+                    await fsync.sync(current, [finished], True)
+                assert not is_closed(finished)
+            await fsync.sync(current, [finished], True)
+        assert is_closed(finished)
+        events = [e["event"] for e in logs]
+        assert events == ["fsync_process_started", "fsync_process_exited"] * 3 + [
+            "fsync_process_unavailable"]
+        assert logs[-1]["error"] == "[Errno 10] 3 fsync processes in a row exited without a reply"
+        assert [e["returncode"] for e in logs if e["event"] == "fsync_process_exited"] == [2] * 3
+        fsync.close()
+        os.close(current)
+
+    asyncio.run(scenario())
