@@ -63,9 +63,6 @@ class ThreadFsync:
         if new_segment:
             _fsync_directory(self.directory)
 
-    def close(self) -> None:
-        pass
-
 
 class ProcessFsync:
     """Syncs through a child process, started at the first sync and again after it dies.
