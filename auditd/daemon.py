@@ -23,20 +23,20 @@ import msgspec
 import structlog
 
 from auditd.config import Config
-from auditd.control import DaemonControl
-from auditd.deadletters import DeadLetterStore
 from auditd.errors import AuditdError, StoreError
-from auditd.ingest import IngestLimits, IngestServer, bind_unix
-from auditd.journal import CorruptRange, Journal
-from auditd.recovery import read_remnant, set_aside_if_damaged
+from auditd.ingest.sequencer import Sequencer
+from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
+from auditd.journal.journal import CorruptRange, Journal
 from auditd.ring import RingBuffer
 from auditd.schema import id_hash, stored_decoder
-from auditd.sequencer import Sequencer
 from auditd.stats import Stats
+from auditd.status.control import DaemonControl
 from auditd.status.server import StatusServer
-from auditd.store import DB_NAME, DeadLetter, Store
+from auditd.store.deadletters import DeadLetterStore
+from auditd.store.recovery import read_remnant, set_aside_if_damaged
+from auditd.store.store import DB_NAME, DeadLetter, Store
+from auditd.store.writer import Gap, Pending, Writer
 from auditd.systemd import Notifier, watchdog_interval
-from auditd.writer import Gap, Pending, Writer
 
 log = structlog.get_logger("auditd.daemon")
 _GC_YOUNG_THRESHOLD = 100_000

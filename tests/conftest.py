@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from auditd.framing import encode_frame
+from auditd.ingest.framing import encode_frame
 
 
 def toml_value(value: Any) -> str:

@@ -31,7 +31,7 @@ from auditd.bench.daemon import (
 from auditd.bench.micro import percentile, run_baseline, run_replay, run_ring
 from auditd.config import Config
 from auditd.errors import ConfigError
-from auditd.store import DB_NAME
+from auditd.store.store import DB_NAME
 
 _WINDOW_EVENTS = 8192  # events in flight per client when --window is not given
 

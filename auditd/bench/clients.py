@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from auditd.errors import AuditdError
-from auditd.framing import FrameDecoder, encode_frame
+from auditd.ingest.framing import FrameDecoder, encode_frame
 from auditd.schema import encoder, uuid7
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from auditd.config import Config
 from auditd.errors import AuditdError
-from auditd.store import DB_NAME
+from auditd.store.store import DB_NAME
 
 _START_TIMEOUT_S = 600.0  # a replay benchmark journals a million events first
 _STALL_S = 10.0  # the committed count stopped growing this long ago: stop waiting

@@ -16,12 +16,12 @@ from typing import Any
 from auditd.bench.clients import make_event
 from auditd.bench.daemon import ThrowawayDaemon
 from auditd.config import Config
-from auditd.journal import encode_record
-from auditd.migrations import migrate
+from auditd.journal.journal import encode_record
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, encoder, id_hash
-from auditd.statements import EVENTS, event_row, transaction
-from auditd.store import DB_NAME, connect_sync
+from auditd.store.migrations import migrate
+from auditd.store.statements import EVENTS, event_row, transaction
+from auditd.store.store import DB_NAME, connect_sync
 
 
 def stored_events(count: int, correlations: int = 0, first: int = 1,

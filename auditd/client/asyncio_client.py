@@ -29,7 +29,7 @@ from auditd.client.common import (
     retry_delay,
 )
 from auditd.errors import ClientError
-from auditd.framing import HEADER_BYTES
+from auditd.ingest.framing import HEADER_BYTES
 
 
 class AsyncClient(_ClientBase):

@@ -30,7 +30,7 @@ from auditd.client.common import (
     retry_delay,
 )
 from auditd.errors import ClientError
-from auditd.framing import FrameDecoder
+from auditd.ingest.framing import FrameDecoder
 
 
 class Client(_ClientBase):

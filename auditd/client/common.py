@@ -11,7 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from auditd.errors import ClientError, RejectedError
-from auditd.framing import encode_frame
+from auditd.ingest.framing import encode_frame
 from auditd.schema import uuid7
 
 Event = dict[str, Any]

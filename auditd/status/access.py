@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from auditd.config import StatusConfig
-from auditd.connection import peer_of
+from auditd.ingest.connection import peer_of
 
 Role = Literal["admin", "reader", "user"]
 

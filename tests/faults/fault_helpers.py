@@ -1,6 +1,6 @@
 """Shared pieces of the fault tests: journal parsing, held locks, the final invariants.
 
-The journal is parsed here independently of auditd.journal (the record format is the
+The journal is parsed here independently of auditd.journal.journal (the record format is the
 contract being tested): header `>HIQI` = magic 0xA7E1, payload length, seq, crc32 of
 length+seq+payload, then the payload.
 """

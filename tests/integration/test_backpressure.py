@@ -28,7 +28,7 @@ from conftest import (
     write_lock,
 )
 
-from auditd.framing import encode_frame
+from auditd.ingest.framing import encode_frame
 
 encode = msgspec.msgpack.encode
 

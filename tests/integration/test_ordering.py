@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from conftest import DaemonProcess, wait_committed, wait_for
 
-from auditd.framing import encode_frame
+from auditd.ingest.framing import encode_frame
 
 encode = msgspec.msgpack.encode
 

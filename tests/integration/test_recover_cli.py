@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import DaemonProcess
 
-from auditd.recovery import move_aside
+from auditd.store.recovery import move_aside
 
 
 def test_offline_recover_refuses_while_a_daemon_listens(

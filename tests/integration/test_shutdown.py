@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from conftest import FAST_RETRY, DaemonProcess, wait_for, write_lock
 
-from auditd.framing import encode_frame
+from auditd.ingest.framing import encode_frame
 
 encode = msgspec.msgpack.encode
 SHUTTING_DOWN = {"ok": 0, "error": "shutting_down",

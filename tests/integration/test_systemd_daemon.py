@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from conftest import DaemonProcess, RawConnection
 
-from auditd.framing import encode_frame
+from auditd.ingest.framing import encode_frame
 
 MakeDaemon = Callable[..., DaemonProcess]
 

@@ -25,7 +25,7 @@ from auditd.client import (
 from auditd.client import common as client
 from auditd.client.common import Outage
 from auditd.errors import ClientError, RejectedError
-from auditd.framing import FrameDecoder
+from auditd.ingest.framing import FrameDecoder
 from auditd.schema import WireEvent, wire_decoder
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

@@ -7,7 +7,7 @@ import random
 import msgspec
 import pytest
 
-from auditd.framing import HEADER_BYTES, FrameDecoder, encode_frame
+from auditd.ingest.framing import HEADER_BYTES, FrameDecoder, encode_frame
 
 # The protocol.md test vector: {"type": "user.login", "actor": "alice"} as a frame.
 VECTOR = bytes.fromhex(

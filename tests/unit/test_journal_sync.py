@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from auditd import fsync_process, journal_sync
-from auditd.fsync_process import REPLY, REQUEST
-from auditd.journal import Journal, encode_record
-from auditd.journal_sync import ProcessFsync
+from auditd.journal import fsync_process
+from auditd.journal import sync as journal_sync
+from auditd.journal.fsync_process import REPLY, REQUEST
+from auditd.journal.journal import Journal, encode_record
+from auditd.journal.sync import ProcessFsync
 
 
 def open_files(pid: int) -> set[str]:

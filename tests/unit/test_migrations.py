@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from auditd import migrations
-from auditd.migrations import deferred
 from auditd.schema import hash64, id_hash, uuid7
-from auditd.store import connect_sync
+from auditd.store import migrations
+from auditd.store.migrations import deferred
+from auditd.store.store import connect_sync
 
 TABLES = {"names", "events", "streams", "meta", "dead_letters"}
 

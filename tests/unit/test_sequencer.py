@@ -8,9 +8,9 @@ from typing import Any
 
 import msgspec
 
+from auditd.ingest.sequencer import IdFilter, Peer, Sequencer
+from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.schema import hash64, id_hash, uuid7
-from auditd.sequencer import IdFilter, Peer, Sequencer
-from auditd.validation import ValidEvent, decode_body
 
 PEER = Peer(pid=4242, uid=1000, gid=100, comm="tester")
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

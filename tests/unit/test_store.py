@@ -11,8 +11,8 @@ import pytest
 
 from auditd.bench.micro import stored_events
 from auditd.errors import BatchSkippedError, TransientStoreError
-from auditd.statements import EVENTS
-from auditd.store import DB_NAME, Store, connect_sync
+from auditd.store.statements import EVENTS
+from auditd.store.store import DB_NAME, Store, connect_sync
 
 
 @pytest.mark.parametrize(("rows", "chunks"), [

@@ -9,8 +9,8 @@ import msgspec
 import pytest
 
 from auditd.errors import ProtocolError
+from auditd.ingest.validation import decode_body
 from auditd.schema import RESERVED_KEYS, timestamp_ns
-from auditd.validation import decode_body
 
 encode = msgspec.msgpack.encode
 MAX_BATCH = 10_000

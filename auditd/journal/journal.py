@@ -26,9 +26,9 @@ from pathlib import Path
 import structlog
 
 from auditd.errors import JournalError
-from auditd.journal_sync import ProcessFsync
+from auditd.journal.sync import ProcessFsync
 
-log = structlog.get_logger("auditd.journal")
+log = structlog.get_logger("auditd.journal.journal")
 
 MAGIC = 0xA7E1
 HEADER = struct.Struct(">HIQI")

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
-from auditd.framing import FrameDecoder, encode_frame
+from auditd.ingest.framing import FrameDecoder, encode_frame
+from auditd.ingest.sequencer import Peer
 from auditd.schema import reply_bytes
-from auditd.sequencer import Peer
 
 if TYPE_CHECKING:
-    from auditd.ingest import IngestServer
+    from auditd.ingest.server import IngestServer
 
-log = structlog.get_logger("auditd.ingest")
+log = structlog.get_logger("auditd.ingest.server")
 
 _PEERCRED = struct.Struct("3i")
 

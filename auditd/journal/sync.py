@@ -29,9 +29,9 @@ from pathlib import Path
 
 import structlog
 
-from auditd.fsync_process import MAX_FDS, REPLY, REQUEST
+from auditd.journal.fsync_process import MAX_FDS, REPLY, REQUEST
 
-log = structlog.get_logger("auditd.journal")
+log = structlog.get_logger("auditd.journal.journal")
 
 _PROGRAM = Path(__file__).with_name("fsync_process.py")
 _FINISHED_PER_REQUEST = MAX_FDS - 2  # room for the current segment and the directory

@@ -22,16 +22,16 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from auditd import migrations
 from auditd.errors import (
     BatchSkippedError,
     PermanentStoreError,
     StoreError,
     TransientStoreError,
 )
-from auditd.migrations import deferred
 from auditd.schema import StoredEvent, id_hash
-from auditd.statements import (
+from auditd.store import migrations
+from auditd.store.migrations import deferred
+from auditd.store.statements import (
     DEAD_LETTERS,
     EVENTS,
     NAMES,
@@ -42,7 +42,7 @@ from auditd.statements import (
     transaction,
 )
 
-log = structlog.get_logger("auditd.store")
+log = structlog.get_logger("auditd.store.store")
 _T = TypeVar("_T")
 
 # Primary result codes (exc.sqlite_errorcode & 0xFF) that the same data will hit again.

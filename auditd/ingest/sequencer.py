@@ -15,8 +15,8 @@ from sys import intern
 
 from msgspec import UnsetType
 
+from auditd.ingest.validation import ValidEvent
 from auditd.schema import StoredEvent, encoder, id_hash, uuid7
-from auditd.validation import ValidEvent
 
 
 class IdFilter:

@@ -17,18 +17,18 @@ import structlog
 
 from auditd.config import Config, load_config
 from auditd.errors import AuditdError, ProtocolError
+from auditd.ingest.sequencer import Peer
+from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.logs import configure_logging
-from auditd.recovery import salvage
 from auditd.schema import WireEvent, encoder, stored_decoder
-from auditd.sequencer import Peer
 from auditd.stats import Stats
 from auditd.status.source import ActionRefused, Gauges, admin_actor
-from auditd.validation import ValidEvent, decode_body
+from auditd.store.recovery import salvage
 
 if TYPE_CHECKING:
     from auditd.daemon import Daemon
 
-log = structlog.get_logger("auditd.control")
+log = structlog.get_logger("auditd.status.control")
 
 # Keys a reload may change while running; the rest are wired into sockets and files.
 RELOADABLE = {"log.level", "log.format", "retention.max_age", "retention.max_bytes",

@@ -17,10 +17,10 @@ from typing import Any
 import structlog
 
 from auditd.schema import id_hash
-from auditd.statements import EVENTS, STREAMS, transaction
-from auditd.store import connect_sync
+from auditd.store.statements import EVENTS, STREAMS, transaction
+from auditd.store.store import connect_sync
 
-log = structlog.get_logger("auditd.recovery")
+log = structlog.get_logger("auditd.store.recovery")
 
 _CHUNK = 1000
 

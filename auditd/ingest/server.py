@@ -15,18 +15,18 @@ from typing import Any
 
 import structlog
 
-from auditd.connection import Connection
 from auditd.errors import DaemonRunningError, JournalError, ProtocolError
-from auditd.journal import Journal, encode_record
+from auditd.ingest.connection import Connection
+from auditd.ingest.sequencer import Acceptance, Peer, Sequencer
+from auditd.ingest.validation import DecodedFrame, ValidEvent, decode_body
+from auditd.journal.journal import Journal, encode_record
 from auditd.ring import RingBuffer
 from auditd.schema import encoder, reply_bytes
-from auditd.sequencer import Acceptance, Peer, Sequencer
 from auditd.stats import Stats
-from auditd.store import DeadLetter, Store
-from auditd.validation import DecodedFrame, ValidEvent, decode_body
-from auditd.writer import Pending, Writer
+from auditd.store.store import DeadLetter, Store
+from auditd.store.writer import Pending, Writer
 
-log = structlog.get_logger("auditd.ingest")
+log = structlog.get_logger("auditd.ingest.server")
 
 _RETRY_AFTER_MS = 100
 

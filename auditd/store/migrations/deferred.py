@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from auditd.statements import transaction
+from auditd.store.statements import transaction
 
 _KEY = "deferred_indexes"
 _KEPT = frozenset({"events_id_hash"})

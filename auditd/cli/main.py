@@ -85,8 +85,8 @@ def _progress(label: str) -> Callable[[int, int], None]:
 def cmd_recover(args: argparse.Namespace, config: Config) -> int:
     from pathlib import Path
 
-    from auditd.recovery import salvage
-    from auditd.store import DB_NAME
+    from auditd.store.recovery import salvage
+    from auditd.store.store import DB_NAME
 
     damaged = Path(args.damaged)
     if not damaged.exists():
@@ -95,7 +95,7 @@ def cmd_recover(args: argparse.Namespace, config: Config) -> int:
     if not live.exists():
         return _fail(f"{live}: no live database (start the daemon once first)")
     try:  # through the running daemon, so the recovered ids join its idempotency filter
-        from auditd import operator
+        from auditd.cli import operator
 
         code, document = operator.call(str(args.status_socket or config.status.socket),
                                        "POST", "/recover", {"path": str(damaged.resolve())})
@@ -128,8 +128,8 @@ def _listening(path: str) -> bool:
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     from pathlib import Path
 
-    from auditd import migrations
-    from auditd.store import DB_NAME, connect_sync
+    from auditd.store import migrations
+    from auditd.store.store import DB_NAME, connect_sync
 
     conn = connect_sync(Path(config.storage.path) / DB_NAME)
     try:
@@ -154,20 +154,20 @@ def _status_socket(args: argparse.Namespace, config: Config) -> str:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from auditd import operator
+    from auditd.cli import operator
 
     return operator.status(_status_socket(args, config), args.json)
 
 
 def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
-    from auditd import operator
+    from auditd.cli import operator
 
     return operator.dlq(_status_socket(args, config), args.action, args.ids, args.all,
                         args.json, args.limit)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
-    from auditd import operator
+    from auditd.cli import operator
 
     return operator.backup(_status_socket(args, config), args.dest, args.json)
 

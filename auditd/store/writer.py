@@ -22,9 +22,9 @@ from auditd.errors import BatchSkippedError, PermanentStoreError, TransientStore
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, encoder
 from auditd.stats import Stats
-from auditd.store import DeadLetter, Store
+from auditd.store.store import DeadLetter, Store
 
-log = structlog.get_logger("auditd.writer")
+log = structlog.get_logger("auditd.store.writer")
 _CATCH_UP_FACTOR = 8
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-from auditd.migrations.m0001_initial import NO_UPDATE_TRIGGER
 from auditd.schema import hash64, id_hash
+from auditd.store.migrations.m0001_initial import NO_UPDATE_TRIGGER
 
 
 def _rekey(key: Callable[[str], int]) -> Callable[[sqlite3.Connection], None]:

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from auditd.migrations import deferred, m0001_initial, m0002_id_key
-from auditd.statements import transaction
+from auditd.store.migrations import deferred, m0001_initial, m0002_id_key
+from auditd.store.statements import transaction
 
 # A step is SQL, or a function for what SQL cannot compute (it runs in the same
 # transaction).

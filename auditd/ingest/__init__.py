@@ -1,0 +1,1 @@
+"""Ingest: the socket, frames, validation and sequencing, up to the journal's reply."""

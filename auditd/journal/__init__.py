@@ -1,0 +1,1 @@
+"""The journal: CRC'd records appended before a reply, group-commit fsyncs, replay."""

@@ -1,0 +1,1 @@
+"""The store: SQLite connections, the writer's batches, dead letters, recovery, migrations."""
