@@ -2,8 +2,9 @@
 
 The connection holds frames while something holds it back (a full buffer, a database
 id lookup, a client not reading its replies) and pauses reading meanwhile, which is
-what pushes back on the client. It decides nothing about events: IngestServer.handle
-does.
+what pushes back on the client. It decides nothing about events: its `FrameHandler`
+(the ingest server) does. The handler is a protocol defined here so that this module
+never imports the server that creates it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 
 from auditd.ingest.framing import FrameDecoder, encode_frame
 from auditd.ingest.sequencer import Peer
 from auditd.schema import reply_bytes
-
-if TYPE_CHECKING:
-    from auditd.ingest.server import IngestServer
+from auditd.stats import Stats
 
 log = structlog.get_logger("auditd.ingest.server")
 
@@ -41,8 +40,32 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, comm)
 
 
+class ConnectionLimits(Protocol):
+    @property
+    def max_frame_bytes(self) -> int: ...
+    @property
+    def max_connections(self) -> int: ...
+
+
+class FrameHandler(Protocol):
+    """What a connection needs of the server that accepted it."""
+
+    @property
+    def limits(self) -> ConnectionLimits: ...
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def connections(self) -> set[Connection]: ...
+    @property
+    def blocked(self) -> set[Connection]: ...
+
+    def handle(self, conn: Connection, body: bytes) -> bool:
+        """Answer one frame; False when it must wait (the connection is then held)."""
+        ...
+
+
 class Connection(asyncio.Protocol):
-    def __init__(self, server: IngestServer) -> None:
+    def __init__(self, server: FrameHandler) -> None:
         self.server = server
         self.decoder = FrameDecoder(server.limits.max_frame_bytes)
         self.frames: deque[tuple[bytes, float]] = deque()

@@ -1,5 +1,8 @@
 """The daemon as operators reach it: figures, dead-letter actions, reload, backup, and the
 audit trail of those actions (the daemon audits itself). Implements StatusSource.
+
+It reaches the daemon through `DaemonView`, a protocol defined here, so that this
+module never imports the daemon that wires it in.
 """
 
 from __future__ import annotations
@@ -10,23 +13,27 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
 from auditd.config import Config, load_config
 from auditd.errors import AuditdError, ProtocolError
-from auditd.ingest.sequencer import Peer
+from auditd.ingest.sequencer import Peer, Sequencer
+from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
+from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
+from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
 from auditd.status.source import ActionRefused, Gauges, admin_actor
+from auditd.store.deadletters import DeadLetterStore
 from auditd.store.recovery import salvage
-
-if TYPE_CHECKING:
-    from auditd.daemon import Daemon
+from auditd.store.store import Store
+from auditd.store.writer import Pending, Writer
+from auditd.systemd import Notifier
 
 log = structlog.get_logger("auditd.status.control")
 
@@ -48,8 +55,43 @@ def _flatten(config: Config) -> dict[str, Any]:
             if isinstance(keys, dict) for key, value in keys.items()}
 
 
+class DaemonView(Protocol):
+    """The parts of the running daemon that operators' calls read and act on."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def storage(self) -> Path: ...
+    @property
+    def ring(self) -> RingBuffer[Pending]: ...
+    @property
+    def sequencer(self) -> Sequencer: ...
+    @property
+    def journal(self) -> Journal: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def writer(self) -> Writer: ...
+    @property
+    def ingest(self) -> IngestServer: ...
+    @property
+    def dead_letters(self) -> DeadLetterStore: ...
+    @property
+    def notifier(self) -> Notifier: ...
+    @property
+    def stop_requested(self) -> asyncio.Event: ...
+    @property
+    def damaged(self) -> tuple[Path, str] | None:
+        """Where a database that failed its check at start was moved, and why."""
+        ...
+
+    def status_line(self) -> str: ...
+
+
 class DaemonControl:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonView) -> None:
         self.daemon = daemon
         self.dlq_entries = 0
         self.dlq_bytes = 0
