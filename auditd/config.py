@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -229,17 +230,56 @@ def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:
 
 
 def load_config(path: str | None = None) -> Config:
-    """Load the named file, else $AUDITD_CONFIG, else /etc/auditd/auditd.toml, else defaults."""
+    """Load the named file, else $AUDITD_CONFIG, else /etc/auditd/auditd.toml, else defaults.
+
+    Every way a file can fail to be read (missing, a directory, a FIFO, not UTF-8,
+    unreadable) is a ConfigError with one line naming the file: a reload refuses it
+    and the old config runs on.
+    """
     named = path or os.environ.get("AUDITD_CONFIG")
     candidate = Path(named) if named else Path("/etc/auditd/auditd.toml")
-    if not candidate.exists():
-        if named:
-            raise ConfigError(f"{candidate}: no such config file")
+    text = _read_config_text(candidate, named is not None)
+    if text is None:
         return Config()
     try:
-        raw = tomllib.loads(candidate.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{candidate}: not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{candidate}: cannot read: {exc.strerror}") from None
     return config_from_dict(raw, str(candidate))
+
+
+_MAX_CONFIG_BYTES = 1024 * 1024  # a config file is a few KB; more is not one
+
+
+def _read_config_text(path: Path, named: bool) -> str | None:
+    """The file's text; None when the default file is absent (built-in defaults apply)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (fstat refuses it below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"{path}: no such config file") from None
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an embedded NUL byte in the name
+        raise ConfigError(f"{path!r}: not a usable file name: {exc}") from None
+    try:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise ConfigError(f"{path}: is a directory, not a config file")
+        if not stat.S_ISREG(kind):
+            raise ConfigError(f"{path}: not a regular file (a FIFO, socket or device)")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes; not a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}") from None

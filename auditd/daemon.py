@@ -369,8 +369,12 @@ class Daemon:
             return
 
         async def reload() -> None:
-            with contextlib.suppress(AuditdError):  # refused: logged, old config stays
+            try:
                 await self.control.reload()
+            except AuditdError:
+                pass  # refused: reload() logged why; the old config stays
+            except Exception as exc:  # a failed reload must never stop the daemon
+                log.error("config_reload_failed", error=f"{type(exc).__name__}: {exc}")
 
         self._spawn(reload(), "reload")
 

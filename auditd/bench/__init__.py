@@ -45,10 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch", type=int, default=100, help="events a frame (default 100)")
     add("--window", type=int, help="frames in flight per client (default: 8192 events)")
     add("--rate", type=float, help="total offered events/s, paced (default: flood)")
-    add("--duration", type=float, help="stop sending after this many seconds")
+    add("--duration", type=float, metavar="SECONDS",
+        help="stop sending after this many seconds (default: once --events are sent)")
     add("--durability", choices=["write", "fsync"], default="write",
         help="the throw-away daemon's ingest.durability (default write)")
-    add("--capacity", type=int, help="the throw-away daemon's buffer.capacity")
+    add("--capacity", type=int, metavar="EVENTS",
+        help="the throw-away daemon's buffer.capacity (default: the config's)")
     add("--baseline", action="store_true",
         help="also insert the same events straight with sqlite3 and print the ratio")
     add("--ring", action="store_true",

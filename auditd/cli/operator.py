@@ -1,7 +1,10 @@
 """Operator commands that talk to a running daemon over its status socket (HTTP, aiohttp).
 
 `auditd status`, `auditd dlq list|retry|drop` and `auditd backup DEST`. Each returns an
-exit code: 0 done, 1 the daemon refused or is unreachable or unhealthy.
+exit code: 0 done, 1 the daemon refused or is unreachable or unhealthy. An answer that
+is not the status API's (not HTTP, not JSON, a closed connection: another program on
+the socket, or a proxy's error page) is an operational failure with one line, never a
+traceback. Usage errors (`UsageError`) are found before anything is sent.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from auditd.cli.parser import UsageError
 from auditd.errors import AuditdError
 
 EXIT_OK, EXIT_FAILURE = 0, 1
@@ -24,6 +28,10 @@ class StatusUnreachable(AuditdError):
     """The status socket did not answer."""
 
 
+class StatusReplyError(AuditdError):
+    """Something answered on the status socket, but not with the status API's JSON."""
+
+
 async def _call(socket_path: str, method: str, path: str,
                 body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     connector = aiohttp.UnixConnector(path=socket_path)
@@ -31,10 +39,32 @@ async def _call(socket_path: str, method: str, path: str,
     try:
         async with (aiohttp.ClientSession(connector=connector, timeout=limit) as session,
                     session.request(method, f"http://auditd{path}", json=body) as response):
-            document: dict[str, Any] = await response.json(content_type=None)
-            return response.status, document
-    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
+            raw = await response.read()
+            return response.status, _document(socket_path, response.status, raw)
+    except (aiohttp.ClientConnectorError, FileNotFoundError) as exc:
         raise StatusUnreachable(f"cannot reach the daemon at {socket_path}: {exc}") from None
+    except aiohttp.ClientError as exc:  # connected, then no usable HTTP answer
+        reason = str(exc) or type(exc).__name__
+        raise StatusReplyError(f"{socket_path} did not answer {method} {path} as the "
+                               f"auditd status API: {_one_line(reason)}") from None
+
+
+def _document(socket_path: str, status: int, raw: bytes) -> dict[str, Any]:
+    """The reply body as a JSON object, or a one-line StatusReplyError saying what came."""
+    try:
+        document = json.loads(raw)
+    except ValueError:  # includes bytes that are not UTF-8
+        shown = raw[:80].decode("utf-8", errors="replace")
+        raise StatusReplyError(f"{socket_path} answered HTTP {status} with a body that is "
+                               f"not JSON: {_one_line(shown)!r}") from None
+    if not isinstance(document, dict):
+        raise StatusReplyError(f"{socket_path} answered HTTP {status} with JSON that is not "
+                               f"an object: {_one_line(json.dumps(document)[:80])}")
+    return document
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def call(socket_path: str, method: str, path: str,
@@ -99,17 +129,23 @@ def status(socket_path: str, as_json: bool) -> int:
     return EXIT_OK if health_code == 200 else EXIT_FAILURE
 
 
-def _selection(ids: list[int], everything: bool) -> dict[str, Any]:
+def _selection(action: str, ids: list[int], everything: bool) -> dict[str, Any]:
+    """The request body for retry/drop; the same rule as the API: ids or all, not both."""
+    if everything and ids:
+        raise UsageError(f"dlq {action}: name dead-letter ids or --all, not both")
     if everything:
         return {"all": True}
     if not ids:
-        raise AuditdError("name dead-letter ids, or --all")
+        raise UsageError(f"dlq {action}: name dead-letter ids, or --all for every entry")
     return {"ids": ids}
 
 
 def dlq(socket_path: str, action: str, ids: list[int], everything: bool, as_json: bool,
         limit: int) -> int:
     if action == "list":
+        if ids or everything:
+            raise UsageError("dlq list takes no ids and no --all; it lists the first "
+                             "--limit entries")
         code, document = call(socket_path, "GET", f"/dlq?limit={limit}")
         if code != 200:
             return _refusal(code, document)
@@ -117,10 +153,12 @@ def dlq(socket_path: str, action: str, ids: list[int], everything: bool, as_json
             print(json.dumps(document))
             return EXIT_OK
         for entry in document.get("dead_letters", []):
-            print(f"{entry['id']:>8} seq={entry['seq'] or '-':<8} {entry['source']:<8} "
-                  f"{entry['code']:<14} attempts={entry['attempts']} {entry['reason']}")
+            print(f"{entry.get('id', '?'):>8} seq={entry.get('seq') or '-':<8} "
+                  f"{entry.get('source', '?'):<8} {entry.get('code', '?'):<14} "
+                  f"attempts={entry.get('attempts', '?')} {entry.get('reason', '')}")
         return EXIT_OK
-    code, document = call(socket_path, "POST", f"/dlq/{action}", _selection(ids, everything))
+    selection = _selection(action, ids, everything)  # before any request is sent
+    code, document = call(socket_path, "POST", f"/dlq/{action}", selection)
     if code != 200:
         return _refusal(code, document)
     print(json.dumps(document))

@@ -71,10 +71,13 @@ def require_admin(caller: Caller | None) -> Caller:
 def _supplementary_groups(pid: int, uid: int) -> list[int]:
     """The `Groups:` line of /proc/<pid>/status.
 
-    SO_PEERCRED carries only the primary gid. A peer that has exited (or a /proc
-    mounted with hidepid) yields no supplementary groups: access then falls back to
-    the uid and primary gid, which can only narrow what the caller sees. The Uid:
-    line must match, so a recycled pid never lends its groups to the caller.
+    SO_PEERCRED carries the peer's effective uid and gid, and no supplementary groups;
+    those are the `Groups:` line, which belongs to the process whatever its uids.
+    A peer that has exited (or a /proc mounted with hidepid) yields no supplementary
+    groups: access then falls back to the uid and primary gid, which can only narrow
+    what the caller sees. The effective uid on the `Uid:` line (real, effective,
+    saved, filesystem) must match, so a recycled pid never lends its groups to the
+    caller, and a setuid caller (real uid not its effective one) keeps its own.
     """
     if pid <= 0:
         return []
@@ -87,6 +90,7 @@ def _supplementary_groups(pid: int, uid: int) -> list[int]:
                     fields[key] = rest.split()
     except OSError:
         return []
-    if fields.get("Uid", [""])[0] != str(uid):
+    uids = fields.get("Uid", [])
+    if len(uids) < 2 or uids[1] != str(uid):
         return []
     return [int(g) for g in fields.get("Groups", []) if g.isdigit()]

@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from auditd.config import Config, load_config
-from auditd.errors import AuditdError, ProtocolError
+from auditd.errors import AuditdError, ConfigError, ProtocolError
 from auditd.ingest.sequencer import Peer, Sequencer
 from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
@@ -200,7 +200,8 @@ class DaemonControl:
         daemon = self.daemon
         daemon.notifier.reloading()
         try:
-            new = load_config(daemon.config.source or None)
+            # In a thread: reading a file may block (a slow mount), the loop must not.
+            new = await asyncio.to_thread(_load_for_reload, daemon.config.source or None)
             old_keys, new_keys = _flatten(daemon.config), _flatten(new)
             changed = sorted(k for k in new_keys if new_keys[k] != old_keys.get(k))
             applied = [k for k in changed if k in RELOADABLE]
@@ -253,6 +254,18 @@ class DaemonControl:
         raw = encoder.encode({"type": event.type, "actor": event.actor})
         await self.daemon.ingest.inject([ValidEvent(0, event, None, raw)],
                                         Peer(pid, uid, gid, comm))
+
+
+def _load_for_reload(source: str | None) -> Config:
+    """load_config, with anything it raises turned into a ConfigError: a reload refuses
+    what it cannot load, whatever the cause, and the daemon runs on its old config."""
+    try:
+        return load_config(source)
+    except AuditdError:
+        raise
+    except Exception as exc:  # a case load_config does not know yet: still a refusal
+        raise ConfigError(f"{source or 'the config file'}: cannot be loaded: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def _online_backup(source_path: Path, target: Path) -> int:

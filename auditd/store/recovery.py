@@ -2,7 +2,9 @@
 
 A damaged file is never overwritten or deleted: it is renamed next to the live one,
 a fresh database is started (the journal replays into it) and `auditd recover OLD.db`
-copies every row that can still be read into the live store, idempotently.
+copies every row that can still be read into the live store, idempotently: its events
+and its dead letters (poison events and journal gaps, each with its seq), so every
+seq it held is again a stored event or a dead letter.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import structlog
 
 from auditd.schema import id_hash
-from auditd.store.statements import EVENTS, STREAMS, transaction
+from auditd.store.statements import DEAD_LETTERS, EVENTS, STREAMS, transaction
 from auditd.store.store import connect_sync
 
 log = structlog.get_logger("auditd.store.recovery")
@@ -105,20 +107,35 @@ class Salvage:
     copied: int = 0
     already_present: int = 0
     unreadable: int = 0
+    dead_letters_copied: int = 0
+    dead_letters_already_present: int = 0
+    dead_letters_unreadable: int = 0
+    problems: list[str] = field(default_factory=list)  # whole tables that could not be read
     copied_hashes: list[int] = field(default_factory=list)  # id hashes of copied rows
     stream_versions: dict[str, int] = field(default_factory=dict)  # highest copied
 
     def document(self, into: str) -> dict[str, Any]:
-        return {"copied": self.copied, "already_present": self.already_present,
-                "unreadable": self.unreadable, "into": into}
+        document: dict[str, Any] = {
+            "copied": self.copied, "already_present": self.already_present,
+            "unreadable": self.unreadable, "dead_letters_copied": self.dead_letters_copied,
+            "dead_letters_already_present": self.dead_letters_already_present,
+            "dead_letters_unreadable": self.dead_letters_unreadable, "into": into}
+        if self.problems:
+            document["problems"] = self.problems
+        return document
 
 
 def salvage(damaged: Path, live: Path,
             progress: Callable[[int, int], None] | None = None) -> Salvage:
-    """Copy every readable event row of `damaged` into `live`; re-running copies nothing new.
+    """Copy every readable event row and dead letter of `damaged` into `live`;
+    re-running copies nothing new.
 
-    Rows are read in seq ranges; a range that fails is split down to single rows, so
-    one damaged page costs only the rows on it.
+    Rows are read in ranges of their key; a range that fails is split down to single
+    rows, so one damaged page costs only the rows on it. Events go first: a seq that is
+    both an event and a dead letter (a letter whose retry committed) stays an event.
+    A dead letter with a seq is already present when the live store holds that seq as
+    an event or a dead letter; one without (an ingest reject) when an identical entry
+    (source, code, raw bytes, first failure time) is there.
     """
     source = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
     target = connect_sync(live)
@@ -128,25 +145,69 @@ def salvage(damaged: Path, live: Path,
         top = _max_seq(source)
         live_names: dict[str, int] = {}
         for start in range(1, top + 1, _CHUNK):
-            rows = _read_rows(source, start, min(top, start + _CHUNK - 1), result)
+            rows, lost = _read_rows(source, _EVENT_ROWS, start, min(top, start + _CHUNK - 1))
+            result.unreadable += lost
             _copy(target, rows, names, live_names, result)
             if progress is not None:
                 progress(min(top, start + _CHUNK - 1), top)
+        _salvage_dead_letters(source, target, result)
     finally:
         source.close()
         target.close()
     return result
 
 
+_EVENT_ROWS = "SELECT * FROM events WHERE seq"
+_DEAD_LETTER_ROWS = ("SELECT seq, source, code, reason, raw, size, uid, attempts,"
+                     " first_failed_at, last_failed_at FROM dead_letters WHERE dlq_id")
+
+
+def _salvage_dead_letters(source: sqlite3.Connection, target: sqlite3.Connection,
+                          result: Salvage) -> None:
+    try:
+        top = int(source.execute("SELECT max(dlq_id) FROM dead_letters").fetchone()[0] or 0)
+    except sqlite3.DatabaseError as exc:
+        result.problems.append(f"dead_letters: cannot be read: {exc}")
+        log.warning("dead_letters_unreadable", error=str(exc))
+        return
+    for start in range(1, top + 1, _CHUNK):
+        rows, lost = _read_rows(source, _DEAD_LETTER_ROWS, start,
+                                min(top, start + _CHUNK - 1))
+        result.dead_letters_unreadable += lost
+        with transaction(target):
+            for row in rows:
+                if _dead_letter_present(target, row):
+                    result.dead_letters_already_present += 1
+                    continue
+                target.execute(DEAD_LETTERS.one(), row)
+                result.dead_letters_copied += 1
+
+
+def _dead_letter_present(target: sqlite3.Connection, row: tuple[object, ...]) -> bool:
+    seq, source, code, raw, first_failed_at = row[0], row[1], row[2], row[4], row[8]
+    if seq is not None:
+        return target.execute(
+            "SELECT 1 FROM events WHERE seq = ? UNION ALL "
+            "SELECT 1 FROM dead_letters WHERE seq = ? LIMIT 1", (seq, seq)).fetchone() is not None
+    return target.execute(
+        "SELECT 1 FROM dead_letters WHERE seq IS NULL AND source = ? AND code = ? "
+        "AND first_failed_at = ? AND raw = ? LIMIT 1",
+        (source, code, first_failed_at, raw)).fetchone() is not None
+
+
 def _max_seq(source: sqlite3.Connection) -> int:
-    for sql in ("SELECT max(seq) FROM events", "SELECT value FROM meta WHERE key='committed_seq'"):
+    """The highest seq the file tells of: its events, its dead letters (the last seq
+    may have been dead-lettered) and its commit checkpoint, whichever are readable."""
+    highest = 0
+    for sql in ("SELECT max(seq) FROM events", "SELECT max(seq) FROM dead_letters",
+                "SELECT value FROM meta WHERE key='committed_seq'"):
         try:
-            value = source.execute(sql).fetchone()[0]
-            if value:
-                return int(value)
+            value = source.execute(sql).fetchone()
         except sqlite3.DatabaseError:
             continue
-    return 0
+        if value is not None and value[0] is not None:
+            highest = max(highest, int(value[0]))
+    return highest
 
 
 def _readable_names(source: sqlite3.Connection) -> dict[int, str]:
@@ -170,20 +231,21 @@ def _readable_names(source: sqlite3.Connection) -> dict[int, str]:
     return names
 
 
-def _read_rows(source: sqlite3.Connection, first: int, last: int,
-               result: Salvage) -> list[tuple[object, ...]]:
+def _read_rows(source: sqlite3.Connection, select: str, first: int,
+               last: int) -> tuple[list[tuple[object, ...]], int]:
+    """Rows whose key (`select` ends with it) is in first..last, and how many keys could
+    not be read: a range that fails is halved down to single keys."""
     try:
         if first == last:  # a direct seek reads no neighbouring leaf page
-            return source.execute("SELECT * FROM events WHERE seq = ?", (first,)).fetchall()
-        return source.execute("SELECT * FROM events WHERE seq BETWEEN ? AND ?",
-                              (first, last)).fetchall()
+            return source.execute(f"{select} = ?", (first,)).fetchall(), 0
+        return source.execute(f"{select} BETWEEN ? AND ?", (first, last)).fetchall(), 0
     except sqlite3.DatabaseError:
         if first == last:
-            result.unreadable += 1
-            return []
+            return [], 1
         middle = (first + last) // 2
-        return (_read_rows(source, first, middle, result)
-                + _read_rows(source, middle + 1, last, result))
+        low, low_lost = _read_rows(source, select, first, middle)
+        high, high_lost = _read_rows(source, select, middle + 1, last)
+        return low + high, low_lost + high_lost
 
 
 def _copy(target: sqlite3.Connection, rows: list[tuple[object, ...]], names: dict[int, str],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +181,111 @@ def test_cli_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, done.stderr
     assert "buffer.capacity = 0: expected an integer >= 1" in lines[0]
     assert "Traceback" not in done.stderr
+
+
+# -- files that cannot be read: each a ConfigError with one line naming the file ----------
+
+def load_error(path: Path | str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[log]\nlevel = "info" # caf\xe9\n')
+    assert load_error(path) == f"{path}: not UTF-8: byte 0xe9 at offset 26"
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    assert load_error(tmp_path) == f"{tmp_path}: is a directory, not a config file"
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "auditd.toml"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | Config] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config(str(fifo)))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(timeout=30)
+    if loader.is_alive():  # blocked opening the FIFO: a writer lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        loader.join(timeout=30)
+        raise AssertionError("load_config blocked on a FIFO waiting for a writer")
+    assert len(outcome) == 1 and isinstance(outcome[0], ConfigError), outcome
+    assert str(outcome[0]) == f"{fifo}: not a regular file (a FIFO, socket or device)"
+
+
+def test_a_device_is_refused() -> None:
+    # /dev/null, not /dev/zero: a loader that reads devices would read that one forever
+    assert load_error("/dev/null") == (
+        "/dev/null: not a regular file (a FIFO, socket or device)")
+
+
+def test_a_dangling_symlink_is_a_missing_file(tmp_path: Path) -> None:
+    link = tmp_path / "auditd.toml"
+    link.symlink_to(tmp_path / "removed.toml")
+    assert load_error(link) == f"{link}: no such config file"
+
+
+def test_a_path_through_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("")
+    path = tmp_path / "plain" / "auditd.toml"
+    assert load_error(path) == f"{path}: cannot open: Not a directory"
+
+
+# Runs as root in a child, then drops every uid: imports first, so the child needs no
+# access to the checkout, only to what it loads.
+_LOAD_AS = r"""
+import os, sys
+from auditd.config import load_config
+from auditd.errors import ConfigError
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+try:
+    load_config(sys.argv[1])
+except ConfigError as exc:
+    print("ConfigError:", exc)
+else:
+    print("loaded")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_a_file_in_a_directory_that_cannot_be_searched_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)  # root's: uid 65534 may not search it
+    path = locked / "auditd.toml"
+    path.write_text("[log]\nlevel = \"debug\"\n")
+    os.chmod(tmp_path, 0o755)
+    done = subprocess.run([sys.executable, "-c", _LOAD_AS, str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"ConfigError: {path}: cannot open: Permission denied\n"
+
+
+@pytest.mark.parametrize("kind", ["latin1", "directory"])
+def test_cli_run_with_an_unreadable_file_exits_2_with_one_line(tmp_path: Path,
+                                                               kind: str) -> None:
+    path = tmp_path / "auditd.toml"
+    if kind == "latin1":
+        path.write_bytes(b"# \xff\n")
+    else:
+        path.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "auditd.cli", "run", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"auditd: {path}: ") and done.stderr.count("\n") == 1, \
+        done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from auditd.schema import hash64, id_hash, uuid7
 from auditd.store import migrations
-from auditd.store.migrations import deferred
+from auditd.store.migrations import deferred, guard
 from auditd.store.store import connect_sync
 
 TABLES = {"names", "events", "streams", "meta", "dead_letters"}
@@ -208,3 +210,68 @@ def test_an_interrupted_bulk_load_gets_its_indexes_back_at_the_next_open(
 def test_restore_on_a_fresh_file_does_nothing(conn: sqlite3.Connection) -> None:
     assert deferred.restore(conn) == []
     assert tables(conn) == set()
+
+
+# -- what `auditd migrate` checks first: the plan, what a roll-back deletes, the holder ------
+
+def test_plan_and_losses_say_what_a_roll_back_would_delete(conn: sqlite3.Connection) -> None:
+    assert migrations.current(conn) == 0
+    assert [(d, m.version) for d, m in migrations.plan(conn)] == [("up", 1), ("up", 2)]
+    migrations.migrate(conn)
+    assert migrations.current(conn) == migrations.LATEST
+    assert migrations.plan(conn) == []
+    steps = migrations.plan(conn, to=0)
+    assert [(d, m.version) for d, m in steps] == [("down", 2), ("down", 1)]
+    assert migrations.losses(conn, steps) == []  # nothing stored: nothing to lose
+    insert_event(conn, 1)
+    insert_event(conn, 2)
+    lost = migrations.losses(conn, steps)
+    assert [(m.version, counts) for m, counts in lost] == [(1, {"events": 2})]
+    assert migrations.losses(conn, migrations.plan(conn, to=1)) == []
+    assert migrations.current(conn) == migrations.LATEST  # all of it read-only
+
+
+_HOLD_OPEN = r"""
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT count(*) FROM events").fetchone()
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_database_holder_names_another_process_with_the_file_open(tmp_path: Path) -> None:
+    path = tmp_path / "auditd.db"
+    setup = connect_sync(path)
+    migrations.migrate(setup)
+    setup.close()
+    assert guard.database_holder(path) is None
+    with subprocess.Popen([sys.executable, "-c", _HOLD_OPEN, str(path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            assert holder.stdout.readline() == "open\n"
+            assert guard.database_holder(path) == holder.pid
+            assert guard.process_name(holder.pid).startswith(f"pid {holder.pid} (")
+        finally:
+            holder.stdin.close()  # the child reads EOF and exits
+            holder.wait(timeout=30)
+    assert guard.database_holder(path) is None  # the -shm file stays; its lock does not
+
+
+def test_backup_beside_copies_everything_and_never_reuses_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "auditd.db"
+    live = connect_sync(path)
+    migrations.migrate(live)
+    insert_event(live, 1)  # in the WAL only: the backup must include it
+    first = guard.backup_beside(path, 2, 0)
+    second = guard.backup_beside(path, 2, 0)
+    live.close()
+    assert first != second and first.parent == second.parent == tmp_path
+    assert first.name.startswith("auditd.db.pre-migrate-2-0-")
+    for copy in (first, second):
+        check = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        try:
+            assert check.execute("SELECT seq, id FROM events").fetchall() == [(1, "id-1")]
+        finally:
+            check.close()

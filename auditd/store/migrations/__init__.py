@@ -1,7 +1,9 @@
 """Versioned schema migrations: each has up and down; applied versions are recorded.
 
 A migration and its bookkeeping row commit in one transaction, so a crash leaves the
-schema at a version that is recorded. Re-running is a no-op.
+schema at a version that is recorded. Re-running is a no-op. A migration whose down
+drops stored rows says which tables (`down_deletes`), so a caller can count what a
+roll-back would delete before it runs (`losses`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ class Migration:
     name: str
     up: tuple[Step, ...]
     down: tuple[Step, ...]
+    down_deletes: tuple[str, ...] = ()  # tables whose rows the down step deletes
 
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "initial", m0001_initial.UP, m0001_initial.DOWN),
+    Migration(1, "initial", m0001_initial.UP, m0001_initial.DOWN,
+              down_deletes=("events", "dead_letters")),
     Migration(2, "id_key", m0002_id_key.UP, m0002_id_key.DOWN),
 )
 LATEST = MIGRATIONS[-1].version
@@ -53,26 +57,56 @@ def pending(conn: sqlite3.Connection) -> list[Migration]:
     return [m for m in MIGRATIONS if m.version not in done]
 
 
-def migrate(conn: sqlite3.Connection, to: int | None = None) -> list[str]:
-    """Apply (or roll back) migrations until the schema is at `to` (default: latest).
+def current(conn: sqlite3.Connection) -> int:
+    """The schema version: the highest applied, 0 for none. Read-only."""
+    return max(applied(conn), default=0)
 
-    The connection must be in autocommit mode (isolation_level=None).
-    """
+
+def plan(conn: sqlite3.Connection, to: int | None = None) -> list[tuple[str, Migration]]:
+    """What migrate(conn, to) would do, in order: ("up" | "down", migration). Read-only."""
     target = LATEST if to is None else to
     if target < 0 or target > LATEST:
         raise ValueError(f"no schema version {target}; versions are 0..{LATEST}")
+    done = set(applied(conn))
+    steps = [("up", m) for m in MIGRATIONS if m.version <= target and m.version not in done]
+    steps += [("down", m) for m in reversed(MIGRATIONS)
+              if m.version > target and m.version in done]
+    return steps
+
+
+def losses(conn: sqlite3.Connection,
+           steps: list[tuple[str, Migration]]) -> list[tuple[Migration, dict[str, int]]]:
+    """The roll-backs in `steps` that would delete rows, with the rows each would delete
+    (table -> count; only tables that hold rows). Read-only."""
+    found = []
+    for direction, migration in steps:
+        if direction != "down":
+            continue
+        counts = {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                  for table in migration.down_deletes}
+        counts = {table: count for table, count in counts.items() if count}
+        if counts:
+            found.append((migration, counts))
+    return found
+
+
+def migrate(conn: sqlite3.Connection, to: int | None = None) -> list[str]:
+    """Apply (or roll back) migrations until the schema is at `to` (default: latest).
+
+    The connection must be in autocommit mode (isolation_level=None). Deleting rows is
+    not this function's concern: callers check `losses` first.
+    """
+    steps = plan(conn, to)
     conn.execute(_BOOKKEEPING)
     deferred.restore(conn)  # a migration must find the schema whole
-    done = set(applied(conn))
     actions: list[str] = []
-    for migration in MIGRATIONS:
-        if migration.version <= target and migration.version not in done:
+    for direction, migration in steps:
+        if direction == "up":
             _run(conn, migration.up,
                  ("INSERT INTO schema_migrations VALUES (?, ?, ?)",
                   (migration.version, migration.name, time.time_ns())))
             actions.append(f"applied {migration.version} {migration.name}")
-    for migration in reversed(MIGRATIONS):
-        if migration.version > target and migration.version in done:
+        else:
             _run(conn, migration.down,
                  ("DELETE FROM schema_migrations WHERE version = ?", (migration.version,)))
             actions.append(f"rolled back {migration.version} {migration.name}")

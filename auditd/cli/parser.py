@@ -1,0 +1,156 @@
+"""The `auditd` argument parser: every subcommand, option and positional with its help.
+
+Each help line says what the option does, its default where it has one and the form
+it expects. `--config` is accepted before the subcommand and after it; the one after
+wins (main reads `config_sub` first). Usage errors exit 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib import metadata
+from typing import NoReturn
+
+from auditd.errors import AuditdError
+from auditd.store.migrations import LATEST
+
+EXIT_USAGE = 2
+
+
+class UsageError(AuditdError):
+    """The command line asks for something that cannot be done as written (exit 2)."""
+
+_CONFIG_HELP = ("config file (TOML); default: $AUDITD_CONFIG, else /etc/auditd/auditd.toml, "
+                "else built-in defaults")
+_CONFIG_SUB_HELP = ("config file (TOML), as `auditd --config F`; given both before and "
+                    "after the subcommand, this one wins")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's usage error: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed package's version, from its metadata."""
+    try:
+        return metadata.version("auditd")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="auditd", description="Local audit-event daemon.")
+    parser.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
+    parser.add_argument("--version", action="version", version=f"auditd {version()}",
+                        help="print the installed auditd version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        made = sub.add_parser(name, help=help_text, description=help_text)
+        made.add_argument("--config", dest="config_sub", metavar="FILE", help=_CONFIG_SUB_HELP)
+        return made
+
+    command("run", "run the daemon in the foreground (what systemd starts)")
+    _send(command("send", "write one event from a shell, like logger; prints the reply; "
+                          "exit 0 when stored (a duplicate too), 1 when refused"))
+    _operator(command("status", "health, throughput, backlog, latencies, disk use, dead "
+                                "letters; exit 1 unless healthy"))
+    _dlq(_operator(command("dlq", "the dead-letter store: list, retry or drop entries")))
+    backup = _operator(command("backup", "a consistent online copy of the database, "
+                                         "written by the running daemon"))
+    backup.add_argument("dest", metavar="DEST",
+                        help="path of the copy, relative to the current directory; it must "
+                             "not exist (a backup never overwrites) and its directory must")
+    _recover(command("recover", "copy every readable event and dead letter of a damaged "
+                                "database into the live store (idempotent)"))
+    _migrate(command("migrate", "apply or roll back schema migrations (daemon stopped; a "
+                                "backup is taken first)"))
+
+    from auditd.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(command("bench", "load generator, storage baseline and replay "
+                                         "timing; prints events/s, latencies, peak RSS"))
+    return parser
+
+
+def _send(send: argparse.ArgumentParser) -> None:
+    add = send.add_argument
+    add("type", metavar="TYPE", help="the event's type, e.g. user.login (required)")
+    add("--actor", metavar="NAME", help="who did it, e.g. alice (default: none)")
+    add("--target", metavar="WHAT", help="what it was done to, e.g. /srv/app (default: none)")
+    add("--stream", metavar="NAME",
+        help="the stream the event belongs to; the daemon gives it the stream's next "
+             "version (default: none)")
+    add("--id", metavar="ID",
+        help="idempotency id: an id already stored is answered as a duplicate with its "
+             "first seq (default: a new UUIDv7)")
+    add("--correlation", metavar="ID",
+        help="correlation_id shared by the events of one operation (default: none)")
+    add("--tag", action="append", default=[], metavar="K=V",
+        help="a tag as key=value, e.g. --tag outcome=ok; repeat for more (at most 32)")
+    add("--data", action="append", default=[], metavar="K=V",
+        help="a data field as key=value (the value is a string); repeat for more")
+    add("--data-json", metavar="JSON",
+        help="data as a JSON object, e.g. '{\"n\": 1}'; merged over the --data fields")
+    add("--socket", metavar="PATH",
+        help="the daemon's ingest socket (default: ingest.socket from the config)")
+
+
+def _operator(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    command.add_argument("--status-socket", metavar="PATH",
+                         help="the daemon's status socket (default: status.socket from "
+                              "the config)")
+    command.add_argument("--json", action="store_true",
+                         help="print one JSON document instead of readable lines")
+    return command
+
+
+def _dlq(dlq: argparse.ArgumentParser) -> None:
+    dlq.add_argument("action", choices=["list", "retry", "drop"],
+                     help="list: show entries, oldest first; retry: commit entries again "
+                          "(accepted events keep their seq); drop: delete entries")
+    dlq.add_argument("ids", nargs="*", type=int, metavar="ID",
+                     help="dead-letter ids (the first column of `dlq list`); retry and drop "
+                          "take ids or --all, not both")
+    dlq.add_argument("--all", action="store_true",
+                     help="every entry (retry and drop only; not together with ids)")
+    dlq.add_argument("--limit", type=_positive, default=100, metavar="N",
+                     help="at most N entries to list (default 100)")
+
+
+def _recover(recover: argparse.ArgumentParser) -> None:
+    recover.add_argument("damaged", metavar="OLD.db",
+                         help="the damaged database the daemon moved aside, e.g. "
+                              "/var/lib/auditd/auditd.db.damaged-20261122T101500")
+    recover.add_argument("--status-socket", metavar="PATH",
+                         help="recover through the running daemon on this status socket "
+                              "(default: status.socket from the config; copied offline "
+                              "when no daemon runs)")
+    recover.add_argument("--json", action="store_true",
+                         help="print one JSON document instead of a sentence")
+
+
+def _migrate(migrate: argparse.ArgumentParser) -> None:
+    migrate.add_argument("--to", type=int, metavar="VERSION",
+                         help=f"schema version to end at, 0..{LATEST}; lower than the "
+                              f"current one rolls back (default: {LATEST}, the newest)")
+    migrate.add_argument("--status", action="store_true",
+                         help="list the migrations, applied or pending, and change nothing")
+    migrate.add_argument("--yes-delete-events", action="store_true",
+                         help="allow a roll-back that deletes stored events and dead "
+                              "letters (e.g. --to 0); refused without it")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a number >= 1")
+    return value
+
