@@ -62,6 +62,7 @@ _WAL_CHECKPOINT_PAGES = 16_384
 # they take 3-4 ms, and reply p99 fell from 5.1-6.1 to 3.7-5.4 ms. 0.01 and 0.005 s gave
 # no more. In catch-up the interval is long again: throughput, not latency, counts there.
 _CHECKPOINT_EVERY_S = 0.02
+_CHECKPOINT_RETRY_S = 1.0  # after a failed checkpoint
 _CATCH_UP_CACHE_KB = 48 * 1024
 _CATCH_UP_CHECKPOINT_PAGES = 65_536
 _CATCH_UP_CHECKPOINT_EVERY_S = 1.0
@@ -126,6 +127,10 @@ class Store:
         self._checkpoint_db: sqlite3.Connection | None = None  # only on _checkpointer
         self.checkpoint_every_s = _CHECKPOINT_EVERY_S
         self.commits = 0  # batches committed, counted on the store's thread
+        # Every seq through this is on disk: committed before a WAL checkpoint began
+        # that then completed (with synchronous=NORMAL a commit is durable only then).
+        self.durable_seq = 0
+        self.on_durable: Callable[[int], None] | None = None  # told when durable_seq grows
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -302,28 +307,37 @@ class Store:
         """Copy the WAL into the database file; True when every frame was copied.
 
         With synchronous=NORMAL a commit is durable against power loss only after
-        this, so journal segments are released only behind a complete checkpoint.
+        this, so journal segments are released only behind a complete checkpoint; a
+        complete one advances `durable_seq` to what was committed before it began.
         """
         db = self._checkpoint_db
         assert db is not None, "store not open"
+        committed = self._checkpoint  # set on the store's thread once a COMMIT returned
         try:
             busy, log_frames, copied = await _on(
                 self._checkpointer,
                 lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         except sqlite3.Error as exc:
             raise classify(exc, "checkpointing the WAL") from exc
-        return bool(busy == 0 and log_frames == copied)
+        complete = bool(busy == 0 and log_frames == copied)
+        if complete and committed > self.durable_seq:
+            self.durable_seq = committed
+            if self.on_durable is not None:
+                self.on_durable(committed)
+        return complete
 
     async def checkpoint_forever(self) -> None:
         """Checkpoint every `checkpoint_every_s` while batches commit.
 
         PASSIVE: it copies what no reader still needs and never blocks the writer,
-        which appends to the WAL meanwhile. Failures are logged once each and retried.
+        which appends to the WAL meanwhile. Also when no batch committed since, as long
+        as the last commit is not known durable (replies may wait for it: see
+        Journal.database_durable). Failures are logged once each and retried, slower.
         """
         seen, failing = -1, ""
         while True:
-            await asyncio.sleep(self.checkpoint_every_s)
-            if self.commits == seen:
+            await asyncio.sleep(_CHECKPOINT_RETRY_S if failing else self.checkpoint_every_s)
+            if self.commits == seen and self.durable_seq >= self._checkpoint:
                 continue
             seen = self.commits
             try:
