@@ -1,10 +1,9 @@
 """Append-only, segmented journal: every accepted event is written here before its reply.
 
-A segment is named by the first seq it may hold (`00000000000000000042.journal`). A
-record is a header `magic u16 | length u32 | seq u64 | crc32 u32` and `length` bytes of
-payload (the encoded StoredEvent); the CRC covers length, seq and payload. Segments
-are only appended to; a new one starts at each daemon start and when the current one
-exceeds its size, and a segment is deleted once every event in it is durably committed.
+A segment is named by the first seq it may hold (`00000000000000000042.journal`) and
+holds records (journal.records: their format, and replay). Segments are only appended
+to; a new one starts at each daemon start and when the current one exceeds its size,
+and a segment is deleted once every event in it is durably committed.
 
 Appends are synchronous write(2) calls on the event loop (page-cache writes); fsyncs
 run in a child process (a thread if none can start), one covering every record written
@@ -26,74 +25,24 @@ import asyncio
 import errno
 import itertools
 import os
-import struct
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from auditd.errors import JournalError
+from auditd.journal.records import CorruptRange, Record, encode_record, read_segments
 from auditd.journal.sync import ProcessFsync, SyncNotAttempted
+
+__all__ = ["CorruptRange", "Journal", "Record", "encode_record"]
 
 log = structlog.get_logger("auditd.journal.journal")
 
-MAGIC = 0xA7E1
-HEADER = struct.Struct(">HIQI")
-_MAGIC_BYTES = MAGIC.to_bytes(2, "big")
 _SUFFIX = ".journal"
-MAX_RECORD = 64 * 1024 * 1024
 # After a failed sync, a fresh segment is synced to prove the journal again: first after
 # this long, then twice as long each time it fails, up to the cap.
 _VERIFY_FIRST_S = 0.1
 _VERIFY_MAX_S = 2.0
-
-
-def encode_record(seq: int, payload: bytes) -> bytes:
-    length = len(payload)
-    crc = zlib.crc32(payload, zlib.crc32(struct.pack(">IQ", length, seq)))
-    return HEADER.pack(MAGIC, length, seq, crc) + payload
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    seq: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CorruptRange:
-    """Bytes that hold no valid record, standing where seqs first..last were written."""
-
-    segment: str
-    offset: int
-    first_seq: int
-    last_seq: int
-    raw: bytes
-
-
-def _record_at(buffer: bytes, offset: int) -> Record | None:
-    if len(buffer) - offset < HEADER.size:
-        return None
-    magic, length, seq, crc = HEADER.unpack_from(buffer, offset)
-    start = offset + HEADER.size
-    if magic != MAGIC or length > MAX_RECORD or start + length > len(buffer):
-        return None
-    payload = buffer[start : start + length]
-    if zlib.crc32(payload, zlib.crc32(buffer[offset + 2 : offset + 14])) != crc:
-        return None
-    return Record(seq, payload)
-
-
-def _next_record(buffer: bytes, offset: int) -> int | None:
-    """Offset of the next valid record after a damaged one, found by its magic."""
-    position = buffer.find(_MAGIC_BYTES, offset + 1)
-    while position != -1:
-        if _record_at(buffer, position) is not None:
-            return position
-        position = buffer.find(_MAGIC_BYTES, position + 1)
-    return None
 
 
 class Journal:
@@ -139,51 +88,10 @@ class Journal:
         damaged stretch followed by valid records is yielded as a CorruptRange naming
         the seqs it stood for, so the caller can dead-letter them.
         """
-        segments = self.segments()
-        for number, (first_seq, path) in enumerate(segments):
-            buffer = path.read_bytes()
-            previous = first_seq - 1
-            offset = 0
-            while offset < len(buffer):
-                record = _record_at(buffer, offset)
-                if record is not None:
-                    offset += HEADER.size + len(record.payload)
-                    previous = record.seq
-                    self.last_seq = max(self.last_seq, record.seq)
-                    if record.seq > after_seq:
-                        yield record
-                    continue
-                resume = _next_record(buffer, offset)
-                following = segments[number + 1][0] if number + 1 < len(segments) else None
-                if resume is None and following is not None and following - 1 > previous:
-                    # Not a torn tail: the next segment starts later, so these bytes
-                    # stood for seqs that were written here.
-                    damaged = CorruptRange(path.name, offset, previous + 1, following - 1,
-                                           buffer[offset:])
-                    log.error("journal_record_corrupt", segment=path.name, offset=offset,
-                              bytes=len(buffer) - offset, first_seq=damaged.first_seq,
-                              last_seq=damaged.last_seq)
-                    if damaged.last_seq > after_seq:
-                        yield damaged
-                    break
-                if resume is None:
-                    cut = len(buffer) - offset
-                    with path.open("r+b") as handle:
-                        handle.truncate(offset)
-                        os.fsync(handle.fileno())
-                    log.warning("journal_tail_cut", segment=path.name, offset=offset,
-                                bytes_cut=cut, last_segment=number == len(segments) - 1)
-                    break
-                next_seq = HEADER.unpack_from(buffer, resume)[2]
-                damaged = CorruptRange(path.name, offset, previous + 1, next_seq - 1,
-                                       buffer[offset:resume])
-                log.error("journal_record_corrupt", segment=path.name, offset=offset,
-                          bytes=resume - offset, first_seq=damaged.first_seq,
-                          last_seq=damaged.last_seq)
-                if damaged.last_seq > after_seq and damaged.last_seq >= damaged.first_seq:
-                    yield damaged
-                offset = resume
-            self.last_seq = max(self.last_seq, first_seq - 1)
+        def seen(seq: int) -> None:
+            self.last_seq = max(self.last_seq, seq)
+
+        return read_segments(self.segments(), after_seq, seen)
 
     # -- writing ---------------------------------------------------------------
 

@@ -104,3 +104,35 @@ def test_the_wal_is_checkpointed_by_its_own_thread_not_by_commits(tmp_path: Path
     asyncio.run(scenario())
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (3000,)
+
+
+def test_durable_seq_advances_only_with_a_checkpoint_that_began_after_the_commit(
+        tmp_path: Path) -> None:
+    """What a held fsync-mode reply waits for: its commit copied into the database file
+    (and synced) by a complete checkpoint. A reader on an older snapshot keeps the
+    checkpoint from completing, so nothing is claimed durable."""
+    path = tmp_path / DB_NAME
+    told: list[int] = []
+
+    async def scenario() -> None:
+        store = Store(path)
+        await store.open()
+        store.on_durable = told.append
+        try:
+            await store.load_state()
+            reader = sqlite3.connect(path, isolation_level=None)
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM events").fetchone()  # holds its snapshot
+            await store.insert_batch(stored_events(50), [], 50)
+            assert not await store.checkpoint_wal()
+            assert (store.durable_seq, told) == (0, [])
+            reader.execute("COMMIT")
+            reader.close()
+            assert await store.checkpoint_wal()
+            assert (store.durable_seq, told) == (50, [50])
+            assert await store.checkpoint_wal()  # nothing new: not told again
+            assert told == [50]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
