@@ -1,9 +1,10 @@
 """The SQLite store: schema via migrations, batch inserts, the checkpoint, dead letters.
 
 All SQL runs on threads, never on the event loop: the writer's connection on a thread
-of its own, WAL checkpoints on another, readers on aiosqlite's. sqlite3 errors are
-translated here, at one boundary, into TransientStoreError (retry) or
-PermanentStoreError (dead-letter). The writer is the only caller of the write methods.
+of its own, WAL checkpoints on another, readers on aiosqlite's. Every sqlite3 error is
+translated as it leaves the store, at one boundary (sqlite_errors.classify), into
+TransientStoreError (retry), PermanentStoreError (dead-letter) or StoreFaultError (the
+database is unusable: say so). The writer is the only caller of the write methods.
 """
 
 from __future__ import annotations
@@ -22,15 +23,11 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from auditd.errors import (
-    BatchSkippedError,
-    PermanentStoreError,
-    StoreError,
-    TransientStoreError,
-)
+from auditd.errors import BatchSkippedError, StoreError, StoreFaultError
 from auditd.schema import StoredEvent, id_hash
 from auditd.store import migrations
 from auditd.store.migrations import deferred
+from auditd.store.sqlite_errors import classify
 from auditd.store.statements import (
     DEAD_LETTERS,
     EVENTS,
@@ -45,8 +42,6 @@ from auditd.store.statements import (
 log = structlog.get_logger("auditd.store.store")
 _T = TypeVar("_T")
 
-# Primary result codes (exc.sqlite_errorcode & 0xFF) that the same data will hit again.
-_PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
 DB_NAME = "auditd.db"
 _NAMES_CACHE_MAX = 200_000
 _WRITER_CACHE_KB = 16 * 1024
@@ -69,14 +64,6 @@ _CATCH_UP_CHECKPOINT_EVERY_S = 1.0
 # A WAL that grew during catch-up is cut back to this at the next checkpoint reset (not
 # during catch-up: cutting a file that grows again at once made replay 30% slower).
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-
-def classify(exc: sqlite3.Error, what: str) -> StoreError:
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    kind = PermanentStoreError if code in _PERMANENT else TransientStoreError
-    error = kind(f"{what}: {exc}")
-    error.__cause__ = exc
-    return error
-
 
 @dataclass(slots=True)
 class DeadLetter:
@@ -169,7 +156,10 @@ class Store:
         return self._db
 
     async def load_state(self) -> StoreState:
-        return await self._call(self._load_state)
+        try:
+            return await self._call(self._load_state)
+        except sqlite3.Error as exc:
+            raise classify(exc, "reading the commit checkpoint and streams") from exc
 
     def _load_state(self) -> StoreState:
         db = self.db
@@ -194,11 +184,14 @@ class Store:
                 count += 1
             return count
 
-        conn = connect_sync(self.path)
         try:
-            return await asyncio.to_thread(scan, conn)
-        finally:
-            conn.close()
+            conn = connect_sync(self.path)
+            try:
+                return await asyncio.to_thread(scan, conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise classify(exc, "reading the stored ids") from exc
 
     async def lookup_ids(self, ids: Iterable[str]) -> dict[str, int]:
         """The seq under which each of these ids is stored, for those that are."""
@@ -262,7 +255,14 @@ class Store:
                     "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
                     (checkpoint, checkpoint))
         except sqlite3.Error as exc:
-            raise classify(exc, "committing a batch") from exc
+            error = classify(exc, "committing a batch")
+            if isinstance(error, StoreFaultError):
+                # A statement that failed to prepare (a trigger naming a missing table)
+                # never looked at the schema on disk: one that runs does, so the next
+                # attempt sees an operator's fix made through another connection.
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            raise error from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
         self.commits += 1
         if fresh:  # only names that are committed join the cache
@@ -285,9 +285,12 @@ class Store:
             (_CATCH_UP_CACHE_KB, _CATCH_UP_CHECKPOINT_PAGES, -1) if on
             else (_WRITER_CACHE_KB, _WAL_CHECKPOINT_PAGES, _WAL_SIZE_LIMIT))
         self.checkpoint_every_s = _CATCH_UP_CHECKPOINT_EVERY_S if on else _CHECKPOINT_EVERY_S
-        await self._call(self.db.executescript, f"PRAGMA cache_size=-{cache_kb};"
-                         f"PRAGMA wal_autocheckpoint={pages};"
-                         f"PRAGMA journal_size_limit={wal_limit};")
+        try:
+            await self._call(self.db.executescript, f"PRAGMA cache_size=-{cache_kb};"
+                             f"PRAGMA wal_autocheckpoint={pages};"
+                             f"PRAGMA journal_size_limit={wal_limit};")
+        except sqlite3.Error as exc:
+            raise classify(exc, "setting the writer's cache") from exc
 
     async def set_indexes_aside(self) -> list[str]:
         """Drop the indexes a long backlog is committed faster without (see
