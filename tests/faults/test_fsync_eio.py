@@ -81,10 +81,14 @@ def in_database_file(daemon: DaemonProcess, ids: list[str]) -> bool:
 
 def has_reply(conn: RawConnection) -> bool:
     """Whether the daemon has sent anything on this connection yet (no waiting)."""
+    timeout = conn.sock.gettimeout()
+    conn.sock.setblocking(False)  # with a timeout, Python would wait for data first
     try:
-        return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, TimeoutError):  # EAGAIN (a socket with a timeout says so)
+        return bool(conn.sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
         return False
+    finally:
+        conn.sock.settimeout(timeout)
 
 
 def test_a_failed_fsync_acknowledges_only_what_the_database_holds_on_disk(

@@ -234,14 +234,18 @@ def test_a_child_that_never_serves_gives_way_to_a_thread(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("syncer", ["process", "thread"])
 def test_a_failed_sync_holds_its_replies_for_the_database_and_a_new_segment_proves_the_journal(
-        tmp_path: Path) -> None:
-    """fdatasync(2) on a FIFO fails (EINVAL): a real failure of the journal's own file.
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncer: str) -> None:
+    """fdatasync(2) on a FIFO fails (EINVAL): a real failure of the journal's own file,
+    met by the fsync process or, when none can start, by the executor thread.
 
     The waiter it covered is not released by any later journal sync, only by the
     database; the journal refuses appends until a segment created after the failure
     synced; one line for the failure, one for the recovery.
     """
+    if syncer == "thread":
+        monkeypatch.setattr(journal_sync.sys, "executable", str(tmp_path / "no-python"))
     fifo = tmp_path / f"{1:020d}.journal"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the journal's open returns
@@ -289,6 +293,8 @@ def test_a_failed_sync_holds_its_replies_for_the_database_and_a_new_segment_prov
     assert refused and not released and cleared is None
     events = [e for e in logs if e["event"].startswith("journal_")]
     assert [e["event"] for e in events] == ["journal_sync_failed", "journal_sync_recovered"]
+    if syncer == "thread":
+        assert "fsync_process_unavailable" in [e["event"] for e in logs]
     failed, recovered = events
     assert (failed["errno"], failed["segment"], failed["first_seq"], failed["last_seq"],
             failed["held_replies"]) == (errno.EINVAL, fifo.name, 1, 3, 1)
