@@ -1,7 +1,7 @@
 """The writer task: the only caller of store writes.
 
 It drains pending events from the ring in batches, one transaction each, and advances
-the commit checkpoint in that same transaction. Failures are classified (store.classify):
+the commit checkpoint in that same transaction. Failures are classified (sqlite_errors):
 transient ones are retried with capped, jittered exponential backoff while ingest keeps
 journaling; a permanent one splits the batch until the poison events are isolated
 and dead-lettered, and their neighbours are committed; a fault of the database itself
