@@ -280,6 +280,7 @@ class Daemon:
         reserve = self.config.size("storage", "reserve_bytes")
         watchdog_every = watchdog_interval()
         last_ping = last_status = 0.0
+        failing = ""  # logged once per distinct error, not every half second
         while True:
             await asyncio.sleep(_MAINTENANCE_S)
             now = time.monotonic()
@@ -304,7 +305,13 @@ class Daemon:
                 if self._indexes_aside and self.ready:  # the build at replay's end failed
                     await self._build_indexes()
             except Exception as exc:
-                log.error("maintenance_failed", error=str(exc))
+                if str(exc) != failing:
+                    log.error("maintenance_failed", error=str(exc))
+                failing = str(exc)
+                continue
+            if failing:
+                log.info("maintenance_recovered")
+                failing = ""
 
     async def _release_journal(self) -> None:
         if len(self.journal.segments()) < 2:

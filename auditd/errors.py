@@ -33,6 +33,21 @@ class PermanentStoreError(StoreError):
     """Constraint or data error: the same work will fail again; dead-letter it."""
 
 
+class StoreFaultError(StoreError):
+    """The database cannot be used as it is: corrupt, not a database, read-only, cannot be
+    opened, no permission, or an error SQLite gave no code for. Retrying the same work
+    does not help until an operator acts; health says `failing`.
+
+    `code` is SQLite's name for the error (`SQLITE_CORRUPT`...). `damaged` when the
+    file itself is damaged (CORRUPT, NOTADB): the start-up check moves it aside.
+    """
+
+    def __init__(self, message: str, *, code: str, damaged: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.damaged = damaged
+
+
 class BatchSkippedError(StoreError):
     """A batch queued behind one that failed: not attempted, so that nothing commits
     ahead of an earlier seq."""

@@ -79,9 +79,14 @@ class IngestServer:
         self.shutting_down = False
         self.refusal: str | None = None  # why ingest cannot accept now (disk full)
         self.journal_fault: str | None = None  # why the last journal append failed
+        self._journal_refusal: str | None = None  # the journal's sync fault, as refused
         self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._room = asyncio.Event()  # set after each commit, for inject()
+        # A failed journal sync: ingest refuses until the journal proved a new segment,
+        # and the replies it covered wait for the database's copy to be on disk.
+        journal.on_fault = self._journal_sync_fault
+        store.on_durable = journal.database_durable
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +120,8 @@ class IngestServer:
                 conn.unblock("buffer")
 
     def set_refusal(self, reason: str | None) -> None:
+        if reason is None and self.journal.fault is not None:
+            reason = self.journal.fault  # only the journal clears a failed sync
         if reason != self.refusal:
             (log.warning if reason else log.info)(
                 "ingest_refusing" if reason else "ingest_resumed", reason=reason)
@@ -122,6 +129,14 @@ class IngestServer:
         if reason is None:
             self.journal_fault = None
             self.capacity_freed()
+
+    def _journal_sync_fault(self, reason: str | None) -> None:
+        """The journal's sync failed (`reason`), or a new segment synced again (None)."""
+        if reason is not None:
+            self.set_refusal(reason)
+        elif self.refusal is not None and self.refusal == self._journal_refusal:
+            self.set_refusal(None)
+        self._journal_refusal = reason
 
     # -- one frame ---------------------------------------------------------------
 
@@ -244,7 +259,8 @@ class IngestServer:
         if acceptance.duplicates:
             reply["duplicates"] = acceptance.duplicates
             stats.duplicates += len(acceptance.duplicates)
-        wait = self.journal.wait_synced(conn.sync_position) if (
+        # Past a failed journal sync, this waits for the database's copy instead.
+        wait = self.journal.wait_synced(conn.sync_position, stored[-1].seq) if (
             stored and self.limits.fsync) else None
         conn.send_reply(reply_bytes(reply), wait)
 

@@ -1,14 +1,22 @@
 """Append-only, segmented journal: every accepted event is written here before its reply.
 
-A segment is named by the first seq it may hold (`00000000000000000042.journal`). A
-record is a header `magic u16 | length u32 | seq u64 | crc32 u32` and `length` bytes of
-payload (the encoded StoredEvent); the CRC covers length, seq and payload. Segments
-are only appended to; a new one starts at each daemon start and when the current one
-exceeds its size, and a segment is deleted once every event in it is durably committed.
+A segment is named by the first seq it may hold (`00000000000000000042.journal`) and
+holds records (journal.records: their format, and replay). Segments are only appended
+to; a new one starts at each daemon start and when the current one exceeds its size,
+and a segment is deleted once every event in it is durably committed.
 
 Appends are synchronous write(2) calls on the event loop (page-cache writes); fsyncs
 run in a child process (a thread if none can start), one covering every record written
-before it (group commit): see journal_sync.
+before it (group commit): see journal.sync.
+
+A failed fsync is never retried on the same file (PostgreSQL's "fsyncgate": after an
+fdatasync reported EIO, the kernel may have dropped the dirty pages, and a later
+fdatasync of that file that succeeds proves nothing). The records it covered are then
+durable only once the database has them on disk: their waiters are held until
+`database_durable` passes their seq. The journal is faulted (`fault`) and takes no
+appends until a sync of a segment created after the failure succeeds: Linux reports
+writeback errors per file (errseq_t), so a new file that was never part of the failed
+writeback, synced with its directory entry, is a proof the old one cannot give.
 """
 
 from __future__ import annotations
@@ -17,70 +25,24 @@ import asyncio
 import errno
 import itertools
 import os
-import struct
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
 
 from auditd.errors import JournalError
-from auditd.journal.sync import ProcessFsync
+from auditd.journal.records import CorruptRange, Record, encode_record, read_segments
+from auditd.journal.sync import ProcessFsync, SyncNotAttempted
+
+__all__ = ["CorruptRange", "Journal", "Record", "encode_record"]
 
 log = structlog.get_logger("auditd.journal.journal")
 
-MAGIC = 0xA7E1
-HEADER = struct.Struct(">HIQI")
-_MAGIC_BYTES = MAGIC.to_bytes(2, "big")
 _SUFFIX = ".journal"
-MAX_RECORD = 64 * 1024 * 1024
-
-
-def encode_record(seq: int, payload: bytes) -> bytes:
-    length = len(payload)
-    crc = zlib.crc32(payload, zlib.crc32(struct.pack(">IQ", length, seq)))
-    return HEADER.pack(MAGIC, length, seq, crc) + payload
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    seq: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CorruptRange:
-    """Bytes that hold no valid record, standing where seqs first..last were written."""
-
-    segment: str
-    offset: int
-    first_seq: int
-    last_seq: int
-    raw: bytes
-
-
-def _record_at(buffer: bytes, offset: int) -> Record | None:
-    if len(buffer) - offset < HEADER.size:
-        return None
-    magic, length, seq, crc = HEADER.unpack_from(buffer, offset)
-    start = offset + HEADER.size
-    if magic != MAGIC or length > MAX_RECORD or start + length > len(buffer):
-        return None
-    payload = buffer[start : start + length]
-    if zlib.crc32(payload, zlib.crc32(buffer[offset + 2 : offset + 14])) != crc:
-        return None
-    return Record(seq, payload)
-
-
-def _next_record(buffer: bytes, offset: int) -> int | None:
-    """Offset of the next valid record after a damaged one, found by its magic."""
-    position = buffer.find(_MAGIC_BYTES, offset + 1)
-    while position != -1:
-        if _record_at(buffer, position) is not None:
-            return position
-        position = buffer.find(_MAGIC_BYTES, position + 1)
-    return None
+# After a failed sync, a fresh segment is synced to prove the journal again: first after
+# this long, then twice as long each time it fails, up to the cap.
+_VERIFY_FIRST_S = 0.1
+_VERIFY_MAX_S = 2.0
 
 
 class Journal:
@@ -96,8 +58,16 @@ class Journal:
         self._unsynced_fds: list[int] = []
         self._new_entry = False
         self._dirty = asyncio.Event()
-        self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # (position, seq, future): resolved once a sync covers `position`
+        self._sync_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        # (seq, future): covered by a failed sync; resolved once the database has `seq`
+        # on disk (database_durable)
+        self._held: list[tuple[int, asyncio.Future[None]]] = []
+        self._durable_seq = 0  # the database holds every seq through this on disk
+        self._synced_seq = 0  # the last seq covered by a completed sync
         self.last_seq = 0
+        self.fault: str | None = None  # why the journal's syncs cannot be trusted now
+        self.on_fault: Callable[[str | None], None] | None = None  # told when `fault` changes
         self._fsync = ProcessFsync(directory)
 
     # -- reading ---------------------------------------------------------------
@@ -118,51 +88,10 @@ class Journal:
         damaged stretch followed by valid records is yielded as a CorruptRange naming
         the seqs it stood for, so the caller can dead-letter them.
         """
-        segments = self.segments()
-        for number, (first_seq, path) in enumerate(segments):
-            buffer = path.read_bytes()
-            previous = first_seq - 1
-            offset = 0
-            while offset < len(buffer):
-                record = _record_at(buffer, offset)
-                if record is not None:
-                    offset += HEADER.size + len(record.payload)
-                    previous = record.seq
-                    self.last_seq = max(self.last_seq, record.seq)
-                    if record.seq > after_seq:
-                        yield record
-                    continue
-                resume = _next_record(buffer, offset)
-                following = segments[number + 1][0] if number + 1 < len(segments) else None
-                if resume is None and following is not None and following - 1 > previous:
-                    # Not a torn tail: the next segment starts later, so these bytes
-                    # stood for seqs that were written here.
-                    damaged = CorruptRange(path.name, offset, previous + 1, following - 1,
-                                           buffer[offset:])
-                    log.error("journal_record_corrupt", segment=path.name, offset=offset,
-                              bytes=len(buffer) - offset, first_seq=damaged.first_seq,
-                              last_seq=damaged.last_seq)
-                    if damaged.last_seq > after_seq:
-                        yield damaged
-                    break
-                if resume is None:
-                    cut = len(buffer) - offset
-                    with path.open("r+b") as handle:
-                        handle.truncate(offset)
-                        os.fsync(handle.fileno())
-                    log.warning("journal_tail_cut", segment=path.name, offset=offset,
-                                bytes_cut=cut, last_segment=number == len(segments) - 1)
-                    break
-                next_seq = HEADER.unpack_from(buffer, resume)[2]
-                damaged = CorruptRange(path.name, offset, previous + 1, next_seq - 1,
-                                       buffer[offset:resume])
-                log.error("journal_record_corrupt", segment=path.name, offset=offset,
-                          bytes=resume - offset, first_seq=damaged.first_seq,
-                          last_seq=damaged.last_seq)
-                if damaged.last_seq > after_seq and damaged.last_seq >= damaged.first_seq:
-                    yield damaged
-                offset = resume
-            self.last_seq = max(self.last_seq, first_seq - 1)
+        def seen(seq: int) -> None:
+            self.last_seq = max(self.last_seq, seq)
+
+        return read_segments(self.segments(), after_seq, seen)
 
     # -- writing ---------------------------------------------------------------
 
@@ -185,8 +114,11 @@ class Journal:
         """Write records; return the journal position a sync must reach to cover them.
 
         On failure (disk full, I/O error) the segment is cut back to where it was, so
-        no partial record is left behind, and JournalError is raised.
+        no partial record is left behind, and JournalError is raised; while the journal
+        is faulted by a failed sync, JournalError at once.
         """
+        if self.fault is not None:
+            raise JournalError(self.fault)
         if self._segment_size >= self.segment_bytes:
             self.open_segment(first_seq)
         try:
@@ -207,41 +139,139 @@ class Journal:
             self._dirty.set()
         return self.written
 
-    def wait_synced(self, position: int) -> asyncio.Future[None]:
+    def wait_synced(self, position: int, seq: int | None = None) -> asyncio.Future[None]:
+        """Resolved once a sync covers `position`, or, when the sync covering it failed,
+        once the database holds `seq` (default: the last seq appended) on disk."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        seq = self.last_seq if seq is None else seq
         if position <= self.synced:
             future.set_result(None)
+        elif self.fault is not None:
+            self._hold(seq, future)
         else:
-            self._sync_waiters.append((position, future))
+            self._sync_waiters.append((position, seq, future))
         return future
 
+    def database_durable(self, seq: int) -> None:
+        """The database holds every seq through `seq` on disk (a WAL checkpoint that
+        began after their commit completed): release the replies held for them."""
+        if seq <= self._durable_seq:
+            return
+        self._durable_seq = seq
+        if self._held:
+            held, self._held = self._held, []
+            for waited, future in held:
+                if waited <= seq:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    self._held.append((waited, future))
+
+    def _hold(self, seq: int, future: asyncio.Future[None]) -> None:
+        if seq <= self._durable_seq:
+            future.set_result(None)
+        else:
+            self._held.append((seq, future))
+
     async def sync_forever(self) -> None:
-        """Group commit: one fdatasync covers every record written before it started."""
+        """Group commit: one fdatasync covers every record written before it started.
+
+        A failed sync is not retried: see the module docstring and _sync_failed.
+        Cancellation: the files of a sync in flight stay listed for close().
+        """
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            target, fd, finished = self.written, self._fd, self._unsynced_fds
+            target, target_seq, segment = self.written, self.last_seq, self._segment
+            fd, finished = self._fd, self._unsynced_fds
             new_entry, self._unsynced_fds, self._new_entry = self._new_entry, [], False
             try:
                 await self._fsync.sync(fd, finished, new_entry)
             except BaseException as exc:
-                # Not durable, or not known to be: kept for the retry, or for close().
+                # Not durable, or not known to be: kept for close(), or for the retry.
                 self._unsynced_fds[:0] = finished
                 self._new_entry = self._new_entry or new_entry
                 if not isinstance(exc, OSError):
                     raise
-                log.error("journal_fsync_failed", error=str(exc))
-                self._dirty.set()
-                await asyncio.sleep(0.1)
+                if isinstance(exc, SyncNotAttempted):  # nothing was synced: a real retry
+                    self._dirty.set()
+                    await asyncio.sleep(0.01)
+                    continue
+                self._sync_failed(exc, segment)
+                await self._verify_fresh_segment()
                 continue
-            self.synced = target
-            waiters, self._sync_waiters = self._sync_waiters, []
-            for position, future in waiters:
-                if position <= target:
-                    if not future.done():
-                        future.set_result(None)
-                else:
-                    self._sync_waiters.append((position, future))
+            self._synced(target, target_seq)
+
+    def _synced(self, target: int, target_seq: int) -> None:
+        self.synced, self._synced_seq = target, target_seq
+        waiters, self._sync_waiters = self._sync_waiters, []
+        for position, seq, future in waiters:
+            if position <= target:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                self._sync_waiters.append((position, seq, future))
+
+    def _sync_failed(self, exc: OSError, segment: Path | None) -> None:
+        """Every record past the last good sync is suspect: hold its replies for the
+        database, drop the files (never synced again), fault the journal."""
+        first, last = self._synced_seq + 1, self.last_seq
+        for _, seq, future in self._sync_waiters:
+            self._hold(seq, future)
+        self._sync_waiters = []
+        for stale in self._unsynced_fds:
+            _close_quietly(stale)
+        self._unsynced_fds, self._new_entry = [], False
+        self._abandon_segment()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        name = segment.name if segment is not None else "?"
+        log.error("journal_sync_failed", errno=exc.errno, error=str(exc), segment=name,
+                  first_seq=first, last_seq=last, held_replies=len(self._held),
+                  action="replies wait for the database; no appends until a new "
+                         "segment syncs")
+        self._set_fault(
+            f"journal fdatasync of {name} failed ({reason}); seqs {first}..{last} are "
+            f"acknowledged only once the database has them on disk, and ingest refuses "
+            f"until a new journal segment syncs")
+
+    def _abandon_segment(self) -> None:
+        """Close the segment being written; unlink it when it holds no record (its name is
+        the next one's, and a new file must be a new inode)."""
+        if self._fd >= 0:
+            _close_quietly(self._fd)
+        if self._segment is not None and self._segment_size == 0:
+            self._segment.unlink(missing_ok=True)
+        self._fd, self._segment, self._segment_size = -1, None, 0
+
+    async def _verify_fresh_segment(self) -> None:
+        """Until one succeeds: create a new segment and sync it with its directory entry.
+
+        Failed attempts are not logged (the fault is, once); the recovery is.
+        """
+        delay, attempts = _VERIFY_FIRST_S, 0
+        while True:
+            await asyncio.sleep(delay)
+            attempts += 1
+            try:
+                self._abandon_segment()
+                self.open_segment(self.last_seq + 1)
+                self._new_entry = False
+                await self._fsync.sync(self._fd, [], True)
+            except SyncNotAttempted:
+                continue
+            except OSError:
+                delay = min(delay * 2, _VERIFY_MAX_S)
+                continue
+            break
+        self._synced(self.written, self.last_seq)
+        log.info("journal_sync_recovered", segment=self._segment.name if self._segment
+                 else None, attempts=attempts, held_replies=len(self._held))
+        self._set_fault(None)
+
+    def _set_fault(self, reason: str | None) -> None:
+        self.fault = reason
+        if self.on_fault is not None:
+            self.on_fault(reason)
 
     def release_through(self, seq: int) -> int:
         """Delete segments whose every record has seq <= `seq`; never the open one."""
@@ -257,10 +287,24 @@ class Journal:
         return sum(path.stat().st_size for _, path in self.segments())
 
     def close(self) -> None:
+        """Sync (fsync mode) and close every file; a failure is logged, and the rest are
+        still closed."""
         for fd in [*self._unsynced_fds, self._fd]:
-            if fd >= 0:
-                if self.fsync:
+            if fd < 0:
+                continue
+            try:
+                if self.fsync and self.fault is None:
                     os.fdatasync(fd)
-                os.close(fd)
+            except OSError as exc:
+                log.error("journal_close_sync_failed", errno=exc.errno, error=str(exc))
+            finally:
+                _close_quietly(fd)
         self._fd, self._unsynced_fds = -1, []
         self._fsync.close()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as exc:  # a failed close is one more unsynced write: say so
+        log.error("journal_close_failed", errno=exc.errno, error=str(exc))

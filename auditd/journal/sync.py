@@ -3,8 +3,10 @@
 One contract for both: `sync(fd, finished, new_segment)` returns once `fd` (the segment
 being written), every fd in `finished` (segments closed since the last sync) and, when
 `new_segment`, the journal directory's entry for `fd` are durable. It raises OSError
-otherwise, and closes `finished` only on success, so that a failed sync can be retried
-with the same arguments.
+otherwise, and closes `finished` only on success. SyncNotAttempted (an OSError) says no
+fdatasync was started, so a retry with the same arguments is a real sync; any other
+OSError means one may have failed, and the journal never trusts those files again (a
+retry that succeeds after EIO proves nothing: see journal.py).
 
 ProcessFsync hands each sync to a child process (`fsync_process.py`) over a socket the
 event loop watches. Why not the executor: a sync's fdatasync was the smaller part of its
@@ -36,6 +38,11 @@ log = structlog.get_logger("auditd.journal.journal")
 _PROGRAM = Path(__file__).with_name("fsync_process.py")
 _FINISHED_PER_REQUEST = MAX_FDS - 2  # room for the current segment and the directory
 _DEATHS_BEFORE_FALLBACK = 3
+
+
+class SyncNotAttempted(OSError):
+    """The fsync process was gone before it received the request: nothing was synced,
+    and the kernel reported no error to anyone, so retrying is a real sync."""
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -144,7 +151,7 @@ class ProcessFsync:
         try:
             socket.send_fds(self._channel, [REQUEST.pack(self._token) + kinds], fds)
         except OSError:  # the child is gone: said by the reply handler, or now
-            self._lost()
+            self._lost(attempted=False)
         finally:
             if directory >= 0:
                 os.close(directory)
@@ -169,14 +176,21 @@ class ProcessFsync:
         if pending is not None and not pending.done() and token == self._token:
             pending.set_result(failed)
 
-    def _lost(self) -> None:
-        """The child's end closed: reap it, fail the sync in flight; the next one restarts it."""
+    def _lost(self, *, attempted: bool = True) -> None:
+        """The child's end closed: reap it, fail the sync in flight; the next one restarts it.
+
+        A child that died with a request in hand may have been inside an fdatasync that
+        failed: it shares our open file descriptions (SCM_RIGHTS), so the kernel would
+        not report that error to us again. Such a sync counts as failed, not as never
+        attempted.
+        """
         returncode = self._stop(kill=True)
         self._deaths += 1
         log.error("fsync_process_exited", pid=self.pid, returncode=returncode)
         pending = self._pending
         if pending is not None and not pending.done():
-            pending.set_exception(OSError(
+            kind = OSError if attempted else SyncNotAttempted
+            pending.set_exception(kind(
                 errno.EIO, f"the fsync process {self.pid} exited (returncode {returncode})"))
 
     def _stop(self, *, kill: bool) -> int | None:

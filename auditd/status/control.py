@@ -120,8 +120,10 @@ class DaemonControl:
             journal_bytes=daemon.journal.size_bytes(), db_bytes=daemon.store.size_bytes(),
             oldest_pending_age_s=max(0.0, age), disk_free_bytes=free,
             dlq_bytes=self.dlq_bytes, dlq_entries=self.dlq_entries,
-            writer_fault=daemon.writer.fault, ingest_refusal=daemon.ingest.refusal,
-            journal_fault=daemon.ingest.journal_fault,
+            writer_fault=daemon.writer.fault, database_fault=daemon.writer.database_fault,
+            database_damage=daemon.writer.database_damage,
+            ingest_refusal=daemon.ingest.refusal,
+            journal_fault=daemon.journal.fault or daemon.ingest.journal_fault,
             stopping=daemon.stop_requested.is_set(),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "

@@ -36,6 +36,8 @@ class HealthInputs:
     replay_done: int = 0
     replay_total: int = 0
     writer_fault: str | None = None
+    database_fault: str | None = None
+    database_damage: str | None = None
     ingest_refusal: str | None = None
     journal_fault: str | None = None
     stopping: bool = False
@@ -92,6 +94,8 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         replay_done=stats.replay_done,
         replay_total=stats.replay_total,
         writer_fault=gauges.writer_fault,
+        database_fault=gauges.database_fault,
+        database_damage=gauges.database_damage,
         ingest_refusal=gauges.ingest_refusal,
         journal_fault=gauges.journal_fault,
         stopping=gauges.stopping,
@@ -105,11 +109,11 @@ def evaluate(h: HealthInputs) -> Health:
         "replay_finished": _replay(h),
         "writer_progress": _writer_progress(h),
         "pending_age": _pending_age(h),
-        "database_writable": _fault(h.writer_fault, "commits succeed", "degraded"),
-        "database_intact": _fault(h.database_replaced,
-                                  "the database passed its integrity check at start",
-                                  "degraded"),
-        "journal_writable": _fault(h.journal_fault, "the journal accepts appends", "failing"),
+        "database_writable": _database_writable(h),
+        "database_intact": _database_intact(h),
+        "journal_writable": _fault(h.journal_fault,
+                                   "the journal accepts appends and its syncs succeed",
+                                   "failing"),
         "ingest_accepting": _fault(h.ingest_refusal, "ingest accepts events", "degraded"),
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
@@ -154,6 +158,21 @@ def _pending_age(h: HealthInputs) -> Check:
         return Check(False, f"the oldest pending event has waited {age:.1f} s, "
                      f"over the {bound:g} s bound", "degraded")
     return Check(True, f"the oldest pending event has waited {age:.3f} s", "degraded")
+
+
+def _database_writable(h: HealthInputs) -> Check:
+    """Failing when the database itself refuses (a fault an operator must clear),
+    degraded while commits fail in ways that pass by themselves (busy, I/O, full)."""
+    if h.database_fault is not None:
+        return Check(False, h.database_fault, "failing")
+    return _fault(h.writer_fault, "commits succeed", "degraded")
+
+
+def _database_intact(h: HealthInputs) -> Check:
+    if h.database_damage is not None:
+        return Check(False, h.database_damage, "failing")
+    return _fault(h.database_replaced, "the database passed its integrity check at start",
+                  "degraded")
 
 
 def _fault(reason: str | None, fine: str, severity: Severity) -> Check:

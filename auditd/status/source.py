@@ -43,6 +43,10 @@ class Gauges:
     dlq_bytes: int  # bytes held in the dead-letter store (sum of dead_letters.size)
     dlq_entries: int  # rows in the dead-letter store
     writer_fault: str | None = None  # writer.fault: why commits are failing now
+    # writer.database_fault: the database cannot be written (corrupt, read-only...)
+    database_fault: str | None = None
+    # writer.database_damage: SQLite said the file is damaged, since the start
+    database_damage: str | None = None
     ingest_refusal: str | None = None  # ingest.refusal: why ingest is refusing now
     journal_fault: str | None = None  # why the journal cannot be appended to now
     stopping: bool = False  # shutdown has begun

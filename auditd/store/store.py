@@ -1,9 +1,10 @@
 """The SQLite store: schema via migrations, batch inserts, the checkpoint, dead letters.
 
 All SQL runs on threads, never on the event loop: the writer's connection on a thread
-of its own, WAL checkpoints on another, readers on aiosqlite's. sqlite3 errors are
-translated here, at one boundary, into TransientStoreError (retry) or
-PermanentStoreError (dead-letter). The writer is the only caller of the write methods.
+of its own, WAL checkpoints on another, readers on aiosqlite's. Every sqlite3 error is
+translated as it leaves the store, at one boundary (sqlite_errors.classify), into
+TransientStoreError (retry), PermanentStoreError (dead-letter) or StoreFaultError (the
+database is unusable: say so). The writer is the only caller of the write methods.
 """
 
 from __future__ import annotations
@@ -22,15 +23,11 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from auditd.errors import (
-    BatchSkippedError,
-    PermanentStoreError,
-    StoreError,
-    TransientStoreError,
-)
+from auditd.errors import BatchSkippedError, StoreError, StoreFaultError
 from auditd.schema import StoredEvent, id_hash
 from auditd.store import migrations
 from auditd.store.migrations import deferred
+from auditd.store.sqlite_errors import classify
 from auditd.store.statements import (
     DEAD_LETTERS,
     EVENTS,
@@ -45,8 +42,6 @@ from auditd.store.statements import (
 log = structlog.get_logger("auditd.store.store")
 _T = TypeVar("_T")
 
-# Primary result codes (exc.sqlite_errorcode & 0xFF) that the same data will hit again.
-_PERMANENT = {18, 19, 20, 25}  # TOOBIG, CONSTRAINT, MISMATCH, RANGE
 DB_NAME = "auditd.db"
 _NAMES_CACHE_MAX = 200_000
 _WRITER_CACHE_KB = 16 * 1024
@@ -62,20 +57,13 @@ _WAL_CHECKPOINT_PAGES = 16_384
 # they take 3-4 ms, and reply p99 fell from 5.1-6.1 to 3.7-5.4 ms. 0.01 and 0.005 s gave
 # no more. In catch-up the interval is long again: throughput, not latency, counts there.
 _CHECKPOINT_EVERY_S = 0.02
+_CHECKPOINT_RETRY_S = 1.0  # after a failed checkpoint
 _CATCH_UP_CACHE_KB = 48 * 1024
 _CATCH_UP_CHECKPOINT_PAGES = 65_536
 _CATCH_UP_CHECKPOINT_EVERY_S = 1.0
 # A WAL that grew during catch-up is cut back to this at the next checkpoint reset (not
 # during catch-up: cutting a file that grows again at once made replay 30% slower).
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-
-def classify(exc: sqlite3.Error, what: str) -> StoreError:
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    kind = PermanentStoreError if code in _PERMANENT else TransientStoreError
-    error = kind(f"{what}: {exc}")
-    error.__cause__ = exc
-    return error
-
 
 @dataclass(slots=True)
 class DeadLetter:
@@ -126,6 +114,10 @@ class Store:
         self._checkpoint_db: sqlite3.Connection | None = None  # only on _checkpointer
         self.checkpoint_every_s = _CHECKPOINT_EVERY_S
         self.commits = 0  # batches committed, counted on the store's thread
+        # Every seq through this is on disk: committed before a WAL checkpoint began
+        # that then completed (with synchronous=NORMAL a commit is durable only then).
+        self.durable_seq = 0
+        self.on_durable: Callable[[int], None] | None = None  # told when durable_seq grows
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -164,7 +156,10 @@ class Store:
         return self._db
 
     async def load_state(self) -> StoreState:
-        return await self._call(self._load_state)
+        try:
+            return await self._call(self._load_state)
+        except sqlite3.Error as exc:
+            raise classify(exc, "reading the commit checkpoint and streams") from exc
 
     def _load_state(self) -> StoreState:
         db = self.db
@@ -189,11 +184,14 @@ class Store:
                 count += 1
             return count
 
-        conn = connect_sync(self.path)
         try:
-            return await asyncio.to_thread(scan, conn)
-        finally:
-            conn.close()
+            conn = connect_sync(self.path)
+            try:
+                return await asyncio.to_thread(scan, conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise classify(exc, "reading the stored ids") from exc
 
     async def lookup_ids(self, ids: Iterable[str]) -> dict[str, int]:
         """The seq under which each of these ids is stored, for those that are."""
@@ -257,7 +255,14 @@ class Store:
                     "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
                     (checkpoint, checkpoint))
         except sqlite3.Error as exc:
-            raise classify(exc, "committing a batch") from exc
+            error = classify(exc, "committing a batch")
+            if isinstance(error, StoreFaultError):
+                # A statement that failed to prepare (a trigger naming a missing table)
+                # never looked at the schema on disk: one that runs does, so the next
+                # attempt sees an operator's fix made through another connection.
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            raise error from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
         self.commits += 1
         if fresh:  # only names that are committed join the cache
@@ -280,9 +285,12 @@ class Store:
             (_CATCH_UP_CACHE_KB, _CATCH_UP_CHECKPOINT_PAGES, -1) if on
             else (_WRITER_CACHE_KB, _WAL_CHECKPOINT_PAGES, _WAL_SIZE_LIMIT))
         self.checkpoint_every_s = _CATCH_UP_CHECKPOINT_EVERY_S if on else _CHECKPOINT_EVERY_S
-        await self._call(self.db.executescript, f"PRAGMA cache_size=-{cache_kb};"
-                         f"PRAGMA wal_autocheckpoint={pages};"
-                         f"PRAGMA journal_size_limit={wal_limit};")
+        try:
+            await self._call(self.db.executescript, f"PRAGMA cache_size=-{cache_kb};"
+                             f"PRAGMA wal_autocheckpoint={pages};"
+                             f"PRAGMA journal_size_limit={wal_limit};")
+        except sqlite3.Error as exc:
+            raise classify(exc, "setting the writer's cache") from exc
 
     async def set_indexes_aside(self) -> list[str]:
         """Drop the indexes a long backlog is committed faster without (see
@@ -302,28 +310,37 @@ class Store:
         """Copy the WAL into the database file; True when every frame was copied.
 
         With synchronous=NORMAL a commit is durable against power loss only after
-        this, so journal segments are released only behind a complete checkpoint.
+        this, so journal segments are released only behind a complete checkpoint; a
+        complete one advances `durable_seq` to what was committed before it began.
         """
         db = self._checkpoint_db
         assert db is not None, "store not open"
+        committed = self._checkpoint  # set on the store's thread once a COMMIT returned
         try:
             busy, log_frames, copied = await _on(
                 self._checkpointer,
                 lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         except sqlite3.Error as exc:
             raise classify(exc, "checkpointing the WAL") from exc
-        return bool(busy == 0 and log_frames == copied)
+        complete = bool(busy == 0 and log_frames == copied)
+        if complete and committed > self.durable_seq:
+            self.durable_seq = committed
+            if self.on_durable is not None:
+                self.on_durable(committed)
+        return complete
 
     async def checkpoint_forever(self) -> None:
         """Checkpoint every `checkpoint_every_s` while batches commit.
 
         PASSIVE: it copies what no reader still needs and never blocks the writer,
-        which appends to the WAL meanwhile. Failures are logged once each and retried.
+        which appends to the WAL meanwhile. Also when no batch committed since, as long
+        as the last commit is not known durable (replies may wait for it: see
+        Journal.database_durable). Failures are logged once each and retried, slower.
         """
         seen, failing = -1, ""
         while True:
-            await asyncio.sleep(self.checkpoint_every_s)
-            if self.commits == seen:
+            await asyncio.sleep(_CHECKPOINT_RETRY_S if failing else self.checkpoint_every_s)
+            if self.commits == seen and self.durable_seq >= self._checkpoint:
                 continue
             seen = self.commits
             try:

@@ -1,15 +1,19 @@
 """The writer task: the only caller of store writes.
 
 It drains pending events from the ring in batches, one transaction each, and advances
-the commit checkpoint in that same transaction. Failures are classified: transient
-ones are retried with capped, jittered exponential backoff while ingest keeps
+the commit checkpoint in that same transaction. Failures are classified (sqlite_errors):
+transient ones are retried with capped, jittered exponential backoff while ingest keeps
 journaling; a permanent one splits the batch until the poison events are isolated
-and dead-lettered, and their neighbours are committed.
+and dead-lettered, and their neighbours are committed; a fault of the database itself
+(corrupt, read-only, cannot be opened...) is retried only every `retry_max_delay`, and
+health says `failing` until a commit succeeds. Each failing state is logged once, when
+it begins, not at every retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -18,7 +22,13 @@ from pathlib import Path
 
 import structlog
 
-from auditd.errors import BatchSkippedError, PermanentStoreError, TransientStoreError
+from auditd.errors import (
+    BatchSkippedError,
+    PermanentStoreError,
+    StoreError,
+    StoreFaultError,
+    TransientStoreError,
+)
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, encoder
 from auditd.stats import Stats
@@ -45,6 +55,15 @@ class Gap:
 Pending = StoredEvent | Gap  # what the ring holds between ingest and the writer
 
 
+class _Abandoned(Exception):
+    """Stopping while the database is unusable: pending events stay in the journal (they
+    replay at the next start); `dead` are seq-less rejects in hand, for the fallback."""
+
+    def __init__(self, dead: list[DeadLetter]) -> None:
+        super().__init__("stopped while the database is unusable")
+        self.dead = dead
+
+
 class Writer:
     def __init__(self, store: Store, ring: RingBuffer[Pending], stats: Stats, *,
                  batch_max: int, batch_delay_ms: int, retry_max_delay_ms: int,
@@ -59,7 +78,13 @@ class Writer:
         self.on_committed = on_committed
         self.dead_letters: list[DeadLetter] = []  # waiting to be written with a batch
         self.fault: str | None = None  # why commits are failing now, for health
+        # Why the database cannot be written (a StoreFaultError): health's `failing`.
+        self.database_fault: str | None = None
+        # SQLite said the file is damaged: kept until a restart sets the file aside.
+        self.database_damage: str | None = None
+        self._failing_state: str | None = None  # what was last logged as failing
         self._work = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._stopping = False
         self._restores: list[tuple[StoredEvent, int, asyncio.Future[str | None]]] = []
 
@@ -93,7 +118,7 @@ class Writer:
         for event, dlq_id, future in restores:
             try:
                 await self.store.insert_batch([event], [], 0, (dlq_id,))
-            except (TransientStoreError, PermanentStoreError) as exc:
+            except StoreError as exc:
                 future.set_result(str(exc))
             else:
                 self.stats.committed += 1
@@ -102,6 +127,7 @@ class Writer:
     def stop(self) -> None:
         """Finish what is pending, then return from run()."""
         self._stopping = True
+        self._stopped.set()
         self.wake()
 
     async def run(self) -> None:
@@ -122,7 +148,15 @@ class Writer:
                     await asyncio.sleep(self.batch_delay)
             batch = ring.peek_pending(self.batch_max)
             dead, self.dead_letters = self.dead_letters, []
-            await self._commit_pipelined(batch, dead)
+            try:
+                await self._commit_pipelined(batch, dead)
+            except _Abandoned as abandoned:
+                log.error("writer_abandoned", pending=ring.pending, reason=self.database_fault,
+                          note="pending events stay in the journal and replay at start")
+                rejects, self.dead_letters = [*abandoned.dead, *self.dead_letters], []
+                if rejects:
+                    self._write_fallback(rejects, str(self.database_fault))
+                return
 
     async def _commit_pipelined(self, batch: list[Pending], dead: list[DeadLetter]) -> None:
         """Commit `batch`, and while it commits hand the store the batch after it.
@@ -145,7 +179,13 @@ class Writer:
             if following:
                 dead, self.dead_letters = self.dead_letters, []
                 queued = self._submit(following, dead, after=batch[-1].seq)
-            await current
+            try:
+                await current
+            except _Abandoned as abandoned:
+                if queued is not None:  # skipped untried, since `current` did not commit
+                    queued.add_done_callback(_retrieved)
+                    abandoned.dead.extend(dead)
+                raise
             self._account(batch, started)
             started, batch = time.perf_counter(), following
 
@@ -189,13 +229,11 @@ class Writer:
                         continue  # never tried: try it now
                 else:
                     await self.store.insert_batch(events, letters, checkpoint)
-            except TransientStoreError as exc:
+            except (TransientStoreError, StoreFaultError) as exc:
                 attempt += 1
                 self.stats.commit_failures += 1
-                if self.fault is None:
-                    log.warning("commit_failing", error=str(exc), events=len(events))
-                self.fault = f"commits are failing and being retried: {exc}"
-                await asyncio.sleep(self._backoff(attempt))
+                self._failing(exc, events=len(events), dead=len(letters))
+                await self._pause(exc, attempt, dead)
                 continue
             except PermanentStoreError as exc:
                 if dead:
@@ -219,22 +257,72 @@ class Writer:
                 self._write_fallback(letters, str(exc))
                 entries, dead = [], []
                 continue
-            if self.fault is not None:
-                log.info("commit_recovered", attempts=attempt)
-                self.fault = None
+            self._recovered(attempt)
             return
 
     async def _commit_rejects(self, dead: list[DeadLetter]) -> list[DeadLetter]:
-        """Write seq-less dead letters on their own; returns what is left to write (none)."""
+        """Write seq-less dead letters on their own; returns what is left to write (none).
+
+        Failures are classified as for events: retried (and shown) while the database
+        may take them, written to the fallback file when it refuses these very rows.
+        """
+        attempt = 0
         while True:
             try:
                 await self.store.insert_batch([], dead, 0)
-            except TransientStoreError:
-                await asyncio.sleep(self._backoff(1))
+            except (TransientStoreError, StoreFaultError) as exc:
+                attempt += 1
+                self.stats.commit_failures += 1
+                self._failing(exc, events=0, dead=len(dead))
+                await self._pause(exc, attempt, dead)
                 continue
             except PermanentStoreError as exc:
                 self._write_fallback(dead, str(exc))
+            self._recovered(attempt)
             return []
+
+    def _failing(self, exc: TransientStoreError | StoreFaultError, *, events: int,
+                 dead: int) -> None:
+        """Say why commits fail, for health; log it once per state, not per retry."""
+        if isinstance(exc, StoreFaultError):
+            state = exc.code
+            self.fault = self.database_fault = (
+                f"the database cannot be written ({exc.code}): {exc}; retried every "
+                f"{self.retry_max_delay:g} s, events wait in the journal")
+            if exc.damaged and self.database_damage is None:
+                self.database_damage = (
+                    f"SQLite reports the database file damaged ({exc.code}): {exc}; "
+                    "restart the daemon: its start-up check moves the file aside and the "
+                    "journal replays into a fresh one; then run `auditd recover`")
+        else:
+            state = "transient"
+            self.database_fault = None
+            self.fault = f"commits are failing and being retried: {exc}"
+        if state == self._failing_state:
+            return
+        self._failing_state = state
+        if isinstance(exc, StoreFaultError):
+            log.error("database_faulted", code=exc.code, damaged=exc.damaged, error=str(exc),
+                      events=events, dead_letters=dead, retry_every_s=self.retry_max_delay)
+        else:
+            log.warning("commit_failing", error=str(exc), events=events, dead_letters=dead)
+
+    def _recovered(self, attempts: int) -> None:
+        if self._failing_state is not None:
+            log.info("commit_recovered", attempts=attempts, after=self._failing_state)
+        self._failing_state = self.fault = self.database_fault = None
+
+    async def _pause(self, exc: StoreError, attempt: int, dead: list[DeadLetter]) -> None:
+        """Before the next attempt: a backoff step after a transient error; after a
+        fault, `retry_max_delay`, cut short by stop(), which then abandons the work."""
+        if not isinstance(exc, StoreFaultError):
+            await asyncio.sleep(self._backoff(attempt))
+            return
+        if not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.retry_max_delay)
+        if self._stopping:
+            raise _Abandoned(list(dead))
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.retry_max_delay, 0.01 * (2 ** min(attempt, 16)))
@@ -249,6 +337,12 @@ class Writer:
                 handle.write(encoder.encode({
                     "seq": entry.seq, "source": entry.source, "code": entry.code,
                     "reason": entry.reason, "raw": entry.raw, "error": error}) + b"\n")
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """A batch skipped untried: its error is known and expected, not left unretrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _split(entries: list[Pending], dead: list[DeadLetter]) -> tuple[list[StoredEvent],

@@ -9,11 +9,13 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from auditd.errors import JournalError
 from auditd.journal import fsync_process
 from auditd.journal import sync as journal_sync
 from auditd.journal.fsync_process import REPLY, REQUEST
@@ -230,3 +232,106 @@ def test_a_child_that_never_serves_gives_way_to_a_thread(
         os.close(current)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("syncer", ["process", "thread"])
+def test_a_failed_sync_holds_its_replies_for_the_database_and_a_new_segment_proves_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncer: str) -> None:
+    """fdatasync(2) on a FIFO fails (EINVAL): a real failure of the journal's own file,
+    met by the fsync process or, when none can start, by the executor thread.
+
+    The waiter it covered is not released by any later journal sync, only by the
+    database; the journal refuses appends until a segment created after the failure
+    synced; one line for the failure, one for the recovery.
+    """
+    if syncer == "thread":
+        monkeypatch.setattr(journal_sync.sys, "executable", str(tmp_path / "no-python"))
+    fifo = tmp_path / f"{1:020d}.journal"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the journal's open returns
+    seen_while_faulted: list[tuple[str | None, bool, bool]] = []
+
+    async def scenario() -> list[dict[str, object]]:
+        journal = Journal(tmp_path, 1 << 20, fsync=True)
+
+        def on_fault(reason: str | None) -> None:
+            refused = False
+            try:
+                journal.append(encode_record(9, b"x"), 9, 9)
+            except JournalError:
+                refused = True
+            seen_while_faulted.append((reason, refused, held.done()))
+
+        journal.on_fault = on_fault
+        journal.open_segment(1)
+        records = b"".join(encode_record(seq, b"event") for seq in (1, 2, 3))
+        held = journal.wait_synced(journal.append(records, 1, 3), 3)
+        with capture_logs() as logs:
+            task = asyncio.ensure_future(journal.sync_forever())
+            for _ in range(500):  # until the fault came and went
+                if len(seen_while_faulted) == 2:
+                    break
+                await asyncio.sleep(0.01)
+        assert not held.done()  # the new segment's sync does not cover the failed one
+        journal.database_durable(2)
+        assert not held.done()
+        journal.database_durable(3)
+        assert held.done()
+        after = journal.wait_synced(journal.append(encode_record(4, b"next"), 4, 4), 4)
+        await asyncio.wait_for(after, 10)  # the new segment's syncs acknowledge again
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        journal.close()
+        return logs
+
+    logs = asyncio.run(scenario())
+    os.close(reader)
+    (reason, refused, released), (cleared, _, _) = seen_while_faulted
+    assert reason is not None and "fdatasync of 00000000000000000001.journal" in reason
+    assert "seqs 1..3" in reason
+    assert refused and not released and cleared is None
+    events = [e for e in logs if e["event"].startswith("journal_")]
+    assert [e["event"] for e in events] == ["journal_sync_failed", "journal_sync_recovered"]
+    if syncer == "thread":
+        assert "fsync_process_unavailable" in [e["event"] for e in logs]
+    failed, recovered = events
+    assert (failed["errno"], failed["segment"], failed["first_seq"], failed["last_seq"],
+            failed["held_replies"]) == (errno.EINVAL, fifo.name, 1, 3, 1)
+    assert recovered["segment"] == f"{4:020d}.journal"
+    assert (tmp_path / f"{4:020d}.journal").stat().st_size > 0  # seq 4 went there
+
+
+def wait_until_dead(pid: int) -> None:
+    """Until the child is a zombie (dead, not yet reaped by its parent, this process)."""
+    deadline = time.monotonic() + 10
+    while "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+        assert time.monotonic() < deadline, f"process {pid} still alive"
+        time.sleep(0.01)
+
+
+def test_a_child_gone_before_the_request_is_a_retry_not_a_failure(tmp_path: Path) -> None:
+    """No fdatasync was started, so the kernel reported no error to anyone: retrying is
+    a real sync, and the journal is not faulted."""
+    async def scenario() -> list[dict[str, object]]:
+        journal = Journal(tmp_path, 1 << 20, fsync=True)
+        journal.open_segment(1)
+        task = asyncio.ensure_future(journal.sync_forever())
+        await asyncio.wait_for(journal.wait_synced(
+            journal.append(encode_record(1, b"a"), 1, 1)), 10)
+        pid = journal._fsync.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until_dead(pid)  # blocking on purpose: the loop must not notice first
+        with capture_logs() as logs:
+            await asyncio.wait_for(journal.wait_synced(
+                journal.append(encode_record(2, b"b"), 2, 2)), 10)
+        assert journal.fault is None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        journal.close()
+        return logs
+
+    logs = asyncio.run(scenario())
+    assert [e["event"] for e in logs] == ["fsync_process_exited", "fsync_process_started"]
