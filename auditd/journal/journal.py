@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import mmap
 import os
 import struct
 import zlib
@@ -60,7 +61,7 @@ class CorruptRange:
     raw: bytes
 
 
-def _record_at(buffer: bytes, offset: int) -> Record | None:
+def _record_at(buffer: bytes | mmap.mmap, offset: int) -> Record | None:
     if len(buffer) - offset < HEADER.size:
         return None
     magic, length, seq, crc = HEADER.unpack_from(buffer, offset)
@@ -81,6 +82,36 @@ def _next_record(buffer: bytes, offset: int) -> int | None:
             return position
         position = buffer.find(_MAGIC_BYTES, position + 1)
     return None
+
+
+def _final_record_seq(buffer: mmap.mmap) -> int | None:
+    """Seq of the valid record that ends `buffer`, or None (a torn tail).
+
+    Payloads may hold the magic bytes, even a whole record a client put in `data`, but
+    an encoded event ends with fields the daemon sets, so no record inside a payload
+    ends where the file does.
+    """
+    position = len(buffer)
+    while position > 0 and len(buffer) - position <= HEADER.size + MAX_RECORD:
+        position = buffer.rfind(_MAGIC_BYTES, 0, position)
+        if position < 0:
+            return None
+        record = _record_at(buffer, position)
+        if record is not None and position + HEADER.size + len(record.payload) == len(buffer):
+            return record.seq
+    return None
+
+
+def _last_header_seq(buffer: mmap.mmap, last: int) -> int:
+    """Seq of the last record reached by walking headers from the start (no CRCs)."""
+    offset, end, unpack = 0, len(buffer) - HEADER.size, HEADER.unpack_from
+    while offset <= end:
+        magic, length, seq, _ = unpack(buffer, offset)
+        offset += HEADER.size + length
+        if magic != MAGIC or length > MAX_RECORD or offset > len(buffer):
+            break
+        last = seq
+    return last
 
 
 class Journal:
@@ -164,6 +195,27 @@ class Journal:
                 offset = resume
             self.last_seq = max(self.last_seq, first_seq - 1)
 
+    def last_seq_on_disk(self) -> int:
+        """The highest seq the segments hold, to size a replay before it starts.
+
+        Earlier segments end where the next one begins, so only the last segment is
+        read, from its end: the record whose CRC holds and which ends the file. A torn
+        tail has none; then its headers are walked from the start, up to the first one
+        that does not parse (an underestimate when damage stops it early). Reads a whole
+        segment at worst: call it from a thread.
+        """
+        segments = self.segments()
+        if not segments:
+            return 0
+        first_seq, path = segments[-1]
+        with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size < HEADER.size:
+                return first_seq - 1
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+                last = _final_record_seq(buffer)
+                return _last_header_seq(buffer, first_seq - 1) if last is None else last
+
+    # -- writing ---------------------------------------------------------------
     # -- writing ---------------------------------------------------------------
 
     def open_segment(self, first_seq: int) -> None:
