@@ -4,8 +4,8 @@ Start: store (checked, migrated) -> state, stored ids -> journal replay into the
 (the writer commits it) -> new journal segment -> ingest socket -> ready. While it runs,
 systemd hears what it is doing and is asked for more time as long as it makes progress.
 Stop: stop accepting -> answer shutting_down -> let pending fsyncs finish -> writer
-drains the ring -> close sockets -> checkpoint -> close the database. A second signal
-exits at once.
+drains the ring -> close, in reverse order of setup, each step on its own (a failed one is
+logged and makes the exit code 1; the rest still run). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +121,8 @@ class Daemon:
                  durability=config.ingest.durability)
         self.notifier.ready(self.status_line())
         await self.stop_requested.wait()
-        await self._shutdown()
+        if await self._shutdown():
+            self.failed = True
         return 1 if self.failed else 0
 
     async def _open(self) -> int:
@@ -170,13 +173,12 @@ class Daemon:
     async def _abandon_start(self) -> None:
         """A start that failed part-way: stop tasks and close what was opened, so the
         process can exit (aiosqlite's threads would otherwise keep it alive)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.status.aclose()
-            await self.dead_letters.close()
-            await self.store.close()
+        await self._close_steps([
+            ("tasks", self._cancel_tasks),
+            ("status_server", self.status.aclose),
+            ("dead_letter_store", self.dead_letters.close),
+            ("store", self.store.close),
+        ])
 
     def _committed(self, seq: int) -> None:
         self.sequencer.trim(seq)
@@ -251,7 +253,8 @@ class Daemon:
             if removed:
                 log.info("journal_released", segments=removed, through_seq=committed)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self) -> list[str]:
+        """Drain, then close everything; the names of the closing steps that failed."""
         log.info("daemon_stopping", pending=self.ring.pending)
         self.notifier.stopping("stopping: draining the buffer")
         self.ingest.stop_accepting()
@@ -266,18 +269,40 @@ class Daemon:
             except TimeoutError:
                 log.error("writer_drain_timeout", pending=self.ring.pending,
                           note="pending events stay in the journal and replay at start")
-        await self.ingest.aclose()
-        await self.status.aclose()
+        # Reverse order of setup. The journal is released while the store can still
+        # checkpoint, and closed (its last fdatasync) before the store it was opened after.
+        failed = await self._close_steps([
+            ("ingest_server", self.ingest.aclose),
+            ("tasks", self._cancel_tasks),
+            ("status_server", self.status.aclose),
+            ("journal_release", self._release_journal),
+            ("journal", self.journal.close),
+            ("dead_letter_store", self.dead_letters.close),
+            ("store", self.store.close),
+        ])
+        log.info("daemon_stopped", last_seq=self.sequencer.last_seq,
+                 committed_seq=self.stats.last_committed_seq, failed_steps=failed)
+        return failed
+
+    async def _close_steps(self, steps: list[tuple[str, Callable[[], Any]]]) -> list[str]:
+        """Run every step in order, whatever became of the ones before (as aiohttp's
+        runner cleans up); log each failure once and return the names of those that
+        failed. CancelledError is not caught: it propagates, as it must."""
+        failed = []
+        for step, close in steps:
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.error("shutdown_step_failed", step=step, error=str(exc) or repr(exc))
+                failed.append(step)
+        return failed
+
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._release_journal()
-        await self.dead_letters.close()
-        await self.store.close()
-        self.journal.close()
-        log.info("daemon_stopped", last_seq=self.sequencer.last_seq,
-                 committed_seq=self.stats.last_committed_seq)
 
     def _cancel_task(self, name: str) -> None:
         for task in self._tasks:
