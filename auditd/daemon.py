@@ -1,9 +1,11 @@
 """Wiring: open the store, replay the journal, serve, and shut down in a fixed order.
 
-Start: store (migrations) -> state -> journal replay into the ring (the writer commits
-it) -> new journal segment -> ingest socket -> ready. Stop: stop accepting -> answer
-shutting_down -> let pending fsyncs finish -> writer drains the ring -> close sockets
--> checkpoint -> close the database. A second signal exits at once.
+Start: store (checked, migrated) -> state, stored ids -> journal replay into the ring
+(the writer commits it) -> new journal segment -> ingest socket -> ready. While it runs,
+systemd hears what it is doing and is asked for more time as long as it makes progress.
+Stop: stop accepting -> answer shutting_down -> let pending fsyncs finish -> writer
+drains the ring -> close, in reverse order of setup, each step on its own (a failed one is
+logged and makes the exit code 1; the rest still run). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import os
 import signal
 import socket
@@ -19,35 +22,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 
 from auditd.config import Config
-from auditd.errors import AuditdError, StoreError
+from auditd.errors import AuditdError
 from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
-from auditd.journal.journal import CorruptRange, Journal
+from auditd.journal.journal import Journal
+from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
-from auditd.schema import id_hash, stored_decoder
 from auditd.stats import Stats
 from auditd.status.control import DaemonControl
 from auditd.status.server import StatusServer
 from auditd.store.deadletters import DeadLetterStore
 from auditd.store.recovery import read_remnant, set_aside_if_damaged
-from auditd.store.store import DB_NAME, DeadLetter, Store
-from auditd.store.writer import Gap, Pending, Writer
-from auditd.systemd import Notifier, watchdog_interval
+from auditd.store.store import DB_NAME, Store
+from auditd.store.writer import Pending, Writer
+from auditd.systemd import (
+    Notifier,
+    StartProgress,
+    extend_start_while_progressing,
+    watchdog_interval,
+)
 
 log = structlog.get_logger("auditd.daemon")
 _GC_YOUNG_THRESHOLD = 100_000
-# Past this many replayed events, and half the events already stored, the replay goes on
-# without the secondary indexes and builds them at the end (migrations.deferred): below
-# it, building them costs about what it saves.
-_SET_INDEXES_ASIDE_AFTER = 100_000
 
 _MAINTENANCE_S = 0.5
 _STATUS_EVERY_S = 2.0
 _WRITER_DRAIN_S = 30.0
+# How often start-up tells systemd what it does, asking each time (while it progresses)
+# for systemd.EXTEND_FACTOR times this much more: a start that stalls is killed within
+# 10 s past the unit's TimeoutStartSec=. Often, so that even a unit timeout of a couple
+# of seconds gets its first extension in time; a look costs one datagram.
+_EXTEND_EVERY_S = 1.0
+_EXTENDER = "start_timeout_extender"
 
 
 class Daemon:
@@ -65,16 +74,18 @@ class Daemon:
         self.dead_letters = DeadLetterStore(self.store.path)
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)
-        self._space = asyncio.Event()  # set after each commit: room in the ring for replay
         self.notifier = Notifier()
-        self._stored_events = 0
-        self._indexes_aside = False
+        self.start_progress = StartProgress()
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def run(self) -> int:
         config = self.config
         self._install_signals()
+        if self.notifier.enabled:
+            self._spawn(extend_start_while_progressing(
+                self.notifier, self._start_progress, self._start_status, _EXTEND_EVERY_S),
+                _EXTENDER)
         # Sockets first: a live daemon on them refuses this start before anything is
         # opened, and clients connecting during replay wait in the backlog.
         ingest_sock = self.inherited.get("ingest") or bind_unix(
@@ -87,15 +98,17 @@ class Daemon:
             self._spawn(self.writer.run(), "writer")
             self._spawn(self._maintain(), "maintenance")
             self._spawn(self.store.checkpoint_forever(), "wal_checkpoint")
-            await self._replay(committed_seq)
+            await self.replay.run(committed_seq)
             self.journal.open_segment(self.sequencer.last_seq + 1)
             if self.journal.fsync:
                 self._spawn(self.journal.sync_forever(), "journal_sync")
+            self.start_progress.begin("opening the ingest socket")
             await self.ingest.start(ingest_sock)
         except BaseException:
             await self._abandon_start()
             raise
         self.ready = True
+        self._cancel_task(_EXTENDER)  # READY=1 below ends the start timeout
         # Start-up objects (modules, config, replayed state) never die: keep full
         # collections from walking them, which showed up as 15-30 ms loop pauses.
         gc.collect()
@@ -109,15 +122,19 @@ class Daemon:
                  durability=config.ingest.durability)
         self.notifier.ready(self.status_line())
         await self.stop_requested.wait()
-        await self._shutdown()
+        if await self._shutdown():
+            self.failed = True
         return 1 if self.failed else 0
 
     async def _open(self) -> int:
         """Database (checked, migrated), state, components; returns the checkpoint."""
-        config = self.config
+        config, progress = self.config, self.start_progress
         self.storage.mkdir(parents=True, exist_ok=True)
-        self.damaged = await asyncio.to_thread(set_aside_if_damaged, self.store.path)
-        await self.store.open()
+        progress.begin("checking the database (quick_check)")
+        self.damaged = await asyncio.to_thread(set_aside_if_damaged, self.store.path,
+                                               progress.tick)
+        progress.begin("opening the database (migrations)")
+        await self.store.open(progress.tick)
         state = await self.store.load_state()
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
@@ -128,8 +145,8 @@ class Daemon:
         self.ring: RingBuffer[Pending] = RingBuffer(
             capacity, config.size("buffer", "max_bytes"))
         self.sequencer = Sequencer(state.max_seq, state.streams, recent_limit=2 * capacity)
-        stored = self._stored_events = await self.store.id_hashes(
-            self.sequencer.id_filter.add)
+        progress.begin("loading the stored ids")
+        stored = await self.store.id_hashes(self.sequencer.id_filter.add, progress.tick)
         self.journal = Journal(self.storage / "journal",
                                config.size("storage", "journal_segment_bytes"),
                                fsync=config.ingest.durability == "fsync")
@@ -139,6 +156,8 @@ class Daemon:
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
             on_committed=self._committed)
+        self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
+                                    self.sequencer, self.stats, progress, stored)
         await self.dead_letters.open()
         self.stats.last_committed_seq = state.committed_seq
         self.ingest = IngestServer(
@@ -155,105 +174,17 @@ class Daemon:
     async def _abandon_start(self) -> None:
         """A start that failed part-way: stop tasks and close what was opened, so the
         process can exit (aiosqlite's threads would otherwise keep it alive)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.status.aclose()
-            await self.dead_letters.close()
-            await self.store.close()
-
-    async def _replay(self, committed_seq: int) -> None:
-        """Feed journaled events past the checkpoint to the writer, as first sequenced."""
-        started, replayed, stats = time.monotonic(), 0, self.stats
-        chunk = max(1, self.ring.capacity // 2)
-        set_aside_at = max(_SET_INDEXES_ASIDE_AFTER, self._stored_events // 2)
-        await self.writer.catch_up(True)
-        for item in self.journal.replay(committed_seq):
-            if isinstance(item, CorruptRange):
-                gaps = self._gaps(item.first_seq, item.last_seq, item.raw,
-                                  f"journal segment {item.segment} offset {item.offset}: "
-                                  f"{len(item.raw)} damaged bytes")
-                for start in range(0, len(gaps), chunk):
-                    await self._push(gaps[start : start + chunk], len(item.raw))
-                continue
-            try:
-                event = stored_decoder.decode(item.payload)
-            except msgspec.DecodeError as exc:
-                await self._push(self._gaps(item.seq, item.seq, item.payload,
-                                            f"journal record cannot be decoded: {exc}"),
-                                 len(item.payload))
-                continue
-            event.id_hash = id_hash(event.id)  # a journal may predate the current key
-            await self._push([event], len(item.payload))
-            self.sequencer.restore(event)
-            replayed += 1
-            if replayed == set_aside_at:
-                await self._set_indexes_aside(replayed)
-            if replayed % 100_000 == 0:
-                stats.replay_done = replayed
-                log.info("replay_progress", events=replayed, seq=event.seq)
-                self.writer.wake()
-        if self._indexes_aside:
-            await self._wait_for_writer(lambda: not self.ring.pending)  # all committed
-            await self._build_indexes()
-        await self.writer.catch_up(False)
-        self.writer.wake()
-        self.sequencer.last_seq = max(self.sequencer.last_seq, self.journal.last_seq)
-        stats.replay_done = replayed
-        stats.replay_finished = True
-        if replayed:
-            log.info("replay_finished", events=replayed, last_seq=self.sequencer.last_seq,
-                     seconds=round(time.monotonic() - started, 3))
-
-    async def _push(self, entries: list[Pending], size: int) -> None:
-        """Into the ring in seq order, waiting for the writer to make room."""
-        await self._wait_for_writer(lambda: self.ring.has_room(len(entries), size))
-        self.sequencer.last_seq = max(self.sequencer.last_seq, entries[-1].seq)
-        self.ring.push(entries, [size] + [0] * (len(entries) - 1))
-
-    async def _wait_for_writer(self, until: Callable[[], bool]) -> None:
-        """Wake the writer and wait, commit after commit, until `until()` holds."""
-        while not until():
-            self._space.clear()
-            self.writer.wake()
-            await self._space.wait()
-
-    async def _set_indexes_aside(self, replayed: int) -> None:
-        try:
-            names = await self.store.set_indexes_aside()
-        except StoreError as exc:  # only slower without it
-            log.warning("indexes_not_set_aside", error=str(exc))
-            return
-        self._indexes_aside = True
-        log.info("indexes_set_aside", indexes=names, replayed=replayed,
-                 note="built again once the replay is committed")
-
-    async def _build_indexes(self) -> None:
-        started = time.monotonic()
-        try:
-            names = await self.store.build_indexes()
-        except StoreError as exc:
-            log.error("index_build_failed", error=str(exc),
-                      note="retried by maintenance; queries are slow until it succeeds")
-            return
-        self._indexes_aside = False
-        log.info("indexes_built", indexes=names, seconds=round(time.monotonic() - started, 3))
-
-    def _gaps(self, first: int, last: int, raw: bytes, why: str) -> list[Pending]:
-        """One dead letter per seq the bytes stood for; the bytes go with the first."""
-        reason = f"{why}; they stood for seq {first}..{last}"
-        gaps: list[Pending] = [
-            Gap(seq, DeadLetter("journal", "journal_corrupt", reason,
-                                raw if seq == first else b"", seq))
-            for seq in range(first, last + 1)]
-        self.stats.dead_lettered("journal_corrupt", len(gaps))
-        return gaps
+        await self._close_steps([
+            ("tasks", self._cancel_tasks),
+            ("status_server", self.status.aclose),
+            ("dead_letter_store", self.dead_letters.close),
+            ("store", self.store.close),
+        ])
 
     def _committed(self, seq: int) -> None:
         self.sequencer.trim(seq)
         self.ingest.capacity_freed()
-        self._space.set()
+        self.replay.room_made()
 
     def status_line(self) -> str:
         stats = self.stats
@@ -261,6 +192,14 @@ class Daemon:
         return (f"{state}: last seq {self.sequencer.last_seq}, {stats.accepted} accepted, "
                 f"{stats.committed} committed, {self.ring.pending} pending, "
                 f"{stats.connections} connections")
+
+    def _start_progress(self) -> int:
+        """Moves while start-up does: SQL steps in the threads, replay, commits."""
+        stats = self.stats
+        return self.start_progress.ticks + stats.replay_done + stats.last_committed_seq
+
+    def _start_status(self) -> str:
+        return f"starting: {self.start_progress.describe()}"
 
     def _writer_progressing(self, stall_after_s: float) -> bool:
         """The watchdog's question: is the writer making progress, not merely alive?
@@ -288,7 +227,7 @@ class Daemon:
                     and self._writer_progressing(watchdog_every)):
                 self.notifier.watchdog()
                 last_ping = now
-            if now - last_status >= _STATUS_EVERY_S:
+            if self.ready and now - last_status >= _STATUS_EVERY_S:  # before: the extender's
                 self.notifier.status(self.status_line())
                 last_status = now
             try:
@@ -302,8 +241,8 @@ class Daemon:
                 elif self.ingest.refusal is not None:
                     self.ingest.set_refusal(None)
                 await self._release_journal()
-                if self._indexes_aside and self.ready:  # the build at replay's end failed
-                    await self._build_indexes()
+                if self.replay.indexes_aside and self.ready:  # failed at replay's end
+                    await self.replay.build_indexes()
             except Exception as exc:
                 if str(exc) != failing:
                     log.error("maintenance_failed", error=str(exc))
@@ -322,7 +261,8 @@ class Daemon:
             if removed:
                 log.info("journal_released", segments=removed, through_seq=committed)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self) -> list[str]:
+        """Drain, then close everything; the names of the closing steps that failed."""
         log.info("daemon_stopping", pending=self.ring.pending)
         self.notifier.stopping("stopping: draining the buffer")
         self.ingest.stop_accepting()
@@ -337,18 +277,45 @@ class Daemon:
             except TimeoutError:
                 log.error("writer_drain_timeout", pending=self.ring.pending,
                           note="pending events stay in the journal and replay at start")
-        await self.ingest.aclose()
-        await self.status.aclose()
+        # Reverse order of setup. The journal is released while the store can still
+        # checkpoint, and closed (its last fdatasync) before the store it was opened after.
+        failed = await self._close_steps([
+            ("ingest_server", self.ingest.aclose),
+            ("tasks", self._cancel_tasks),
+            ("status_server", self.status.aclose),
+            ("journal_release", self._release_journal),
+            ("journal", self.journal.close),
+            ("dead_letter_store", self.dead_letters.close),
+            ("store", self.store.close),
+        ])
+        log.info("daemon_stopped", last_seq=self.sequencer.last_seq,
+                 committed_seq=self.stats.last_committed_seq, failed_steps=failed)
+        return failed
+
+    async def _close_steps(self, steps: list[tuple[str, Callable[[], Any]]]) -> list[str]:
+        """Run every step in order, whatever became of the ones before (as aiohttp's
+        runner cleans up); log each failure once and return the names of those that
+        failed. CancelledError is not caught: it propagates, as it must."""
+        failed = []
+        for step, close in steps:
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.error("shutdown_step_failed", step=step, error=str(exc) or repr(exc))
+                failed.append(step)
+        return failed
+
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._release_journal()
-        await self.dead_letters.close()
-        await self.store.close()
-        self.journal.close()
-        log.info("daemon_stopped", last_seq=self.sequencer.last_seq,
-                 committed_seq=self.stats.last_committed_seq)
+
+    def _cancel_task(self, name: str) -> None:
+        for task in self._tasks:
+            if task.get_name() == name:
+                task.cancel()
 
     # -- plumbing ------------------------------------------------------------------
 

@@ -8,41 +8,52 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 # Bucket upper bounds in milliseconds, shared by every latency histogram.
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500,
                       5000, 10000)
 BATCH_BUCKETS = (1, 10, 100, 500, 1000, 2000, 4096, 8192, 16384)
 
+DropReason = Literal["quota", "operator"]
+"""Why dead letters were deleted: the quota on ingest rejects (storage.dlq_max_bytes), or
+an operator's POST /dlq/drop (`auditd dlq drop`)."""
+DROP_REASONS: tuple[DropReason, ...] = ("operator", "quota")
+
 
 class Histogram:
-    """Per-bucket counts (the metrics exposition sums them) plus a window of recent
-    samples for percentiles."""
+    """Per-bucket counts since start (the metrics exposition sums them) plus the last
+    `window` observations, over which `percentiles` is computed: /stats shows latency
+    now, not a lifetime blend in which an hour-old stall never fades."""
 
-    __slots__ = ("_next", "_window", "bounds", "count", "counts", "total")
+    __slots__ = ("_recent", "bounds", "count", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...], window: int = 2048) -> None:
+        if window < 1:
+            raise ValueError(f"window must hold at least one observation, got {window}")
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.total = 0.0
-        self._window: list[float] = []
-        self._next = 0
+        self._recent: deque[float] = deque(maxlen=window)
+
+    @property
+    def window(self) -> int:
+        """How many recent observations the percentiles cover."""
+        size = self._recent.maxlen
+        assert size is not None
+        return size
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.total += value
-        if len(self._window) < 2048:
-            self._window.append(value)
-        else:
-            self._window[self._next] = value
-            self._next = (self._next + 1) % 2048
+        self._recent.append(value)  # the oldest falls out once `window` are held
 
     def percentiles(self) -> dict[str, float]:
-        ordered = sorted(self._window)
+        ordered = sorted(self._recent)
         if not ordered:
             return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
         def at(q: float) -> float:
@@ -58,8 +69,10 @@ class Stats:
     rejected: int = 0
     duplicates: int = 0
     dead_letters: int = 0
-    dead_letters_dropped: int = 0
     dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
+    # Entries deleted from the dead-letter store: the total, and by DropReason.
+    dead_letters_dropped: int = 0
+    dead_letters_dropped_by_reason: Counter[str] = field(default_factory=Counter)
     frames: int = 0
     connections: int = 0
     connections_total: int = 0
@@ -79,3 +92,9 @@ class Stats:
     def dead_lettered(self, code: str, count: int = 1) -> None:
         self.dead_letters += count
         self.dead_letters_by_reason[code] += count
+
+    def dead_letters_deleted(self, reason: DropReason, count: int) -> None:
+        """Entries gone from the dead-letter store unresolved (a retry that stores the
+        event is not a drop)."""
+        self.dead_letters_dropped += count
+        self.dead_letters_dropped_by_reason[reason] += count

@@ -7,12 +7,14 @@ the reference implementation in libsystemd where the man pages leave a choice op
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
-__all__ = ["LISTEN_FDS_START", "Notifier", "listen_fds", "notify", "watchdog_interval"]
+__all__ = ["LISTEN_FDS_START", "Notifier", "StartProgress", "extend_start_while_progressing",
+           "listen_fds", "notify", "watchdog_interval"]
 
 LISTEN_FDS_START = 3
 """The first fd systemd passes; the rest follow it without gaps."""
@@ -157,9 +159,14 @@ class Notifier:
         """Shutdown began: `systemctl status` shows "deactivating" meanwhile."""
         return self._send("STOPPING=1", *_status_line(status))
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for `seconds` more before the start/stop timeout fires (long replay, drain)."""
-        return self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+    def extend_timeout(self, seconds: float, status: str | None = None) -> bool:
+        """Ask for `seconds` more before the start/stop timeout fires (long replay, drain).
+
+        systemd counts them from when it receives the message, and never cuts the
+        unit's own TimeoutStartSec= short: the extension matters only past it.
+        """
+        return self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}",
+                          *_status_line(status))
 
     def watchdog(self) -> bool:
         """Still alive: call every `watchdog_interval()` seconds from the event loop."""
@@ -169,3 +176,55 @@ class Notifier:
 def _status_line(text: str | None) -> tuple[str, ...]:
     # A newline would start a new KEY=VALUE assignment inside the datagram.
     return () if text is None else ("STATUS=" + " ".join(text.splitlines()),)
+
+
+class StartProgress:
+    """What start-up is doing now, and a counter that moves while it makes progress.
+
+    `tick` may be called from any thread (the database check and the id scan run in
+    threads, as SQLite progress handlers: it returns None, so SQLite carries on); a
+    lost increment between threads only delays the next extension by one look.
+    """
+
+    __slots__ = ("_detail", "phase", "ticks")
+
+    def __init__(self) -> None:
+        self.phase = "starting"
+        self.ticks = 0
+        self._detail: Callable[[], str] | None = None
+
+    def begin(self, phase: str, detail: Callable[[], str] | None = None) -> None:
+        """A new phase; `detail`, when given, describes it with its figures."""
+        self.phase, self._detail = phase, detail
+        self.ticks += 1
+
+    def describe(self) -> str:
+        return self.phase if self._detail is None else self._detail()
+
+    def tick(self) -> None:
+        self.ticks += 1
+
+
+EXTEND_FACTOR = 10
+"""Each extension covers this many looks: a few late looks, or a writer backing off
+(5 s at most by default), never get the start killed, while a start that stopped moving
+is killed within EXTEND_FACTOR looks."""
+
+
+async def extend_start_while_progressing(notifier: Notifier, progress: Callable[[], int],
+                                         status: Callable[[], str], every_s: float) -> None:
+    """Until cancelled: every `every_s`, say what start-up is doing (STATUS=) and, when
+    `progress()` moved since the last look, ask for EXTEND_FACTOR * `every_s` more
+    (EXTEND_TIMEOUT_USEC=). No extension is sent while `progress()` stands still, so a
+    stuck start still meets systemd's timeout. The first look always extends: the start
+    has just begun. `progress()` must not decrease (a sum of counters will do).
+    """
+    last: int | None = None
+    while True:
+        now = progress()
+        if now != last:
+            notifier.extend_timeout(EXTEND_FACTOR * every_s, status())
+            last = now
+        else:
+            notifier.status(status())
+        await asyncio.sleep(every_s)

@@ -111,7 +111,9 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
         f"disk:         database {_size(stats.get('db_bytes', 0))}, journal "
         f"{_size(stats.get('journal_bytes', 0))}, free {_size(stats.get('disk_free_bytes', 0))}",
         f"dead letters: {stats.get('dlq_entries', 0)} ({_size(stats.get('dlq_bytes', 0))}), "
-        f"{stats.get('dead_letters_dropped', 0)} dropped over quota",
+        f"{stats.get('dead_letters_dropped_by_reason', {}).get('quota', 0)} dropped over "
+        f"quota, {stats.get('dead_letters_dropped_by_reason', {}).get('operator', 0)} by "
+        "operators",
         f"uptime:       {stats.get('uptime_s', 0)} s",
     ]
     return "\n".join(lines)

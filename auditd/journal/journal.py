@@ -31,7 +31,13 @@ from pathlib import Path
 import structlog
 
 from auditd.errors import JournalError
-from auditd.journal.records import CorruptRange, Record, encode_record, read_segments
+from auditd.journal.records import (
+    CorruptRange,
+    Record,
+    encode_record,
+    last_seq_in_segment,
+    read_segments,
+)
 from auditd.journal.sync import ProcessFsync, SyncNotAttempted
 
 __all__ = ["CorruptRange", "Journal", "Record", "encode_record"]
@@ -92,6 +98,21 @@ class Journal:
             self.last_seq = max(self.last_seq, seq)
 
         return read_segments(self.segments(), after_seq, seen)
+
+    def last_seq_on_disk(self) -> int:
+        """The highest seq the segments hold, to size a replay before it starts.
+
+        Earlier segments end where the next one begins, so only the last segment is
+        read, from its end: the record whose CRC holds and which ends the file. A torn
+        tail has none; then its headers are walked from the start, up to the first one
+        that does not parse (an underestimate when damage stops it early). Reads a whole
+        segment at worst: call it from a thread.
+        """
+        segments = self.segments()
+        if not segments:
+            return 0
+        first_seq, path = segments[-1]
+        return last_seq_in_segment(path, first_seq)
 
     # -- writing ---------------------------------------------------------------
 

@@ -6,6 +6,7 @@ payload (the encoded StoredEvent); the CRC covers length, seq and payload.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
@@ -46,7 +47,7 @@ class CorruptRange:
     raw: bytes
 
 
-def _record_at(buffer: bytes, offset: int) -> Record | None:
+def _record_at(buffer: bytes | mmap.mmap, offset: int) -> Record | None:
     if len(buffer) - offset < HEADER.size:
         return None
     magic, length, seq, crc = HEADER.unpack_from(buffer, offset)
@@ -123,3 +124,45 @@ def read_segments(segments: list[tuple[int, Path]], after_seq: int,
                 yield damaged
             offset = resume
         seen(first_seq - 1)
+
+
+def last_seq_in_segment(path: Path, first_seq: int) -> int:
+    """The highest seq a segment holds, read from its end: the record whose CRC holds and
+    which ends the file; for a torn tail, the last header reached walking from the start
+    (an underestimate when damage stops it early). Reads the whole file at worst."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size < HEADER.size:
+            return first_seq - 1
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            last = _final_record_seq(buffer)
+            return _last_header_seq(buffer, first_seq - 1) if last is None else last
+
+
+def _final_record_seq(buffer: mmap.mmap) -> int | None:
+    """Seq of the valid record that ends `buffer`, or None (a torn tail).
+
+    Payloads may hold the magic bytes, even a whole record a client put in `data`, but
+    an encoded event ends with fields the daemon sets, so no record inside a payload
+    ends where the file does.
+    """
+    position = len(buffer)
+    while position > 0 and len(buffer) - position <= HEADER.size + MAX_RECORD:
+        position = buffer.rfind(_MAGIC_BYTES, 0, position)
+        if position < 0:
+            return None
+        record = _record_at(buffer, position)
+        if record is not None and position + HEADER.size + len(record.payload) == len(buffer):
+            return record.seq
+    return None
+
+
+def _last_header_seq(buffer: mmap.mmap, last: int) -> int:
+    """Seq of the last record reached by walking headers from the start (no CRCs)."""
+    offset, end, unpack = 0, len(buffer) - HEADER.size, HEADER.unpack_from
+    while offset <= end:
+        magic, length, seq, _ = unpack(buffer, offset)
+        offset += HEADER.size + length
+        if magic != MAGIC or length > MAX_RECORD or offset > len(buffer):
+            break
+        last = seq
+    return last

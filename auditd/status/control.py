@@ -135,8 +135,9 @@ class DaemonControl:
         dlq = self.daemon.dead_letters
         dropped = await dlq.enforce_quota(self.config.size("storage", "dlq_max_bytes"))
         if dropped:
-            self.stats.dead_letters_dropped += dropped
-            log.warning("dead_letters_dropped", count=dropped, reason="over dlq_max_bytes")
+            self.stats.dead_letters_deleted("quota", dropped)
+            log.warning("dead_letters_dropped", count=dropped, reason="quota",
+                        note="oldest ingest rejects over storage.dlq_max_bytes")
         self.dlq_entries, self.dlq_bytes = await dlq.stats()
 
     # -- dead letters ----------------------------------------------------------------
@@ -154,6 +155,9 @@ class DaemonControl:
         dlq = self.daemon.dead_letters
         found = [entry[0] for entry in await dlq.entries(ids)]
         dropped = await dlq.drop(found) if found else 0
+        if dropped:
+            self.stats.dead_letters_deleted("operator", dropped)
+            log.info("dead_letters_dropped", count=dropped, reason="operator")
         missing = sorted(set(ids or []) - set(found))
         return {"dropped": dropped, "missing": missing}
 

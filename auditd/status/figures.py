@@ -11,7 +11,7 @@ import time
 from collections import deque
 from typing import Any
 
-from auditd.stats import Histogram, Stats
+from auditd.stats import DROP_REASONS, Histogram, Stats
 from auditd.status.source import StatusSource
 
 RATE_WINDOW_S = 10
@@ -68,6 +68,8 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "duplicates": stats.duplicates,
         "dead_letters": stats.dead_letters,
         "dead_letters_dropped": stats.dead_letters_dropped,
+        "dead_letters_dropped_by_reason": {
+            reason: stats.dead_letters_dropped_by_reason[reason] for reason in DROP_REASONS},
         "dead_letters_by_reason": dict(sorted(stats.dead_letters_by_reason.items())),
         "frames": stats.frames,
         "commit_failures": stats.commit_failures,

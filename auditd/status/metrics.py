@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from auditd.stats import Histogram
+from auditd.stats import DROP_REASONS, Histogram
 from auditd.status.health import evaluate, inputs_from
 from auditd.status.source import StatusSource
 
@@ -61,8 +61,14 @@ class AuditdCollector:
         for reason, count in sorted(stats.dead_letters_by_reason.items()):
             by_reason.add_metric([reason], count)
         yield by_reason
-        yield counter("auditd_dead_letters_dropped",
-                      "Dead letters deleted by an operator.", stats.dead_letters_dropped)
+        dropped = CounterMetricFamily(
+            "auditd_dead_letters_dropped",
+            "Dead-letter entries deleted unresolved, by reason: quota (the oldest ingest "
+            "rejects over storage.dlq_max_bytes) or operator (POST /dlq/drop).",
+            labels=["reason"])
+        for reason in DROP_REASONS:  # both always: a rate over an absent series is empty
+            dropped.add_metric([reason], stats.dead_letters_dropped_by_reason[reason])
+        yield dropped
 
         yield gauge("auditd_connections_open", "Ingest connections open now.",
                     stats.connections)
@@ -98,10 +104,13 @@ class AuditdCollector:
                         gauges.disk_free_bytes)
         yield gauge("auditd_start_time_seconds", "Start time since the Unix epoch.",
                     stats.started_at)
-        yield gauge("auditd_replay_done_events", "Journal events replayed at start.",
+        yield gauge("auditd_replay_done_events",
+                    "Journal records (events and damaged stretches' seqs) replayed so far.",
                     stats.replay_done)
         yield gauge("auditd_replay_total_events",
-                    "Journal events to replay at start (0 when unknown).", stats.replay_total)
+                    "Journal records past the commit checkpoint at start, from the "
+                    "journal's seq range (0 before the journal is read).",
+                    stats.replay_total)
         yield gauge("auditd_replay_finished", "1 once journal replay has finished.",
                     1 if stats.replay_finished else 0)
         yield from _health_families(self.source)

@@ -96,6 +96,7 @@ class DeadLetterStore:
                 break
             doomed.append(int(dlq_id))
             excess -= int(size)
-        for start in range(0, len(doomed), 500):
-            await self.drop(doomed[start : start + 500])
-        return len(doomed)
+        dropped = 0
+        for start in range(0, len(doomed), 500):  # what was deleted, not what was chosen
+            dropped += await self.drop(doomed[start : start + 500])
+        return dropped

@@ -20,19 +20,21 @@ import structlog
 
 from auditd.schema import id_hash
 from auditd.store.statements import DEAD_LETTERS, EVENTS, STREAMS, transaction
-from auditd.store.store import connect_sync
+from auditd.store.store import Progress, connect_sync, watched
 
 log = structlog.get_logger("auditd.store.recovery")
 
 _CHUNK = 1000
 
 
-def integrity_problem(path: Path) -> str | None:
-    """None when `PRAGMA quick_check` passes, else what is wrong."""
+def integrity_problem(path: Path, progress: Progress | None = None) -> str | None:
+    """None when `PRAGMA quick_check` passes, else what is wrong. `progress` is called
+    while the check runs (start-up's proof that it is not stuck)."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+            with watched(conn, progress):
+                rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
@@ -40,11 +42,12 @@ def integrity_problem(path: Path) -> str | None:
     return None if rows == ["ok"] else "; ".join(rows[:5])
 
 
-def set_aside_if_damaged(path: Path) -> tuple[Path, str] | None:
+def set_aside_if_damaged(path: Path,
+                         progress: Progress | None = None) -> tuple[Path, str] | None:
     """Check the database; when damaged, move it aside and say where and why."""
     if not path.exists():
         return None
-    problem = integrity_problem(path)
+    problem = integrity_problem(path, progress)
     if problem is None:
         return None
     moved = move_aside(path)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,12 @@ _CATCH_UP_CHECKPOINT_EVERY_S = 1.0
 # A WAL that grew during catch-up is cut back to this at the next checkpoint reset (not
 # during catch-up: cutting a file that grows again at once made replay 30% slower).
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Start-up's long statements (quick_check, migrations, the id scan, index builds) call
+# their progress handler this often, in SQLite VM steps: a few ms apart, cheap. Never on
+# the hot path, where the callback's taking the GIL would stall the store's thread.
+_PROGRESS_EVERY_STEPS = 1_000_000
+
+Progress = Callable[[], None]
 
 @dataclass(slots=True)
 class DeadLetter:
@@ -84,6 +90,20 @@ class StoreState:
     committed_seq: int
     max_seq: int
     streams: dict[str, int]
+
+
+@contextlib.contextmanager
+def watched(db: sqlite3.Connection, progress: Progress | None) -> Iterator[None]:
+    """Call `progress` every _PROGRESS_EVERY_STEPS VM steps of `db`'s statements inside
+    the block (on the thread running them), so start-up can tell slow from stuck."""
+    if progress is None:
+        yield
+        return
+    db.set_progress_handler(progress, _PROGRESS_EVERY_STEPS)
+    try:
+        yield
+    finally:
+        db.set_progress_handler(None, 0)
 
 
 def connect_sync(path: Path) -> sqlite3.Connection:
@@ -123,10 +143,11 @@ class Store:
         """Run `function` on the store's thread, after everything queued before it."""
         return _on(self._thread, function, *args)
 
-    async def open(self) -> None:
+    async def open(self, progress: Progress | None = None) -> None:
+        """Open (and migrate: `progress` is called as migrations run) the database."""
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
-            self._db = await self._call(_open_writer, self.path)
+            self._db = await self._call(_open_writer, self.path, progress)
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="auditd-checkpoint")
             self._checkpoint_db = await _on(self._checkpointer, connect_sync, self.path)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -175,13 +196,15 @@ class Store:
             streams={str(name): int(version) for name, version in rows},
         )
 
-    async def id_hashes(self, sink: Callable[[int], None]) -> int:
+    async def id_hashes(self, sink: Callable[[int], None],
+                        progress: Progress | None = None) -> int:
         """Feed every stored id hash to `sink` (in the database thread); return the count."""
         def scan(db: sqlite3.Connection) -> int:
             count = 0
-            for (value,) in db.execute("SELECT id_hash FROM events"):
-                sink(value)
-                count += 1
+            with watched(db, progress):
+                for (value,) in db.execute("SELECT id_hash FROM events"):
+                    sink(value)
+                    count += 1
             return count
 
         try:
@@ -300,9 +323,13 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, "setting indexes aside") from exc
 
-    async def build_indexes(self) -> list[str]:
+    async def build_indexes(self, progress: Progress | None = None) -> list[str]:
+        def build() -> list[str]:
+            with watched(self.db, progress):
+                return deferred.restore(self.db)
+
         try:
-            return await self._call(deferred.restore, self.db)
+            return await self._call(build)
         except sqlite3.Error as exc:
             raise classify(exc, "building the indexes set aside") from exc
 
@@ -369,10 +396,11 @@ def _on(thread: ThreadPoolExecutor | None, function: Callable[..., _T],
     return asyncio.get_running_loop().run_in_executor(thread, function, *args)
 
 
-def _open_writer(path: Path) -> sqlite3.Connection:
+def _open_writer(path: Path, progress: Progress | None = None) -> sqlite3.Connection:
     db = connect_sync(path)
     try:
-        migrations.migrate(db)
+        with watched(db, progress):
+            migrations.migrate(db)
         # Inserts touch a leaf of every index at a random place: once the indexes
         # outgrow SQLite's default 2 MB cache, each batch rereads pages it just wrote.
         db.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KB}")
