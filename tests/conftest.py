@@ -277,6 +277,13 @@ def wait_held(daemon: DaemonProcess, count: int, reason: str = "buffer",
     return document
 
 
+def wait_buffer_empty(daemon: DaemonProcess, timeout: float = 30.0) -> None:
+    """Until the daemon's own buffer holds nothing pending. A commit is in the database
+    a moment before the daemon frees its buffer slots: with overflow = "reject", a frame
+    sent on seeing the commit in the file can still be answered overloaded."""
+    wait_for(lambda: daemon.stats()["pending"] == 0, timeout, "the buffer to empty")
+
+
 def committed_seq(daemon: DaemonProcess) -> int:
     return int(daemon.query("SELECT value FROM meta WHERE key = 'committed_seq'")[0][0])
 

@@ -23,6 +23,7 @@ from conftest import (
     DaemonProcess,
     RawConnection,
     committed_seq,
+    wait_buffer_empty,
     wait_committed,
     wait_for,
     wait_held,
@@ -351,5 +352,5 @@ def test_buffer_max_bytes_bounds_pending_events_too(
                                            "message": "the buffer is full",
                                            "retry_after_ms": 100}
             assert conn.request({"type": "small"}) == {"ok": 1, "first": 3, "last": 3}
-        wait_committed(daemon, 3)
+        wait_buffer_empty(daemon)
         assert conn.request(event) == {"ok": 1, "first": 4, "last": 4}
