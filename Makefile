@@ -16,8 +16,9 @@ run: $(STAMP)
 	mkdir -p var/run var/lib
 	$(BIN)/auditd run --config config/dev.toml
 
-# pytest's exit 5 (no tests collected) fails the target like any other non-zero code.
-test: $(STAMP)
+# ruff and mypy --strict first (lint), then pytest under coverage. pytest's exit 5 (no
+# tests collected) fails the target like any other non-zero code.
+test: $(STAMP) lint
 	rm -rf .coverage-data && mkdir -p .coverage-data
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
 	$(BIN)/coverage combine -q

@@ -57,6 +57,7 @@ class DaemonProcess:
         self.log_path = root / "daemon.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._start_offset = 0
         sections: dict[str, dict[str, Any]] = {
             "ingest": {"socket": self.ingest_socket},
             "storage": {"path": str(self.storage), "reserve_bytes": "1MB"},
@@ -73,20 +74,30 @@ class DaemonProcess:
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> None:
         log = self.log_path.open("ab")
+        # Where this start's lines begin, taken before the process exists: a daemon that
+        # logs daemon_ready before Popen returns must not have its mark counted as old.
+        self._start_offset = log.tell()
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
         log.close()
-        self._ready_mark = self.log_text().count('"daemon_ready"')
         if wait:
             self.wait_ready(timeout)
 
+    def log_since_start(self) -> str:
+        """What the daemon logged since the last start()."""
+        with contextlib.suppress(FileNotFoundError), self.log_path.open("rb") as log:
+            log.seek(self._start_offset)
+            return log.read().decode(errors="replace")
+        return ""
+
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until this start's daemon_ready line; fails at once if the daemon exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
-            if self.log_text().count('"daemon_ready"') > self._ready_mark:
+            if '"daemon_ready"' in self.log_since_start():
                 return
             time.sleep(0.02)
         raise AssertionError(f"daemon not ready after {timeout}s:\n{self.log_text()}")
@@ -141,6 +152,18 @@ class DaemonProcess:
 
     def connect(self) -> RawConnection:
         return RawConnection(self.ingest_socket)
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's own figures: GET /stats over its status socket."""
+        conn = UnixHTTPConnection(self.status_socket)
+        try:
+            conn.request("GET", "/stats")
+            response = conn.getresponse()
+            body: dict[str, Any] = json.loads(response.read())
+        finally:
+            conn.close()
+        assert response.status == 200, body
+        return body
 
 
 class RawConnection:
@@ -241,6 +264,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}"
                                  f" (last: {value!r})")
         time.sleep(interval)
+
+
+def wait_held(daemon: DaemonProcess, count: int, reason: str = "buffer",
+              timeout: float = 30.0) -> dict[str, Any]:
+    """Until the daemon itself says `count` connections are held back for `reason`
+    ("buffer", "lookup", "writing"); returns that /stats document."""
+    def held() -> dict[str, Any] | None:
+        figures = daemon.stats()
+        return figures if figures["held_connections"][reason] >= count else None
+    document: dict[str, Any] = wait_for(held, timeout, f"{count} connection(s) held ({reason})")
+    return document
+
+
+def wait_buffer_empty(daemon: DaemonProcess, timeout: float = 30.0) -> None:
+    """Until the daemon's own buffer holds nothing pending. A commit is in the database
+    a moment before the daemon frees its buffer slots: with overflow = "reject", a frame
+    sent on seeing the commit in the file can still be answered overloaded."""
+    wait_for(lambda: daemon.stats()["pending"] == 0, timeout, "the buffer to empty")
 
 
 def committed_seq(daemon: DaemonProcess) -> int:

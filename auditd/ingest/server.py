@@ -29,6 +29,7 @@ from auditd.store.writer import Pending, Writer
 log = structlog.get_logger("auditd.ingest.server")
 
 _RETRY_AFTER_MS = 100
+HOLD_REASONS = ("buffer", "lookup", "writing")  # what Connection.block() is called with
 
 
 @dataclass(slots=True)
@@ -118,6 +119,15 @@ class IngestServer:
         if self.blocked and self.refusal is None and self.ring.below_low_water():
             for conn in list(self.blocked):
                 conn.unblock("buffer")
+
+    def held_counts(self) -> dict[str, int]:
+        """Open connections held back right now, by reason: a full buffer (or a refusal),
+        an id lookup, a client not reading its replies. One connection may count twice."""
+        counts = dict.fromkeys(HOLD_REASONS, 0)
+        for conn in self.connections:
+            for reason in conn.held:
+                counts[reason] = counts.get(reason, 0) + 1
+        return counts
 
     def set_refusal(self, reason: str | None) -> None:
         if reason is None and self.journal.fault is not None:

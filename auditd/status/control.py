@@ -125,6 +125,7 @@ class DaemonControl:
             ingest_refusal=daemon.ingest.refusal,
             journal_fault=daemon.journal.fault or daemon.ingest.journal_fault,
             stopping=daemon.stop_requested.is_set(),
+            held_connections=daemon.ingest.held_counts(),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "
                 f"moved to {daemon.damaged[0]}; a fresh one holds the journal's events; "

@@ -79,6 +79,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "oldest_pending_age_s": round(gauges.oldest_pending_age_s, 3),
         "connections": stats.connections,
         "connections_total": stats.connections_total,
+        "held_connections": gauges.held_connections,
         # JSON object keys are strings; uid stays a decimal string.
         "connections_by_uid": {str(uid): n for uid, n in sorted(stats.connections_by_uid.items())},
         "last_seq": gauges.last_seq,

@@ -7,7 +7,7 @@ the server reads is called on the event loop thread, so no member needs a lock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from auditd.config import Config
@@ -50,6 +50,9 @@ class Gauges:
     ingest_refusal: str | None = None  # ingest.refusal: why ingest is refusing now
     journal_fault: str | None = None  # why the journal cannot be appended to now
     stopping: bool = False  # shutdown has begun
+    # Connections held back now, by reason (ingest.held_counts): "buffer", "lookup",
+    # "writing" (the client does not read its replies).
+    held_connections: dict[str, int] = field(default_factory=dict)
     # Set when the database failed its check at start and was moved aside: a sentence
     # naming where it went, until the daemon restarts on a sound file.
     database_replaced: str | None = None

@@ -1,8 +1,10 @@
-"""Locked database: another process holds `BEGIN IMMEDIATE` for 5 s under load.
+"""Locked database: another process holds `BEGIN IMMEDIATE` under load.
 
 Replies must keep flowing (they follow the journal write, not the commit), health must
 say `degraded` with the reason, and once the lock is gone everything drains into the
-database in order, with no operator action.
+database in order, with no operator action. The lock is held until the test has seen
+all that, not for a fixed time; how fast replies come meanwhile is `auditd bench`'s
+business, not the suite's.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 from conftest import wait_for
@@ -23,30 +24,31 @@ from fault_helpers import (
     log_events_named,
 )
 
-LOCK_SECONDS = 5.0
 FRAME = 20
+REPLIES_WHILE_LOCKED = 50
 
+# Holds the write lock until told to let go (a line on stdin).
 HOLD_LOCK = """
-import sqlite3, sys, time
+import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
 conn.execute("BEGIN IMMEDIATE")
-print("locked", time.monotonic(), flush=True)
-time.sleep(float(sys.argv[2]))
+print("locked", flush=True)
+sys.stdin.readline()
 conn.execute("ROLLBACK")
-print("released", time.monotonic(), flush=True)
+print("released", flush=True)
 conn.close()
 """
 
 
 class Load(threading.Thread):
-    """One connection sending FRAME-event batches back to back, timing each reply."""
+    """One connection sending FRAME-event batches back to back, counting the replies."""
 
     def __init__(self, daemon: Any) -> None:
         super().__init__(daemon=True)
         self.conn = daemon.connect()
         self.stop = threading.Event()
         self.acks: dict[str, int] = {}
-        self.timings: list[tuple[float, float]] = []  # (reply arrived, latency)
+        self.replies = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -56,16 +58,19 @@ class Load(threading.Thread):
                 events = [{"type": "lock.test", "id": f"e{n + i}", "stream": "locked",
                            "data": n + i} for i in range(FRAME)]
                 n += FRAME
-                sent = time.monotonic()
                 reply = self.conn.request(events)
-                arrived = time.monotonic()
                 self.acks.update(acked_seqs(events, reply))
-                self.timings.append((arrived, arrived - sent))
-                time.sleep(0.005)
+                self.replies += 1
         except BaseException as exc:
             self.error = exc
         finally:
             self.conn.close()
+
+    def wait_replies(self, count: int, what: str) -> None:
+        """Until `count` more replies than now have come back."""
+        target = self.replies + count
+        wait_for(lambda: self.replies >= target or self.error is not None, 60, what)
+        assert self.error is None, repr(self.error)
 
 
 def test_replies_keep_flowing_while_another_process_holds_the_write_lock(
@@ -75,43 +80,38 @@ def test_replies_keep_flowing_while_another_process_holds_the_write_lock(
     load.start()
     holder = None
     try:
-        time.sleep(0.5)
+        load.wait_replies(10, "load before the lock")
         holder = subprocess.Popen(
-            [sys.executable, "-c", HOLD_LOCK, str(daemon.db_path), str(LOCK_SECONDS)],
-            stdout=subprocess.PIPE, text=True)
-        assert holder.stdout is not None
-        word, stamp = holder.stdout.readline().split()
-        assert word == "locked"
-        locked_at = float(stamp)
-        committed_at_lock = event_count(daemon)
-        time.sleep(1.0)
-        locked_health = health(daemon)
+            [sys.executable, "-c", HOLD_LOCK, str(daemon.db_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdin is not None and holder.stdout is not None
+        assert holder.stdout.readline().split() == ["locked"]
+        # What the writer had committed before the lock, once it has stopped committing.
+        locked_health = wait_for(lambda: (h := health(daemon))["status"] == "degraded" and h,
+                                 30, "health to say degraded")
+        committed_at_lock, acked_at_lock = event_count(daemon), len(load.acks)
+        # Replies go on while the writer is stuck: they follow the journal, not SQLite.
+        load.wait_replies(REPLIES_WHILE_LOCKED, "replies while the lock is held")
         stuck, acked = event_count(daemon), len(load.acks)
-        word, stamp = holder.stdout.readline().split()
-        assert word == "released"
-        released_at = float(stamp)
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().split() == ["released"]
         assert holder.wait(10) == 0
-        time.sleep(0.5)
+        load.wait_replies(10, "load after the lock")
     finally:
         load.stop.set()
         load.join(30)
-        if holder is not None and holder.poll() is None:
-            holder.kill()
-            holder.wait()
-            holder.stdout.close()  # type: ignore[union-attr]
-        elif holder is not None and holder.stdout is not None:
-            holder.stdout.close()
+        if holder is not None:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+            for pipe in (holder.stdin, holder.stdout):
+                if pipe is not None:
+                    pipe.close()
     assert load.error is None, repr(load.error)
     assert stuck == committed_at_lock, "commits went on: the lock was not really held"
-    assert acked > stuck + 100, "too few events acknowledged while commits were blocked"
-
-    during = [latency for arrived, latency in load.timings
-              if locked_at + 0.3 < arrived < released_at - 0.1]
-    assert len(during) > 50, f"only {len(during)} replies while the lock was held"
-    during.sort()
-    p99 = during[int(len(during) * 0.99)]
-    assert during[-1] < 1.0, f"a reply waited {during[-1]:.3f}s: replies wait for SQLite"
-    assert p99 < 0.1, f"p99 reply latency {p99 * 1000:.1f} ms while the database is locked"
+    assert acked >= acked_at_lock + REPLIES_WHILE_LOCKED * FRAME, (
+        "too few events acknowledged while commits were blocked")
 
     failing = log_events_named(daemon, "commit_failing")
     assert failing, "no commit_failing log line while the database was locked"

@@ -11,7 +11,6 @@ import random
 import resource
 import select
 import socket
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,10 @@ from conftest import (
     DaemonProcess,
     RawConnection,
     committed_seq,
+    wait_buffer_empty,
     wait_committed,
+    wait_for,
+    wait_held,
     write_lock,
 )
 
@@ -48,12 +50,6 @@ def vm_rss_kb(daemon: DaemonProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-
-
-def round_trip_ms(conn: RawConnection, event: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    started = time.perf_counter()
-    reply = conn.request(event)
-    return (time.perf_counter() - started) * 1000, reply
 
 
 @pytest.fixture
@@ -110,22 +106,26 @@ def test_1000_concurrent_connections_are_served(many_files: None,
 # -- a client that never reads its replies -------------------------------------------------
 
 
-def flood_without_reading(path: str, frame: bytes, limit: int, stall_s: float,
+def flood_without_reading(daemon: DaemonProcess, frame: bytes, limit: int,
                           progress: dict[str, Any]) -> None:
-    """Write `frame` repeatedly without ever reading; stop at `limit` bytes or a stall."""
+    """Write `frame` repeatedly without ever reading; stop at `limit` bytes, or once the
+    socket takes no more while the daemon says it holds a connection for `writing`.
+
+    That hold is for good: the daemon stopped reading this connection because its client
+    does not read, and this one never will, so a full socket stays full.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    sock.connect(daemon.ingest_socket)
     sock.setblocking(False)
     chunk = frame * max(1, 65536 // len(frame))
     view = memoryview(chunk)
     offset = 0
-    last_progress = time.monotonic()
     progress["sent"] = 0
     try:
         while progress["sent"] < limit:
             _, writable, _ = select.select([], [sock], [], 0.1)
             if not writable:
-                if time.monotonic() - last_progress > stall_s:
+                if daemon.stats()["held_connections"]["writing"] >= 1:
                     progress["stalled"] = True
                     break
                 continue
@@ -135,7 +135,6 @@ def flood_without_reading(path: str, frame: bytes, limit: int, stall_s: float,
                 continue
             progress["sent"] += written
             offset = (offset + written) % len(chunk)  # chunk holds whole frames
-            last_progress = time.monotonic()
         progress.setdefault("stalled", False)
         progress["ready"].set()
         progress["release"].wait(60)
@@ -156,29 +155,24 @@ def test_client_that_never_reads_does_not_grow_the_daemon(daemon: DaemonProcess)
     progress: dict[str, Any] = {"ready": threading.Event(), "release": threading.Event()}
     limit = 200 * 1024 * 1024
     flooder = threading.Thread(target=flood_without_reading, daemon=True,
-                               args=(daemon.ingest_socket, frame, limit, 3.0, progress))
+                               args=(daemon, frame, limit, progress))
     flooder.start()
     try:
-        # While the flood is on, another client is served promptly.
-        latencies = []
+        # While the flood is on, and once it is held, another client is served.
+        # (How fast is `auditd bench`'s business, not the suite's.)
         with daemon.connect() as other:
             deadline = time.monotonic() + 60
             while not progress["ready"].is_set() and time.monotonic() < deadline:
-                ms, reply = round_trip_ms(other, {"type": "other"})
-                assert reply["ok"] == 1
-                latencies.append(ms)
-                time.sleep(0.02)
+                assert other.request({"type": "other"})["ok"] == 1
             assert progress["ready"].wait(60)
             for _ in range(20):
-                ms, reply = round_trip_ms(other, {"type": "other"})
-                assert reply["ok"] == 1
-                latencies.append(ms)
+                assert other.request({"type": "other"})["ok"] == 1
         grown_mb = (vm_rss_kb(daemon) - baseline) / 1024
         assert progress["stalled"], f"the daemon read all {progress['sent']} bytes"
         assert progress["sent"] < limit
         assert grown_mb < 64, f"daemon RSS grew {grown_mb:.0f} MB for an unread flood"
-        assert statistics.median(latencies) < 100, latencies
-        assert max(latencies) < 2000, latencies
+        held = daemon.stats()["held_connections"]
+        assert held["writing"] == 1, held  # the flood's connection, and only it
     finally:
         progress["release"].set()
         flooder.join(30)
@@ -214,8 +208,12 @@ def test_random_bytes_from_one_client_disturb_no_other(daemon: DaemonProcess) ->
                     payload = rng.randbytes(rng.randint(1, 65536))
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     bad.send_raw(payload)
-                bad.sock.settimeout(0.5)
-                with contextlib.suppress(TimeoutError, ConnectionError):
+                # All said: the daemon answers what it owes, then closes (a partial frame
+                # is dropped), so reading to EOF collects every reply without guessing
+                # when the answers are over.
+                with contextlib.suppress(OSError):
+                    bad.sock.shutdown(socket.SHUT_WR)
+                with contextlib.suppress(ConnectionError):
                     while True:  # whatever the daemon answers is a well-formed reply frame
                         reply = bad.recv()
                         assert isinstance(reply, dict) and "ok" in reply, reply
@@ -276,7 +274,9 @@ def test_stalled_writer_blocks_senders_then_they_finish(
         threads.append(threading.Thread(target=bulk_sender, daemon=True))
         for thread in threads:
             thread.start()
-        time.sleep(3.0)
+        # Every sender is held back by the daemon, with the buffer full.
+        figures = wait_held(daemon, senders + 1)
+        assert figures["pending"] == 16, figures
         answered = sum(len(r) for r in replies.values())
         # Only what fits in the buffer was accepted; everyone else is held back.
         assert answered <= 16, answered
@@ -325,7 +325,9 @@ def test_overflow_reject_answers_overloaded_and_a_retrying_client_loses_nothing(
     with write_lock(daemon):
         worker = threading.Thread(target=client, daemon=True)
         worker.start()
-        time.sleep(1.5)
+        # Refused again and again while the writer cannot commit: the client retries.
+        wait_for(lambda: len(overloaded) >= 3, what="overloaded replies")
+        assert committed_seq(daemon) == 0
     worker.join(60)
     assert not worker.is_alive()
     assert overloaded, "the full buffer never answered overloaded"
@@ -350,5 +352,5 @@ def test_buffer_max_bytes_bounds_pending_events_too(
                                            "message": "the buffer is full",
                                            "retry_after_ms": 100}
             assert conn.request({"type": "small"}) == {"ok": 1, "first": 3, "last": 3}
-        wait_committed(daemon, 3)
+        wait_buffer_empty(daemon)
         assert conn.request(event) == {"ok": 1, "first": 4, "last": 4}

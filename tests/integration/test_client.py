@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from conftest import wait_for
 
 from auditd.client import AsyncClient, Client, FrameError, OverloadedError, Reply
 from auditd.errors import RejectedError
@@ -17,9 +18,8 @@ from auditd.errors import RejectedError
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 RUNNERS: dict[str, Runner] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
-TOTAL = 20_000
 CHUNK = 200  # events per send_many call in the restart loop
-RESTART_AFTER = 10  # chunks sent before the restart is triggered
+RESTART_AFTER = 10  # chunks sent before the restart is triggered, and after it is done
 
 
 def stored(daemon: Any) -> tuple[int, int, set[str]]:
@@ -159,26 +159,37 @@ def test_async_overloaded_frames_are_retried_until_stored_once(make_daemon: Any)
 
 def test_a_refused_connection_is_retried_once_a_slot_frees(make_daemon: Any) -> None:
     daemon = make_daemon({"ingest": {"max_connections": 1}})
+
+    def release_once_refused(holder: Client) -> None:
+        # The slot frees only after the daemon has refused the second client, so its
+        # reply proves a retry, not a first try that happened to find the slot free.
+        wait_for(lambda: '"connection_refused"' in daemon.log_text(), 30,
+                 "the second connection to be refused")
+        holder.close()
+
     with Client(daemon.ingest_socket) as holder:
         holder.send({"type": "holding the only slot"})
-        releaser = threading.Timer(0.5, holder.close)
+        releaser = threading.Thread(target=release_once_refused, args=(holder,))
         releaser.start()
-        with Client(daemon.ingest_socket) as second:
-            reply = second.send({"type": "waited"})
-        releaser.join()
+        try:
+            with Client(daemon.ingest_socket) as second:
+                reply = second.send({"type": "waited"})
+        finally:
+            releaser.join()
     assert reply.ok == 1
+    assert daemon.log_text().count('"connection_refused"') >= 1
 
 
 # -- restarts ------------------------------------------------------------------------
 
 
 class Restarter:
-    """Restarts the daemon from another thread once `trigger()` is called."""
+    """Restarts the daemon from another thread once `started` is set; `done` after."""
 
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
         self.started = threading.Event()
-        self.done_at: float | None = None
+        self.done = threading.Event()
         self.cancelled = False
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
@@ -186,7 +197,7 @@ class Restarter:
     def _run(self) -> None:
         if self.started.wait(60) and not self.cancelled:
             self.daemon.restart()
-            self.done_at = time.monotonic()
+            self.done.set()
 
     def join(self) -> None:
         self.cancelled = not self.started.is_set()  # the loop failed before the trigger
@@ -194,56 +205,67 @@ class Restarter:
         self.thread.join()
 
 
-def check_exactly_once(daemon: Any, events: list[dict[str, Any]], replies: list[Reply],
-                       restarter: Restarter, last_chunk_at: float) -> None:
-    # The restart finished while events were still being sent, or it proved nothing.
-    assert restarter.done_at is not None and restarter.done_at < last_chunk_at
-    assert sum(reply.ok + len(reply.duplicates) for reply in replies) == TOTAL
+class RestartLoop:
+    """Chunks of new events, sent back to back: RESTART_AFTER chunks, then the restart is
+    triggered and chunks go on until it is done, then RESTART_AFTER more. So the daemon
+    goes down and comes back while the client is busy sending, however long that takes.
+    """
+
+    def __init__(self, restarter: Restarter) -> None:
+        self.restarter = restarter
+        self.events: list[dict[str, Any]] = []
+        self.after_restart = 0
+        self.deadline = time.monotonic() + 120
+
+    def next_chunk(self) -> list[dict[str, Any]] | None:
+        """The next chunk to send, or None when the loop is over."""
+        if self.restarter.done.is_set():
+            if self.after_restart == RESTART_AFTER:
+                return None
+            self.after_restart += 1
+        assert time.monotonic() < self.deadline, "the restart never finished"
+        if len(self.events) == RESTART_AFTER * CHUNK:
+            self.restarter.started.set()
+        chunk = [{"type": "load", "data": len(self.events) + i} for i in range(CHUNK)]
+        self.events += chunk
+        return chunk
+
+
+def check_exactly_once(daemon: Any, loop: RestartLoop, replies: list[Reply]) -> None:
+    assert loop.restarter.done.is_set() and loop.after_restart == RESTART_AFTER
+    total = len(loop.events)
+    assert sum(reply.ok + len(reply.duplicates) for reply in replies) == total
     assert daemon.log_text().count('"daemon_ready"') == 2
     count, distinct, ids = stored(daemon)
-    assert (count, distinct) == (TOTAL, TOTAL)
-    assert ids == {event["id"] for event in events}
+    assert (count, distinct) == (total, total)
+    assert ids == {event["id"] for event in loop.events}
 
 
 def test_blocking_client_survives_a_restart_mid_send_many(daemon: Any) -> None:
-    events = [{"type": "load", "data": i} for i in range(TOTAL)]
     replies: list[Reply] = []
-    restarter = Restarter(daemon)
-    last_chunk_at = 0.0
+    loop = RestartLoop(Restarter(daemon))
     try:
         with Client(daemon.ingest_socket) as client:
-            for number, start in enumerate(range(0, TOTAL, CHUNK)):
-                if number == RESTART_AFTER:
-                    restarter.started.set()
-                last_chunk_at = time.monotonic()
-                replies += client.send_many(events[start : start + CHUNK], batch=100)
-                time.sleep(0.01)  # paced so the restart lands mid-loop, not after it
+            while (chunk := loop.next_chunk()) is not None:
+                replies += client.send_many(chunk, batch=100)
     finally:
-        restarter.join()
-    check_exactly_once(daemon, events, replies, restarter, last_chunk_at)
+        loop.restarter.join()
+    check_exactly_once(daemon, loop, replies)
 
 
-async def _async_restart_loop(path: str, events: list[dict[str, Any]],
-                              restarter: Restarter) -> tuple[list[Reply], float]:
+async def _async_restart_loop(path: str, loop: RestartLoop) -> list[Reply]:
     replies: list[Reply] = []
-    last_chunk_at = 0.0
     async with AsyncClient(path) as client:
-        for number, start in enumerate(range(0, TOTAL, CHUNK)):
-            if number == RESTART_AFTER:
-                restarter.started.set()
-            last_chunk_at = time.monotonic()
-            replies += await client.send_many(events[start : start + CHUNK], batch=100)
-            await asyncio.sleep(0.01)
-    return replies, last_chunk_at
+        while (chunk := loop.next_chunk()) is not None:
+            replies += await client.send_many(chunk, batch=100)
+    return replies
 
 
 @pytest.mark.parametrize("loop", RUNNERS)
 def test_async_client_survives_a_restart_mid_send_many(daemon: Any, loop: str) -> None:
-    events = [{"type": "load", "data": i} for i in range(TOTAL)]
-    restarter = Restarter(daemon)
+    restart_loop = RestartLoop(Restarter(daemon))
     try:
-        replies, last_chunk_at = RUNNERS[loop](
-            _async_restart_loop(daemon.ingest_socket, events, restarter))
+        replies = RUNNERS[loop](_async_restart_loop(daemon.ingest_socket, restart_loop))
     finally:
-        restarter.join()
-    check_exactly_once(daemon, events, replies, restarter, last_chunk_at)
+        restart_loop.restarter.join()
+    check_exactly_once(daemon, restart_loop, replies)

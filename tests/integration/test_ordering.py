@@ -10,7 +10,6 @@ import itertools
 import re
 import signal
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +75,6 @@ def test_100k_events_from_8_connections_stored_once_in_order(daemon: DaemonProce
             replies[number] = [conn.recv() for _ in range(FRAMES)]
             sender.join(60)
 
-    started = time.monotonic()
     run_threads([lambda n=n: client(n) for n in range(CONNECTIONS)])
     total = CONNECTIONS * FRAMES * BATCH
     assert total == 100_000
@@ -97,7 +95,6 @@ def test_100k_events_from_8_connections_stored_once_in_order(daemon: DaemonProce
     rows = daemon.query(
         "SELECT e.seq, e.id, s.value, e.stream_seq, e.data FROM events e"
         " JOIN names s ON s.id = e.stream ORDER BY e.seq")
-    elapsed = time.monotonic() - started
     assert [r[0] for r in rows] == list(range(1, total + 1))  # gap-free, each once
     assert len({r[1] for r in rows}) == total
     by_seq = {seq: (event_id, stream, data) for seq, event_id, stream, _, data in rows}
@@ -125,7 +122,6 @@ def test_100k_events_from_8_connections_stored_once_in_order(daemon: DaemonProce
     versions = dict(daemon.query(
         "SELECT n.value, s.version FROM streams s JOIN names n ON n.id = s.stream"))
     assert versions == {stream: len(numbers) for stream, numbers in per_stream.items()}
-    assert elapsed < 90, f"100k events took {elapsed:.1f}s"
 
 
 # -- expect under concurrent appenders ----------------------------------------------------

@@ -2,7 +2,8 @@
 
 Requests go over the real Unix socket with the standard library's http.client, so
 the server is tested the way curl and scripts use it. Calls "as another uid" run in
-a subprocess under setpriv: SO_PEERCRED then reports that uid, as it would in use.
+a child that drops to that uid before it connects (as_other_uid.run_as): SO_PEERCRED
+then reports that uid, as it would in use.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
 import pytest
+from as_other_uid import can_run_as_other_uid, run_as
 from conftest import UnixHTTPConnection, wait_for
 
 from auditd.client import Client
@@ -38,9 +39,8 @@ HEALTH_CHECKS = {"running", "replay_finished", "writer_progress", "pending_age",
                  "database_writable", "journal_writable", "ingest_accepting", "disk_space",
                  "dead_letter_quota", "database_intact"}
 
-as_root_only = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="calling as another uid needs root and setpriv")
+as_root_only = pytest.mark.skipif(not can_run_as_other_uid(),
+                                  reason="calling as another uid needs root")
 
 
 
@@ -59,7 +59,7 @@ def call(path: str, method: str, url: str, body: Any = None,
         conn.close()
 
 
-# Runs in the subprocess, stdlib only: the same request as call(), as another uid.
+# Runs as another uid (as_other_uid.run_as): the same request as call().
 _AS_USER = r"""
 import http.client, json, socket, sys
 path, method, url, body = sys.argv[1:5]
@@ -77,26 +77,22 @@ print(json.dumps({"status": response.status, "type": response.getheader("Content
 
 def call_as(uid: int, path: str, method: str, url: str, body: Any = None,
             groups: list[int] | None = None) -> tuple[int, Any]:
-    group_flag = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-    result = subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", group_flag, sys.executable, "-c",
-         _AS_USER, path, method, url, "" if body is None else json.dumps(body)],
-        capture_output=True, text=True, timeout=60, cwd="/")
-    assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
+    answer = json.loads(run_as(uid, _AS_USER, path, method, url,
+                               "" if body is None else json.dumps(body), groups=groups or ()))
     is_json = answer["type"].startswith("application/json")
     return answer["status"], json.loads(answer["body"]) if is_json else answer["body"]
 
 
+_SEND = """
+import json, sys
+from auditd.client import Client
+with Client(sys.argv[1], raise_on_reject=False) as client:
+    client.send_batch(json.loads(sys.argv[2]))
+"""
+
+
 def send_as(uid: int, socket_path: str, events: list[dict[str, Any]]) -> None:
-    script = ("import json, sys\nfrom auditd.client import Client\n"
-              "with Client(sys.argv[1], raise_on_reject=False) as c:\n"
-              "    c.send_batch(json.loads(sys.argv[2]))\n")
-    subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                    sys.executable, "-c", script, socket_path, json.dumps(events)],
-                   check=True, timeout=60, cwd="/")
-
-
+    run_as(uid, _SEND, socket_path, json.dumps(events), imports=["auditd.client"])
 
 
 def open_to_everyone(daemon: Any) -> None:
@@ -105,14 +101,42 @@ def open_to_everyone(daemon: Any) -> None:
         os.chmod(folder, 0o755)
 
 
-def admin_events(daemon: Any) -> list[tuple[str, int, str, dict[str, Any]]]:
+def wait_reply(sock: str, url: str, accept: Callable[[Any], T | None],
+               what: str, statuses: tuple[int, ...] = (200,), timeout: float = 30.0) -> T:
+    """GET `url` until a reply with one of `statuses` makes `accept(body)` truthy.
+
+    Any other reply (an error document has none of the keys `accept` reads) is retried
+    until the deadline, and the last reply is shown if it passes.
+    """
+    last: list[tuple[int, Any]] = []
+
+    def attempt() -> T | None:
+        last[:] = [call(sock, "GET", url)]
+        status, body = last[0]
+        return accept(body) if status in statuses else None
+
+    try:
+        found: T = wait_for(attempt, timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last reply to GET {url}: {last[0]!r}") from None
+    return found
+
+
+BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def admin_events(daemon: Any) -> list[tuple[str, int, str, dict[str, Any]]] | None:
+    """The committed auditd.admin.* events; None while the database is busy or locked
+    (retry), any other error fails at once."""
     try:
         rows = daemon.query(
             "SELECT t.value, e.uid, a.value, e.data FROM events e"
             " JOIN names t ON t.id = e.type LEFT JOIN names a ON a.id = e.actor"
             " WHERE t.value LIKE 'auditd.admin.%' ORDER BY e.seq")
-    except sqlite3.OperationalError:  # the database is still being created
-        return []
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF in BUSY_CODES:
+            return None
+        raise
     return [(kind, uid, actor, msgspec.msgpack.decode(data)) for kind, uid, actor, data in rows]
 
 
@@ -120,8 +144,10 @@ def admin_events_when(daemon: Any, count: int) -> list[tuple[str, int, str, dict
     """The admin events once `count` of them are committed."""
     def enough() -> list[tuple[str, int, str, dict[str, Any]]] | None:
         events = admin_events(daemon)
-        return events if len(events) >= count else None
-    return wait_for(enough)
+        return events if events is not None and len(events) >= count else None
+    found: list[tuple[str, int, str, dict[str, Any]]] = wait_for(
+        enough, what=f"{count} admin events")
+    return found
 
 
 OPEN = {"status": {"socket_mode": "0666"}, "ingest": {"socket_mode": "0666"}}
@@ -145,12 +171,11 @@ def test_stats_has_the_documented_figures_and_counts_traffic(daemon: Any) -> Non
         client.send_batch([{"type": "status.test", "data": i} for i in range(10)])
         client.send({"type": ""})  # rejected: type must not be empty
 
-    def settled() -> dict[str, Any] | None:
-        body = call(daemon.status_socket, "GET", "/stats")[1]
+    def settled(body: dict[str, Any]) -> dict[str, Any] | None:
         done = body["last_committed_seq"] == body["last_seq"] and body["dead_letters"]
         return body if done else None
 
-    body = wait_for(settled)
+    body = wait_reply(daemon.status_socket, "/stats", settled, "everything committed")
     assert set(body) >= STATS_KEYS
     assert body["accepted"] == 10 and body["rejected"] == 1 and body["duplicates"] == 0
     assert body["committed"] >= 10 and body["last_seq"] >= 10 and body["pending"] == 0
@@ -170,7 +195,8 @@ def test_stats_counts_open_connections_by_uid(daemon: Any) -> None:
         client.send({"type": "hello"})
         body = call(daemon.status_socket, "GET", "/stats")[1]
         assert body["connections"] == 1 and body["connections_by_uid"] == {"0": 1}
-    wait_for(lambda: call(daemon.status_socket, "GET", "/stats")[1]["connections"] == 0)
+    wait_reply(daemon.status_socket, "/stats", lambda body: body["connections"] == 0,
+               "the connection to close")
 
 
 def test_unknown_paths_and_methods_answer_json_errors(daemon: Any) -> None:
@@ -197,7 +223,7 @@ def test_dlq_list_retry_drop(daemon: Any) -> None:
     with Client(daemon.ingest_socket, raise_on_reject=False) as client:
         client.send_batch([{"type": ""}, {"type": "fine"}, {"type": "x" * 300}])
     sock = daemon.status_socket
-    listed = wait_for(lambda: call(sock, "GET", "/dlq")[1]["dead_letters"])
+    listed = wait_reply(sock, "/dlq", lambda body: body["dead_letters"], "dead letters")
     assert len(listed) == 2
     first, second = listed
     assert {"id", "seq", "source", "code", "reason", "size", "uid", "attempts",
@@ -232,11 +258,11 @@ def test_dlq_readers_see_every_entry_others_only_their_own(make_daemon: Any) -> 
     send_as(NOBODY, daemon.ingest_socket, [{"type": ""}])
     sock = daemon.status_socket
 
-    def both() -> list[dict[str, Any]] | None:
-        entries: list[dict[str, Any]] = call(sock, "GET", "/dlq")[1]["dead_letters"]
+    def both(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+        entries: list[dict[str, Any]] = body["dead_letters"]
         return entries if len(entries) == 2 else None
 
-    everything = wait_for(both)
+    everything = wait_reply(sock, "/dlq", both, "both dead letters")
     assert sorted(e["uid"] for e in everything) == [0, NOBODY]
 
     status, own = call_as(NOBODY, sock, "GET", "/dlq")
@@ -321,7 +347,7 @@ def test_backup_writes_a_consistent_copy_and_refuses_bad_targets(daemon: Any) ->
         client.send_batch([{"type": "before.backup"} for _ in range(50)])
     sock, dest = daemon.status_socket, daemon.root / "copy.db"
     # The copy holds what is committed; acknowledged means journaled, not yet committed.
-    wait_for(lambda: call(sock, "GET", "/stats")[1]["last_committed_seq"] >= 50)
+    wait_reply(sock, "/stats", lambda body: body["last_committed_seq"] >= 50, "50 commits")
     status, body = call(sock, "POST", "/backup", {"dest": str(dest)})
     assert status == 200, body
     assert body["dest"] == str(dest) and body["bytes"] == dest.stat().st_size
@@ -375,37 +401,32 @@ def test_health_degrades_and_fails_with_a_sentence_per_check() -> None:
 
 def test_health_degrades_while_the_database_is_locked_and_recovers(daemon: Any) -> None:
     sock = daemon.status_socket
-    wait_for(lambda: call(sock, "GET", "/health")[0] == 200)
+    wait_reply(sock, "/health", lambda body: body, "health ok")
     holder = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=30)
     try:
         holder.execute("BEGIN IMMEDIATE")  # the writer's commits now fail with SQLITE_BUSY
         with Client(daemon.ingest_socket) as client:
             client.send({"type": "while.locked"})
 
-        def degraded() -> dict[str, Any] | None:
-            status, body = call(sock, "GET", "/health")
-            return body if status == 503 else None
-
-        body = wait_for(degraded)
+        body = wait_reply(sock, "/health", lambda body: body, "health 503", statuses=(503,))
         assert body["status"] == "degraded"
         assert body["checks"]["database_writable"]["severity"] == "degraded"
         assert "locked" in body["problems"]["database_writable"]
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    wait_for(lambda: call(sock, "GET", "/health")[0] == 200)
+    wait_reply(sock, "/health", lambda body: body, "health ok")
 
 
 def test_health_reports_a_full_disk_as_failing(make_daemon: Any) -> None:
     # A reserve larger than the volume is a full disk as far as the daemon can tell.
     daemon = make_daemon({"storage": {"reserve_bytes": shutil.disk_usage("/tmp").total}})
 
-    def unhealthy() -> dict[str, Any] | None:
-        status, body = call(daemon.status_socket, "GET", "/health")
-        return body if status == 503 and "ingest_accepting" in body.get("problems", {}) \
-            else None
+    def unhealthy(body: dict[str, Any]) -> dict[str, Any] | None:
+        return body if "ingest_accepting" in body.get("problems", {}) else None
 
-    body = wait_for(unhealthy)
+    body = wait_reply(daemon.status_socket, "/health", unhealthy,
+                      "health naming ingest_accepting", statuses=(503,))
     assert body["status"] == "failing"
     assert body["checks"]["disk_space"]["ok"] is False
     assert "below the" in body["problems"]["disk_space"]

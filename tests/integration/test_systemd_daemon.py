@@ -12,15 +12,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import msgspec
 import pytest
-from conftest import DaemonProcess, RawConnection
+from conftest import DaemonProcess, RawConnection, wait_for
 
 from auditd.ingest.framing import encode_frame
 
 MakeDaemon = Callable[..., DaemonProcess]
+T = TypeVar("T")
 
 
 class NotifyListener:
@@ -34,23 +36,52 @@ class NotifyListener:
         self.messages: list[tuple[float, dict[str, str]]] = []
 
     def collect(self, seconds: float) -> None:
+        """Receive for up to `seconds`, returning after the first datagram."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
                 continue
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), fields))
+            self._record(data)
+            return
+
+    def _record(self, data: bytes) -> None:
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append((time.monotonic(), fields))
+
+    def wait_until(self, found: Callable[[list[dict[str, str]]], T | None], what: str,
+                   timeout: float = 30.0) -> T:
+        """Receive until `found(messages so far, in order)` is not None; return it.
+
+        One sender on one datagram socket: the order received is the order sent.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            result = found([fields for _, fields in self.messages])
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout}s; got {self.messages}")
+            self.collect(0.2)
+
+    def drain(self) -> None:
+        """Receive everything already queued (all a sender that has exited ever sent)."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(4096)
+                except BlockingIOError:
+                    return
+                self._record(data)
+        finally:
+            self.sock.settimeout(0.2)
 
     def wait_for(self, key: str, timeout: float = 30.0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for _, fields in self.messages:
-                if key in fields:
-                    return fields
-            self.collect(0.2)
-        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
+        def first(messages: list[dict[str, str]]) -> dict[str, str] | None:
+            return next((fields for fields in messages if key in fields), None)
+        return self.wait_until(first, key, timeout)
 
     def count(self, key: str, since: float = 0.0) -> int:
         return sum(1 for at, fields in self.messages if key in fields and at >= since)
@@ -93,34 +124,51 @@ def test_ready_only_after_replay_then_stopping(make_daemon: MakeDaemon,
     assert lines.rindex('"replay_finished"') < lines.rindex('"daemon_ready"')
     daemon.wait_ready()
     assert daemon.stop() == 0
-    notify.collect(0.5)
+    notify.drain()  # the daemon has exited: all it sent is queued
     assert notify.count("STOPPING") == 1
     assert daemon.query("SELECT count(*) FROM events")[0][0] == 300
+
+
+def pings_between_degraded_statuses(messages: list[dict[str, str]]) -> int | None:
+    """WATCHDOG pings between the 2nd and 3rd STATUS messages saying "degraded" in a row.
+
+    The daemon sends STATUS every 2 s and, unless it withholds them, a ping at least
+    every 1 s (WATCHDOG_USEC=2 s): so between two STATUS messages at least one ping is
+    due. By the 2nd degraded STATUS the writer has been stuck for over 2 s, past the
+    1 s stall bound, so between it and the next none may come. None until then.
+    """
+    degraded, pings = 0, 0
+    for fields in messages:
+        if "STATUS" in fields:
+            degraded = degraded + 1 if fields["STATUS"].startswith("degraded") else 0
+            if degraded == 3:
+                return pings
+            pings = 0
+        elif "WATCHDOG" in fields:
+            pings += 1
+    return None
 
 
 def test_watchdog_pings_stop_while_the_writer_is_stalled(make_daemon: MakeDaemon,
                                                          notify: NotifyListener) -> None:
     # WatchdogSec=2s: pings every 1 s; a writer without progress for 1 s stops them.
-    # Retries at most 1 s apart, so that the writer is back within the 3 s watched after
-    # the lock goes (at the default 5 s, a retry just before the release came too late).
     daemon = make_daemon({"writer": {"retry_max_delay": "1s"}},
                          env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
-    notify.collect(2.5)
-    assert notify.count("WATCHDOG") >= 2, notify.messages
+    notify.wait_until(lambda m: sum("WATCHDOG" in f for f in m) >= 2 or None, "two pings")
     lock = _hold_write_lock(daemon.db_path)
     try:
         with daemon.connect() as conn:
             assert conn.request({"type": "stuck"})["ok"] == 1  # journaled, not committed
-        # Past the 1 s stall bound plus one 0.5 s maintenance tick, draining earlier pings.
-        notify.collect(2.0)
-        stalled_from = time.monotonic()
-        notify.collect(3.0)
-        assert notify.count("WATCHDOG", since=stalled_from) == 0, notify.messages
+        # Counted in the daemon's own messages, not in seconds watched.
+        withheld = notify.wait_until(pings_between_degraded_statuses,
+                                     "three degraded STATUS messages in a row")
+        assert withheld == 0, notify.messages
+        stalled_until = len(notify.messages)
     finally:
         lock.close()
-    resumed_from = time.monotonic()
-    notify.collect(3.0)
-    assert notify.count("WATCHDOG", since=resumed_from) >= 1
+    # Pings come back once the writer commits again (its retries are at most 1 s apart).
+    notify.wait_until(lambda m: any("WATCHDOG" in f for f in m[stalled_until:]) or None,
+                      "a ping after the lock was released")
 
 
 def test_reload_is_announced(make_daemon: MakeDaemon, notify: NotifyListener) -> None:
@@ -144,11 +192,9 @@ def test_socket_activation_serves_both_inherited_sockets(make_daemon: MakeDaemon
          *daemon.command()], stdout=log, stderr=log)
     log.close()
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(status):
-            assert time.monotonic() < deadline, "activator never bound the sockets"
-            time.sleep(0.02)
-        time.sleep(0.2)
+        # It says so once each socket listens (bind alone would refuse a connect).
+        wait_for(lambda: all(f"Listening on {path} as" in daemon.log_text()
+                             for path in (ingest, status)), 10, "the activator to listen")
         # The first connection starts the daemon; it is queued, never refused.
         conn = RawConnection(ingest)
         try:

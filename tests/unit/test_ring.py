@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -154,15 +153,10 @@ def test_low_water_mark_is_three_quarters_of_both_bounds() -> None:
     assert big.below_low_water()
 
 
-def test_full_ring_answers_recent_and_correlation_fast() -> None:
+def test_full_ring_answers_recent_and_correlation() -> None:
+    # How fast (the bar is < 1 ms a call) is measured by `auditd bench --ring`.
     ring = RingBuffer[Item](10_000, 1 << 30)
     ring.push([Item(s, f"c{s % 100}") for s in range(1, 10_001)], [100] * 10_000)
     ring.mark_committed(10_000)
-    started = time.perf_counter()
-    for _ in range(20):
-        last = ring.recent(100)
-        hits = ring.by_correlation("c7")
-    per_call_ms = (time.perf_counter() - started) * 1000 / 20
-    assert seqs(last) == list(range(9901, 10_001))
-    assert seqs(hits) == list(range(7, 10_001, 100))
-    assert per_call_ms < 5  # the bar is < 1 ms; leave room for a loaded CI machine
+    assert seqs(ring.recent(100)) == list(range(9901, 10_001))
+    assert seqs(ring.by_correlation("c7")) == list(range(7, 10_001, 100))
