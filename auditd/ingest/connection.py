@@ -72,7 +72,13 @@ class Connection(asyncio.Protocol):
         # (wait, body, started): a reply goes out once it and all before it are ready
         self.replies: deque[tuple[asyncio.Future[None] | None, bytes, float]] = deque()
         self.held: set[str] = set()
-        self.stored_ids: dict[str, int] | None = None
+        # About the frame at the head of the queue, until it is answered:
+        self.stored_ids: dict[str, int] | None = None  # the database's id lookup answers
+        self.lookup_seq = 0  # sequencer.last_seq when that lookup began
+        self.lookup_error: str | None = None  # the lookup gave up: answer with this
+        self.frame_holds: set[str] = set()  # reasons it was held for, each counted once
+        self._wake: asyncio.TimerHandle | None = None  # ends a hold_for() ...
+        self._wake_reason = ""  # ... of this reason
         self.sync_position = 0
         self.closing = False
         self.eof = False
@@ -106,6 +112,9 @@ class Connection(asyncio.Protocol):
             del stats.connections_by_uid[self.peer.uid]
         self.frames.clear()
         self.closing = True
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -151,6 +160,7 @@ class Connection(asyncio.Protocol):
                     return
                 if frames:  # a fatal reply clears the queue
                     frames.popleft()
+                self.frame_holds.clear()
                 server.stats.frames += 1
         finally:
             self.flush()
@@ -161,10 +171,21 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
         self.held.add(reason)
 
+    def hold_for(self, reason: str, seconds: float) -> None:
+        """block(reason) until a timer unblocks it (or unblock() does): no polling."""
+        self.block(reason)
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_reason = reason
+        self._wake = asyncio.get_running_loop().call_later(seconds, self.unblock, reason)
+
     def unblock(self, reason: str) -> None:
         if reason not in self.held:
             return
         self.held.discard(reason)
+        if self._wake is not None and reason == self._wake_reason:
+            self._wake.cancel()
+            self._wake = None
         if reason == "buffer":
             self.server.blocked.discard(self)
         if not self.held and not self.closing and self.transport is not None:

@@ -38,6 +38,7 @@ class HealthInputs:
     writer_fault: str | None = None
     ingest_refusal: str | None = None
     journal_fault: str | None = None
+    id_lookup_fault: str | None = None
     stopping: bool = False
     database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
@@ -94,6 +95,7 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         writer_fault=gauges.writer_fault,
         ingest_refusal=gauges.ingest_refusal,
         journal_fault=gauges.journal_fault,
+        id_lookup_fault=gauges.id_lookup_fault,
         stopping=gauges.stopping,
         database_replaced=gauges.database_replaced,
     )
@@ -111,6 +113,10 @@ def evaluate(h: HealthInputs) -> Health:
                                   "degraded"),
         "journal_writable": _fault(h.journal_fault, "the journal accepts appends", "failing"),
         "ingest_accepting": _fault(h.ingest_refusal, "ingest accepts events", "degraded"),
+        # Failing: a frame whose ids need the database is answered overloaded meanwhile,
+        # so a client resending after a lost reply cannot get its events in.
+        "id_lookup": _fault(h.id_lookup_fault, "id lookups in the database succeed",
+                            "failing"),
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
     }

@@ -45,6 +45,7 @@ class Gauges:
     writer_fault: str | None = None  # writer.fault: why commits are failing now
     ingest_refusal: str | None = None  # ingest.refusal: why ingest is refusing now
     journal_fault: str | None = None  # why the journal cannot be appended to now
+    id_lookup_fault: str | None = None  # why database id lookups fail now
     stopping: bool = False  # shutdown has begun
     # Set when the database failed its check at start and was moved aside: a sentence
     # naming where it went, until the daemon restarts on a sound file.
@@ -121,11 +122,13 @@ class StatusSource(Protocol):
         ...
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
-                           data: dict[str, Any]) -> None:
+                           data: dict[str, Any]) -> bool:
         """Append an `auditd.admin.<action>` event through the daemon's own ingest path.
 
         actor = admin_actor(uid, comm); pid/uid/gid/comm = the operator's credentials
-        (not the daemon's); data = `data` (the request and its outcome). Returns once
-        the event is journaled; raises when it could not be.
+        (not the daemon's); data = `data` (the request and its outcome). Waits a bounded
+        time: True once the event is journaled, False when ingest could not take it in
+        time, in which case it is kept queued and recorded as soon as ingest can (never
+        dropped). Raises only for an unexpected failure.
         """
         ...
