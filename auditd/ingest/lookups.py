@@ -43,6 +43,7 @@ class IdLookups:
         self.attempts = attempts
         self.first_delay_s = first_delay_s
         self.fault: str | None = None  # why lookups fail now, for health
+        self.last_error = ""  # the latest failure's own words
         self._probe: asyncio.Task[None] | None = None
 
     async def find(self, ids: list[str]) -> dict[str, int] | None:
@@ -67,6 +68,7 @@ class IdLookups:
 
     def _failed(self, exc: Exception, attempt: int) -> None:
         self.stats.id_lookup_failures += 1
+        self.last_error = str(exc)
         reason = f"id lookups in the database are failing: {exc}"
         if self.fault is None:
             log.warning("id_lookup_failing", error=str(exc), attempt=attempt,
@@ -93,6 +95,7 @@ class IdLookups:
                 await self.source.lookup_ids([_PROBE_ID])
             except Exception as exc:  # still failing: the fault stays, quietly
                 self.stats.id_lookup_failures += 1
+                self.last_error = str(exc)
                 self.fault = f"id lookups in the database are failing: {exc}"
                 continue
             self._recovered()

@@ -335,7 +335,7 @@ class IngestServer:
             if found is None:
                 conn.lookup_error = (
                     f"the id lookup failed {self.lookups.attempts} times "
-                    f"({self.lookups.fault}); nothing of the frame was accepted, "
+                    f"({self.lookups.last_error}); nothing of the frame was accepted, "
                     "send it again")
             elif self.sequencer.evicted_through <= seq_at_start:
                 conn.stored_ids, conn.lookup_seq = found, seq_at_start
