@@ -27,6 +27,11 @@ from auditd.stats import Stats
 log = structlog.get_logger("auditd.ingest.server")
 
 _PEERCRED = struct.Struct("3i")
+# The longest one connection's queued frames hold the event loop before the others get
+# a turn. libuv reads a flooding socket up to 32 times per loop iteration, so without a
+# bound one pipelining client's whole window (thousands of events, 100 ms and more)
+# was handled in one go while a one-event frame from another writer waited behind it.
+_TURN_S = 0.002
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -147,8 +152,13 @@ class Connection(asyncio.Protocol):
 
     def process(self) -> None:
         frames, server = self.frames, self.server
+        turn_ends = time.perf_counter() + _TURN_S
         try:
             while frames and not self.held and not self.closing:
+                if time.perf_counter() > turn_ends:  # let other connections in first
+                    self.block("turn")
+                    asyncio.get_running_loop().call_soon(self.unblock, "turn")
+                    return
                 body, self._started = frames[0]
                 if not body:
                     error = self.decoder.error

@@ -123,9 +123,13 @@ class IngestServer:
         await self.own_events.aclose()
 
     def set_rate_limit(self, limit: RateLimit | None) -> None:
-        """A reload of ingest.rate_limit; frames held by the old limit wait out their timer."""
+        """A reload of ingest.rate_limit. Frames held by the old limit wait out their
+        timer (then meet the new one); with no limit they go on at once."""
         self.limits.rate_limit = limit
         self.rate.configure(limit)
+        if limit is None:
+            for conn in list(self.connections):
+                conn.unblock("rate")
 
     def capacity_freed(self) -> None:
         """Called after each commit: resume senders blocked on a full buffer."""
@@ -191,7 +195,9 @@ class IngestServer:
         if self.refusal is not None or not ring.has_room(count, size):
             return self._held_back(conn, "buffer", count,
                                    self.refusal or "the buffer is full", _RETRY_AFTER_MS)
-        if self.shares.contended(ring.free, ring.pending_bytes, count, size):
+        # Only with events pending: their commit is what resumes a held frame, and into
+        # an empty buffer any frame that fits may go.
+        if ring.pending and self.shares.contended(ring.free, ring.pending_bytes, count, size):
             share = self.shares.over_share(uid, count)
             if share is not None:
                 return self._held_back(

@@ -261,3 +261,14 @@ def test_rate_limit_holds_a_uid_at_its_rate_and_no_other(make_daemon: Any,
     wait_committed(daemon, max(acks.values()))
     assert {event_id: seq for event_id, (seq, _) in stored(daemon).items()} == acks
     assert stats(daemon)["fairness"]["rate_limit"] == f"{RATE}/s burst {BURST}"
+
+
+def test_a_batch_over_its_share_still_goes_into_an_empty_buffer(make_daemon: Any) -> None:
+    daemon = make_daemon(OPEN)
+    open_to_everyone(daemon.root, [daemon.ingest_socket])
+    polite = polite_writer(daemon, 1, "p")  # present: uid 0's share is half the buffer
+    with daemon.connect() as conn:
+        batch = [{"type": "big", "id": f"b{i}"} for i in range(CAPACITY - 1)]
+        assert conn.request(batch) == {"ok": CAPACITY - 1, "first": 1, "last": CAPACITY - 1}
+    assert [r["ok"] for r in go(polite)] == [1]
+    assert by_uid(daemon, 0)["held"] == {}
