@@ -84,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.frame_holds: set[str] = set()  # reasons it was held for, each counted once
         self._wake: asyncio.TimerHandle | None = None  # ends a hold_for() ...
         self._wake_reason = ""  # ... of this reason
+        self._turn_ends = 0.0  # perf_counter() when this connection's turn is over
         self.sync_position = 0
         self.closing = False
         self.eof = False
@@ -152,12 +153,16 @@ class Connection(asyncio.Protocol):
 
     def process(self) -> None:
         frames, server = self.frames, self.server
-        turn_ends = time.perf_counter() + _TURN_S
+        now = time.perf_counter()
+        # One turn spans every call in a loop iteration (libuv reads up to 32 times per
+        # poll); a connection idle since its last turn ended starts a new one.
+        if now > self._turn_ends + _TURN_S:
+            self._turn_ends = now + _TURN_S
         try:
             while frames and not self.held and not self.closing:
-                if time.perf_counter() > turn_ends:  # let other connections in first
+                if time.perf_counter() > self._turn_ends:  # let other connections in
                     self.block("turn")
-                    asyncio.get_running_loop().call_soon(self.unblock, "turn")
+                    asyncio.get_running_loop().call_soon(self._next_turn)
                     return
                 body, self._started = frames[0]
                 if not body:
@@ -175,6 +180,11 @@ class Connection(asyncio.Protocol):
         finally:
             self.flush()
         self._close_if_done()
+
+    def _next_turn(self) -> None:
+        """The loop went round (other connections' reads ran): this one goes on."""
+        self._turn_ends = time.perf_counter() + _TURN_S
+        self.unblock("turn")
 
     def block(self, reason: str) -> None:
         if not self.held and self.transport is not None:
