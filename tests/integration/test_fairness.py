@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -22,9 +23,10 @@ from conftest import (
     UnixHTTPConnection,
     wait_committed,
     wait_for,
+    write_config,
     write_lock,
 )
-from other_uid import NOBODY, as_root_only, finish, open_to_everyone, start_as
+from other_uid import NOBODY, as_root_only, child_env, finish, open_to_everyone, start_as
 
 from auditd.ingest.framing import encode_frame
 
@@ -56,6 +58,17 @@ for i in range(count):
     replies += [msgspec.msgpack.decode(body) for body in bodies]
 print(json.dumps(replies), flush=True)
 """
+
+
+def post(daemon: DaemonProcess, path: str) -> tuple[int, dict[str, Any]]:
+    conn = UnixHTTPConnection(daemon.status_socket)
+    try:
+        conn.request("POST", path)
+        response = conn.getresponse()
+        document: dict[str, Any] = json.loads(response.read())
+        return response.status, document
+    finally:
+        conn.close()
 
 
 def stats(daemon: DaemonProcess) -> dict[str, Any]:
@@ -272,3 +285,44 @@ def test_a_batch_over_its_share_still_goes_into_an_empty_buffer(make_daemon: Any
         assert conn.request(batch) == {"ok": CAPACITY - 1, "first": 1, "last": CAPACITY - 1}
     assert [r["ok"] for r in go(polite)] == [1]
     assert by_uid(daemon, 0)["held"] == {}
+
+
+def test_rate_limit_reloads_and_a_bad_value_is_refused_naming_it(make_daemon: Any) -> None:
+    daemon = make_daemon({"ingest": {"rate_limit": "1/s burst 1"},
+                          "buffer": {"overflow": "reject"}})
+    with daemon.connect() as conn:
+        assert conn.request({"type": "one"})["ok"] == 1
+        assert conn.request({"type": "two"})["error"] == "overloaded"
+        daemon.sections["ingest"]["rate_limit"] = "100000/s burst 1000"
+        write_config(daemon.config_path, daemon.sections)
+        assert post(daemon, "/reload") == (200, {"applied": ["ingest.rate_limit"],
+                                                 "needs_restart": []})
+        replies = [conn.request({"type": "more"}) for _ in range(200)]
+        assert all(r["ok"] == 1 for r in replies), [r for r in replies if not r["ok"]][:1]
+        daemon.sections["ingest"]["rate_limit"] = "lots"
+        write_config(daemon.config_path, daemon.sections)
+        assert post(daemon, "/reload") == (400, {
+            "error": "invalid_config", "message": "ingest.rate_limit = 'lots': expected a "
+            'rate per uid like "5000/s burst 20000" (a positive rate, a burst >= 1), or "" '
+            "for no limit"})
+        assert stats(daemon)["fairness"]["rate_limit"] == "100000/s burst 1000"
+        daemon.sections["ingest"]["rate_limit"] = ""
+        write_config(daemon.config_path, daemon.sections)
+        assert post(daemon, "/reload")[1]["applied"] == ["ingest.rate_limit"]
+        assert stats(daemon)["fairness"]["rate_limit"] is None
+
+
+def test_bench_fair_reports_both_uids() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "auditd.cli", "bench", "--fair", "--json", "--duration", "1",
+         "--clients", "1", "--rate", "200"], capture_output=True, text=True, timeout=180,
+        env=child_env(), check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["fair"]
+    polite, flood = report["polite"], report["flood"]
+    assert polite["uid"] == NOBODY and flood["uid"] == 0
+    assert polite["events_acknowledged"] == polite["events_committed"] > 0
+    assert flood["events_acknowledged"] == flood["events_committed"] > 0
+    assert polite["frame_errors"] == flood["frame_errors"] == {}
+    assert set(polite["latency_ms"]) == {"p50", "p99", "max"}
+    assert report["fairness"]["rate_limit"] is None
