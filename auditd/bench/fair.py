@@ -81,7 +81,7 @@ def run_fair(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     own_uid = os.geteuid()
     return {
         "duration_s": duration, "capacity": args.capacity or config.buffer.capacity,
-        "rate_limit": config.ingest.rate_limit or None,
+        "rate_limit": getattr(config.ingest, "rate_limit", "") or None,  # absent before 2026-12
         "polite": {
             "uid": args.fair_uid, "rate": rate, "events_sent": polite_result["sent"],
             "events_acknowledged": polite_result["tally"]["ok"],

@@ -27,10 +27,11 @@ from auditd.stats import Stats
 log = structlog.get_logger("auditd.ingest.server")
 
 _PEERCRED = struct.Struct("3i")
-# The longest one connection's queued frames hold the event loop before the others get
-# a turn. libuv reads a flooding socket up to 32 times per loop iteration, so without a
-# bound one pipelining client's whole window (thousands of events, 100 ms and more)
-# was handled in one go while a one-event frame from another writer waited behind it.
+# How long one uid's queued frames hold the event loop before other connections get a
+# turn, split among that uid's open connections (fair per uid, not per connection).
+# libuv reads a flooding socket up to 32 times per loop iteration, so without a bound
+# one pipelining client's whole window (thousands of events, 100 ms and more) was
+# handled in one go while a one-event frame from another writer waited behind it.
 _TURN_S = 0.002
 
 
@@ -157,7 +158,7 @@ class Connection(asyncio.Protocol):
         # One turn spans every call in a loop iteration (libuv reads up to 32 times per
         # poll); a connection idle since its last turn ended starts a new one.
         if now > self._turn_ends + _TURN_S:
-            self._turn_ends = now + _TURN_S
+            self._turn_ends = now + self._turn_s()
         try:
             while frames and not self.held and not self.closing:
                 if time.perf_counter() > self._turn_ends:  # let other connections in
@@ -181,9 +182,12 @@ class Connection(asyncio.Protocol):
             self.flush()
         self._close_if_done()
 
+    def _turn_s(self) -> float:
+        return _TURN_S / max(1, self.server.stats.connections_by_uid[self.peer.uid])
+
     def _next_turn(self) -> None:
         """The loop went round (other connections' reads ran): this one goes on."""
-        self._turn_ends = time.perf_counter() + _TURN_S
+        self._turn_ends = time.perf_counter() + self._turn_s()
         self.unblock("turn")
 
     def block(self, reason: str) -> None:
