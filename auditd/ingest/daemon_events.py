@@ -66,6 +66,7 @@ class DaemonEvents:
         self.ingest = ingest
         self.queued: deque[tuple[list[ValidEvent], Peer]] = deque()  # oldest first
         self._task: asyncio.Task[None] | None = None
+        self._closed = False  # after aclose(): journal at once, start no task
 
     async def inject(self, valid: list[ValidEvent], peer: Peer,
                      within: float) -> Acceptance | None:
@@ -106,6 +107,8 @@ class DaemonEvents:
         before them and accepted as soon as ingest can take them."""
         if not self.queued and await self.inject(valid, peer, within) is not None:
             return True
+        if self._closed:  # a request that outlived ingest (the status server stops last)
+            return self._journal_alone(valid, peer)
         self.queued.append((valid, peer))
         log.warning("admin_event_queued", type=valid[0].event.type, queued=len(self.queued),
                     reason=self.ingest.refusal or "the buffer is full")
@@ -132,23 +135,30 @@ class DaemonEvents:
 
     async def aclose(self) -> None:
         """Stop the task; journal what is still queued (call once the writer is done)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        sequencer, journal = self.ingest.sequencer, self.ingest.journal
         while self.queued:
-            valid, peer = self.queued.popleft()
-            acceptance = sequencer.accept(valid, peer, time.time_ns(), {})
-            stored = acceptance.stored
-            records = b"".join([encode_record(e.seq, encoder.encode(e)) for e in stored])
-            try:
-                journal.append(records, stored[0].seq, stored[-1].seq)
-            except JournalError as exc:
-                sequencer.undo(acceptance)
-                log.critical("admin_event_lost", error=str(exc),  # the last place it is
-                             event=msgspec.msgpack.decode(encoder.encode(valid[0].event)))
-                continue
-            sequencer.commit(acceptance)
-            log.warning("admin_event_journaled_at_stop", type=valid[0].event.type,
-                        seq=stored[0].seq, note="committed at the next start")
+            self._journal_alone(*self.queued.popleft())
+
+    def _journal_alone(self, valid: list[ValidEvent], peer: Peer) -> bool:
+        """Into the journal without the buffer: only once the writer has stopped, so that
+        no checkpoint passes these seqs in this run; the next start's replay commits them
+        in seq order after whatever was pending."""
+        sequencer = self.ingest.sequencer
+        acceptance = sequencer.accept(valid, peer, time.time_ns(), {})
+        stored = acceptance.stored
+        records = b"".join([encode_record(e.seq, encoder.encode(e)) for e in stored])
+        try:
+            self.ingest.journal.append(records, stored[0].seq, stored[-1].seq)
+        except JournalError as exc:
+            sequencer.undo(acceptance)
+            log.critical("admin_event_lost", error=str(exc),  # the last place it is
+                         event=msgspec.msgpack.decode(encoder.encode(valid[0].event)))
+            return False
+        sequencer.commit(acceptance)
+        log.warning("admin_event_journaled_at_stop", type=valid[0].event.type,
+                    seq=stored[0].seq, note="committed at the next start")
+        return True
