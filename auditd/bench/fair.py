@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fair(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    if args.socket:
+        raise ConfigError("--fair starts a throw-away daemon of its own: drop --socket")
     if os.geteuid() != 0:
         raise AuditdError("bench --fair runs its polite writer as another uid: run it as root")
     duration = args.duration or 10.0
