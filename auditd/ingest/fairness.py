@@ -163,3 +163,50 @@ class BufferShares:
         """
         share = self.share(uid)
         return share if self.pending.get(uid, 0) + count > share else None
+
+
+class LoopShares:
+    """The event loop's time by uid, shared as fair queuing shares a link.
+
+    Each uid has a virtual time: the loop time its frames have used. A connection
+    with frames waiting may go on while its uid has used no more than `slack_s` beyond
+    the least-served uid that also has frames waiting; otherwise it lets the loop go
+    round. A uid that starts waiting is brought up to that least-served one first, so
+    idling earns no credit. A lone uid always runs. Invariant: `waiting[uid]` counts
+    the uid's connections that have frames to handle and nothing but their turn
+    holding them back.
+    """
+
+    def __init__(self, slack_s: float = 0.002) -> None:
+        self.slack_s = slack_s
+        self.used: dict[int, float] = {}
+        self.waiting: Counter[int] = Counter()
+
+    def start_waiting(self, uid: int) -> None:
+        waiting, used = self.waiting, self.used
+        if not waiting[uid]:
+            least = min((used.get(u, 0.0) for u in waiting if u != uid), default=None)
+            if least is not None:
+                used[uid] = max(used.get(uid, 0.0), least)
+            if len(used) > _MAX_IDLE_BUCKETS:
+                for idle in [u for u in used if u not in waiting and u != uid]:
+                    del used[idle]
+        waiting[uid] += 1
+
+    def stop_waiting(self, uid: int) -> None:
+        left = self.waiting[uid] - 1
+        if left > 0:
+            self.waiting[uid] = left
+        else:
+            del self.waiting[uid]
+
+    def may_run(self, uid: int) -> bool:
+        waiting = self.waiting
+        if len(waiting) < 2:
+            return True
+        used = self.used
+        least = min(used.get(u, 0.0) for u in waiting)
+        return used.get(uid, 0.0) <= least + self.slack_s
+
+    def charge(self, uid: int, seconds: float) -> None:
+        self.used[uid] = self.used.get(uid, 0.0) + seconds

@@ -8,7 +8,7 @@ import pytest
 
 from auditd.config import RateLimit, config_from_dict, parse_rate_limit
 from auditd.errors import ConfigError
-from auditd.ingest.fairness import BufferShares, RateLimiter
+from auditd.ingest.fairness import BufferShares, LoopShares, RateLimiter
 
 # -- the config key ----------------------------------------------------------------------
 
@@ -182,3 +182,55 @@ def test_shares_never_fall_below_the_floor() -> None:
     s = shares(capacity=64, present={uid: 1 for uid in range(100)})
     assert s.floor == 4
     assert s.share(5) == 4
+
+
+# -- shares of the event loop -----------------------------------------------------------
+
+
+def test_a_lone_uid_always_runs() -> None:
+    loop = LoopShares()
+    loop.start_waiting(1)
+    loop.charge(1, 10.0)
+    assert loop.may_run(1)
+
+
+def test_the_uid_that_used_more_of_the_loop_lets_the_other_go_first() -> None:
+    loop = LoopShares(slack_s=0.002)
+    loop.start_waiting(1)
+    loop.charge(1, 0.010)  # a flood's frame
+    loop.start_waiting(2)  # brought up to the least served waiting uid: no credit
+    assert loop.used[2] == 0.010
+    assert loop.may_run(1) and loop.may_run(2)
+    loop.charge(1, 0.008)
+    assert not loop.may_run(1) and loop.may_run(2)
+    loop.charge(2, 0.007)
+    assert loop.may_run(1)
+    loop.stop_waiting(2)  # nothing more waiting of uid 2: uid 1 runs again
+    loop.charge(1, 1.0)
+    assert loop.may_run(1)
+
+
+def test_idling_earns_no_credit_but_debt_is_kept() -> None:
+    loop = LoopShares(slack_s=0.002)
+    loop.start_waiting(1)
+    loop.start_waiting(2)
+    loop.charge(2, 0.050)
+    loop.stop_waiting(2)
+    loop.charge(1, 1.0)  # alone meanwhile
+    loop.start_waiting(2)
+    assert loop.used[2] == 1.0  # not 0.05: it cannot make up for the time it idled
+    loop.stop_waiting(1)
+    loop.stop_waiting(2)
+    loop.start_waiting(2)
+    loop.start_waiting(1)
+    assert loop.used[1] == 1.0 and loop.used[2] == 1.0
+
+
+def test_several_connections_of_one_uid_are_counted_once() -> None:
+    loop = LoopShares()
+    loop.start_waiting(1)
+    loop.start_waiting(1)
+    loop.stop_waiting(1)
+    assert loop.waiting == {1: 1}
+    loop.stop_waiting(1)
+    assert loop.waiting == {}
