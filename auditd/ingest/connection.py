@@ -34,6 +34,9 @@ _PEERCRED = struct.Struct("3i")
 # one pipelining client's whole window (thousands of events, 100 ms and more) was
 # handled in one go while a one-event frame from another writer waited behind it.
 _TURN_S = 0.002
+# With no other uid waiting a turn is only there so that the writer's and the status
+# server's callbacks run between frames: it may be longer.
+_LONE_TURN_S = 0.010
 # Frames read ahead of the one being handled: past this the socket is not read, so a
 # flooding client's bytes wait in the kernel (backpressure), not in this process.
 _READ_AHEAD_FRAMES = 4
@@ -174,7 +177,7 @@ class Connection(asyncio.Protocol):
         try:
             while frames and not self.held and not self.closing:
                 self._set_waiting(True)
-                if now > self._turn_ends or not shares.may_run(uid):
+                if self._turn_over(now) or not shares.may_run(uid):
                     self.block("turn")  # let other connections in; go on next time round
                     asyncio.get_running_loop().call_soon(self._next_turn)
                     return
@@ -218,6 +221,12 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
+
+    def _turn_over(self, now: float) -> bool:
+        if now <= self._turn_ends:
+            return False
+        alone = len(self.server.loop_shares.waiting) < 2
+        return not alone or now > self._turn_ends + _LONE_TURN_S
 
     def _turn_s(self) -> float:
         return _TURN_S / max(1, self.server.stats.connections_by_uid[self.peer.uid])
