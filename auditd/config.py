@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -24,6 +25,8 @@ _DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000
                 "w": 604_800_000}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*(?:burst\s+(\d+)\s*)?$")
+_RATE_PER_S = {"s": 1.0, "m": 1 / 60, "h": 1 / 3600}
 
 Size = int | str
 Duration = int | str
@@ -38,6 +41,8 @@ class IngestConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_event_bytes: Size = 262_144
     max_connections: int = 1024
     durability: Literal["write", "fsync"] = "write"
+    # Events per second per uid with a burst, "5000/s burst 20000"; "" is off.
+    rate_limit: str = ""
 
 
 class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -132,6 +137,32 @@ def parse_duration_ms(key: str, value: int | str) -> int:
     return int(float(match.group(1)) * _DURATION_MS[match.group(2)])
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket's settings: `per_s` tokens a second, at most `burst` saved up."""
+
+    per_s: float
+    burst: int
+
+    def __str__(self) -> str:
+        return f"{self.per_s:g}/s burst {self.burst}"
+
+
+def parse_rate_limit(key: str, value: str) -> RateLimit | None:
+    """ "5000/s burst 20000" (also /m, /h) -> RateLimit; "" -> None (off). Without a
+    burst, one second's worth (at least 1 event) may be saved up."""
+    if not value.strip():
+        return None
+    match = _RATE_RE.match(value)
+    rate = float(match.group(1)) * _RATE_PER_S[match.group(2)] if match else 0.0
+    burst = int(match.group(3)) if match and match.group(3) else max(1, int(rate))
+    if not match or rate <= 0 or burst < 1:
+        raise ConfigError(f"{key} = {value!r}: expected a rate per uid like "
+                          '"5000/s burst 20000" (a positive rate, a burst >= 1), '
+                          'or "" for no limit')
+    return RateLimit(rate, burst)
+
+
 _SIZE_KEYS = [("ingest", "max_frame_bytes"), ("ingest", "max_event_bytes"),
               ("buffer", "max_bytes"), ("storage", "journal_segment_bytes"),
               ("storage", "reserve_bytes"), ("storage", "dlq_max_bytes"),
@@ -171,6 +202,7 @@ def _check(config: Config) -> None:
             "expected at least 16 bytes")
     config.mode("ingest")
     config.mode("status")
+    parse_rate_limit("ingest.rate_limit", config.ingest.rate_limit)
     if config.status.metrics_listen:
         parse_listen(config.status.metrics_listen)
 

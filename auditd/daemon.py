@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from auditd.config import Config
+from auditd.config import Config, parse_rate_limit
 from auditd.errors import AuditdError
 from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
@@ -165,7 +165,8 @@ class Daemon:
                          config.ingest.max_batch_events,
                          config.size("ingest", "max_event_bytes"),
                          config.ingest.max_connections, config.buffer.overflow,
-                         config.ingest.durability == "fsync"),
+                         config.ingest.durability == "fsync",
+                         parse_rate_limit("ingest.rate_limit", config.ingest.rate_limit)),
             self.sequencer, self.journal, self.ring, self.writer, self.store, self.stats)
         log.info("daemon_starting", config=config.source or "defaults", storage=str(self.storage),
                  last_seq=state.max_seq, committed_seq=state.committed_seq, stored_ids=stored)

@@ -88,6 +88,15 @@ class Stats:
     reply_latency_ms: Histogram = field(
         default_factory=lambda: Histogram(LATENCY_BUCKETS_MS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    # Fair share (ingest/fairness.py): events of frames held back (overflow "block") or
+    # answered overloaded ("reject"), by (uid, reason); reason is "rate_limit" (over
+    # ingest.rate_limit), "share" (over its share of a contended buffer) or "buffer"
+    # (the buffer full for everyone). A frame held, resumed and held again counts again.
+    held_events: Counter[tuple[int, str]] = field(default_factory=Counter)
+    refused_events: Counter[tuple[int, str]] = field(default_factory=Counter)
+    pending_by_uid: Counter[int] = field(default_factory=Counter)  # uids with some only
+    id_lookup_failures: int = 0  # database id lookups that failed (each attempt)
+    id_lookup_refused_frames: int = 0  # frames answered overloaded after the last attempt
 
     def dead_lettered(self, code: str, count: int = 1) -> None:
         self.dead_letters += count

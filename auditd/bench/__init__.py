@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from auditd.bench import fair
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--replay", type=int, metavar="N",
         help="only the replay benchmark: N journaled events, time to ready and committed")
     add("--json", action="store_true", help="print one JSON document")
+    fair.add_arguments(parser)
 
 
 
@@ -157,6 +159,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         doc: dict[str, Any] = {"ring": run_ring()}
     elif args.replay:
         doc = {"replay": run_replay(args.replay, config)}
+    elif args.fair:
+        doc = {"fair": fair.run_fair(args, config)}
     else:
         doc = run_load(args, config)
     if args.json:

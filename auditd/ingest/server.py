@@ -7,6 +7,7 @@ module decides what each frame gets: accepted, rejected, refused or held back.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import time
@@ -15,8 +16,12 @@ from typing import Any
 
 import structlog
 
+from auditd.config import RateLimit
 from auditd.errors import DaemonRunningError, JournalError, ProtocolError
 from auditd.ingest.connection import Connection
+from auditd.ingest.daemon_events import DaemonEvents
+from auditd.ingest.fairness import BufferShares, LoopShares, RateLimiter
+from auditd.ingest.lookups import IdLookups
 from auditd.ingest.sequencer import Acceptance, Peer, Sequencer
 from auditd.ingest.validation import DecodedFrame, ValidEvent, decode_body
 from auditd.journal.journal import Journal, encode_record
@@ -30,6 +35,7 @@ log = structlog.get_logger("auditd.ingest.server")
 
 _RETRY_AFTER_MS = 100
 HOLD_REASONS = ("buffer", "lookup", "writing")  # what Connection.block() is called with
+_LOOKUP_RETRY_AFTER_MS = 1000
 
 
 @dataclass(slots=True)
@@ -40,6 +46,7 @@ class IngestLimits:
     max_connections: int
     overflow: str
     fsync: bool
+    rate_limit: RateLimit | None = None  # ingest.rate_limit; None is off
 
 
 def bind_unix(path: str, mode: int) -> socket.socket:
@@ -88,6 +95,12 @@ class IngestServer:
         # and the replies it covered wait for the database's copy to be on disk.
         journal.on_fault = self._journal_sync_fault
         store.on_durable = journal.database_durable
+        self.rate = RateLimiter(limits.rate_limit)
+        self.shares = BufferShares(ring.capacity, ring.max_bytes, stats.pending_by_uid,
+                                   stats.connections_by_uid)
+        self.loop_shares = LoopShares()
+        self.lookups = IdLookups(store, stats)
+        self.own_events = DaemonEvents(self)
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -101,7 +114,8 @@ class IngestServer:
         self.shutting_down = True
         if self._server is not None:
             self._server.close()
-        for conn in list(self.blocked):
+        for conn in list(self.connections):  # held frames now get shutting_down
+            conn.unblock("rate")
             conn.unblock("buffer")
 
     async def aclose(self) -> None:
@@ -112,9 +126,21 @@ class IngestServer:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.lookups.aclose()
+        await self.own_events.aclose()
+
+    def set_rate_limit(self, limit: RateLimit | None) -> None:
+        """A reload of ingest.rate_limit. Frames held by the old limit wait out their
+        timer (then meet the new one); with no limit they go on at once."""
+        self.limits.rate_limit = limit
+        self.rate.configure(limit)
+        if limit is None:
+            for conn in list(self.connections):
+                conn.unblock("rate")
 
     def capacity_freed(self) -> None:
         """Called after each commit: resume senders blocked on a full buffer."""
+        self.shares.committed(self.stats.last_committed_seq)
         self._room.set()
         if self.blocked and self.refusal is None and self.ring.below_low_water():
             for conn in list(self.blocked):
@@ -164,31 +190,84 @@ class IngestServer:
             else:
                 conn.reply_error(exc.code, exc.message, fatal=exc.fatal)
             return True
-        valid = frame.valid
-        if valid:
-            size = sum(v.size for v in valid)
-            if len(valid) > self.ring.capacity:
-                self._refuse_batch(conn, body, f"batch of {len(valid)} events exceeds "
-                                   f"the buffer capacity of {self.ring.capacity}")
-                return True
-            if self.refusal is not None or not self.ring.has_room(len(valid), size):
-                if self.limits.overflow == "reject":
-                    conn.reply_error("overloaded", self.refusal or "the buffer is full",
-                                     retry_after_ms=_RETRY_AFTER_MS)
-                    return True
-                conn.block("buffer")
-                self.blocked.add(conn)
-                return False
-            if conn.stored_ids is None:
-                lookups = self.sequencer.pending_lookups(valid)
-                if lookups:
-                    self._look_up(conn, lookups)
-                    return False
+        if frame.valid:
+            gate = self._gate(conn, frame.valid, body)
+            if gate is not None:
+                return gate
         acceptance = self._accept(conn, frame)
         if acceptance is None:
             return self.limits.overflow == "reject"
         self._reply(conn, frame, acceptance)
         return True
+
+    def _gate(self, conn: Connection, valid: list[ValidEvent], body: bytes) -> bool | None:
+        """None when the frame may be accepted now (its tokens are then spent); else
+        True once it is answered (refused) or False when it is held."""
+        count, size = len(valid), sum(v.size for v in valid)
+        ring, uid = self.ring, conn.peer.uid
+        if count > ring.capacity:
+            self._refuse_batch(conn, body, f"batch of {count} events exceeds "
+                               f"the buffer capacity of {ring.capacity}")
+            return True
+        limit = self.limits.rate_limit
+        now = time.monotonic() if limit is not None else 0.0
+        if limit is not None:
+            wait = self.rate.wait_s(uid, count, now)
+            if wait > 0:
+                return self._held_back(
+                    conn, "rate_limit", count, f"uid {uid} is over ingest.rate_limit "
+                    f"({limit}); nothing of the frame was accepted",
+                    math.ceil(wait * 1000), wait)
+        if self.refusal is not None or not ring.has_room(count, size):
+            return self._held_back(conn, "buffer", count,
+                                   self.refusal or "the buffer is full", _RETRY_AFTER_MS)
+        # Only with events pending: their commit is what resumes a held frame, and into
+        # an empty buffer any frame that fits may go.
+        if ring.pending and self.shares.contended(ring.free, ring.pending_bytes, count, size):
+            share = self.shares.over_share(uid, count)
+            if share is not None:
+                return self._held_back(
+                    conn, "share", count, f"the buffer is nearly full and uid {uid} holds "
+                    f"{self.shares.pending.get(uid, 0)} of its {ring.capacity} events, over "
+                    f"its fair share of {share}; nothing of the frame was accepted",
+                    _RETRY_AFTER_MS)
+        if conn.lookup_error is not None:  # the lookup gave up: answer, and move on
+            message, conn.lookup_error = conn.lookup_error, None
+            self.stats.id_lookup_refused_frames += 1
+            conn.reply_error("overloaded", message, retry_after_ms=_LOOKUP_RETRY_AFTER_MS)
+            return True
+        if conn.stored_ids is not None and self.sequencer.evicted_through > conn.lookup_seq:
+            conn.stored_ids = None  # an id may have left the recent window since: ask again
+        if conn.stored_ids is None:
+            lookups = self.sequencer.pending_lookups(valid)
+            if lookups:
+                self._look_up(conn, lookups)
+                return False
+        if limit is not None:
+            self.rate.take(uid, count, now)
+        return None
+
+    def _held_back(self, conn: Connection, reason: str, count: int, message: str,
+                   retry_after_ms: int, wait_s: float = 0.0) -> bool:
+        """Refuse the frame (overflow "reject": True) or hold its connection (False).
+
+        Held for the rate limit, a timer resumes it; for the buffer or a share, the
+        commit that brings the buffer below its low-water mark (capacity_freed).
+        """
+        uid = conn.peer.uid
+        if self.limits.overflow == "reject":
+            self.stats.refused_events[uid, reason] += count
+            conn.reply_error("overloaded", message, retry_after_ms=retry_after_ms)
+            return True
+        if reason not in conn.frame_holds:  # counted once per frame and reason
+            conn.frame_holds.add(reason)
+            self.stats.held_events[uid, reason] += count
+        if reason == "rate_limit":
+            conn.hold_for("rate", wait_s)
+        else:
+            conn.block("buffer")
+            self.blocked.add(conn)
+        return False
 
     def _refuse_batch(self, conn: Connection, body: bytes, message: str) -> None:
         """Refused whole, yet kept as a dead letter: a fire-and-forget client's events
@@ -203,8 +282,8 @@ class IngestServer:
         try:
             return self.accept_events(frame.valid, conn.peer, stored_ids, conn)
         except JournalError as exc:
-            self.journal_fault = str(exc)
-            self.set_refusal(str(exc))
+            self.rate.refund(conn.peer.uid, len(frame.valid))  # the frame comes back
+            self.journal_failed(exc)
             if self.limits.overflow == "reject":
                 conn.reply_error("overloaded", str(exc), retry_after_ms=1000)
             else:
@@ -231,23 +310,24 @@ class IngestServer:
                 conn.sync_position = position
             self.sequencer.commit(acceptance)
             self.ring.push(stored, acceptance.sizes)
+            self.shares.admitted(peer.uid, stored[0].seq, stored[-1].seq)
             self.writer.wake()
             self.stats.accepted += len(stored)
         return acceptance
 
-    async def inject(self, valid: list[ValidEvent], peer: Peer) -> Acceptance:
-        """Accept events the daemon itself originates (admin actions, dead-letter retries),
-        waiting for buffer room instead of refusing."""
-        size = sum(v.size for v in valid)
-        ids = self.sequencer.pending_lookups(valid)
-        stored_ids = await self.store.lookup_ids(ids) if ids else {}
-        while self.refusal is not None or not self.ring.has_room(len(valid), size):
-            self._room.clear()
-            await self._room.wait()
-        acceptance = self.accept_events(valid, peer, stored_ids)
-        if acceptance.stored and self.limits.fsync:
-            await self.journal.wait_synced(self.journal.written)
-        return acceptance
+    def journal_failed(self, exc: JournalError) -> None:
+        self.journal_fault = str(exc)
+        self.set_refusal(str(exc))
+
+    def can_take(self, valid: list[ValidEvent]) -> bool:
+        """Whether events the daemon originates fit now (no rate limit or share applies)."""
+        return self.refusal is None and self.ring.has_room(len(valid),
+                                                           sum(v.size for v in valid))
+
+    async def wait_for_room(self) -> None:
+        """Until the next commit (or the end of a refusal): then check can_take() again."""
+        self._room.clear()
+        await self._room.wait()
 
     def _reply(self, conn: Connection, frame: DecodedFrame, acceptance: Acceptance) -> None:
         stats = self.stats
@@ -275,18 +355,23 @@ class IngestServer:
         conn.send_reply(reply_bytes(reply), wait)
 
     def _look_up(self, conn: Connection, ids: list[str]) -> None:
-        """Ask the database about ids the Bloom filter cannot rule out, off the loop."""
+        """Ask the database about ids the Bloom filter cannot rule out, off the loop.
+
+        A lookup that keeps failing is given up on after IdLookups' attempts: the frame
+        is then answered overloaded (handle() sees conn.lookup_error), never wedged.
+        """
         conn.block("lookup")
         seq_at_start = self.sequencer.last_seq
 
         async def look_up() -> None:
-            try:
-                found = await self.store.lookup_ids(ids)
-            except Exception as exc:  # a failed lookup must not wedge the connection
-                log.error("id_lookup_failed", error=str(exc))
-                found = None
-            if found is not None and self.sequencer.evicted_through <= seq_at_start:
-                conn.stored_ids = found
+            found = await self.lookups.find(ids)
+            if found is None:
+                conn.lookup_error = (
+                    f"the id lookup failed {self.lookups.attempts} times "
+                    f"({self.lookups.last_error}); nothing of the frame was accepted, "
+                    "send it again")
+            elif self.sequencer.evicted_through <= seq_at_start:
+                conn.stored_ids, conn.lookup_seq = found, seq_at_start
             conn.unblock("lookup")
 
         task = asyncio.get_running_loop().create_task(look_up())

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from auditd.config import Config, load_config
+from auditd.config import Config, load_config, parse_rate_limit
 from auditd.errors import AuditdError, ConfigError, ProtocolError
 from auditd.ingest.sequencer import Peer, Sequencer
 from auditd.ingest.server import IngestServer
@@ -39,7 +39,12 @@ log = structlog.get_logger("auditd.status.control")
 
 # Keys a reload may change while running; the rest are wired into sockets and files.
 RELOADABLE = {"log.level", "log.format", "retention.max_age", "retention.max_bytes",
-              "buffer.overflow", "status.admin_uids", "status.reader_gids"}
+              "buffer.overflow", "status.admin_uids", "status.reader_gids",
+              "ingest.rate_limit"}
+# How long an admin call waits for ingest to take its audit event (and a dead-letter
+# retry for ingest to take the entry's events) before it answers anyway: the admin
+# event is then queued and recorded once ingest can take it (IngestServer.record).
+ADMIN_EVENT_WAIT_S = 2.0
 
 
 def _rfc3339(ns: int | None) -> str | None:
@@ -124,6 +129,7 @@ class DaemonControl:
             database_damage=daemon.writer.database_damage,
             ingest_refusal=daemon.ingest.refusal,
             journal_fault=daemon.journal.fault or daemon.ingest.journal_fault,
+            id_lookup_fault=daemon.ingest.lookups.fault,
             stopping=daemon.stop_requested.is_set(),
             held_connections=daemon.ingest.held_counts(),
             database_replaced=None if daemon.damaged is None else (
@@ -167,8 +173,10 @@ class DaemonControl:
         dlq = daemon.dead_letters
         entries = await dlq.entries(ids)
         accepted = failed = 0
+        deadline = time.monotonic() + ADMIN_EVENT_WAIT_S  # for all of them together
         for dlq_id, seq, source, raw, uid in entries:
-            problem = await self._retry_one(dlq_id, seq, source, raw, uid)
+            problem = await self._retry_one(dlq_id, seq, source, raw, uid,
+                                            max(0.0, deadline - time.monotonic()))
             if problem is None:
                 accepted += 1
             else:
@@ -179,12 +187,17 @@ class DaemonControl:
                 "missing": missing}
 
     async def _retry_one(self, dlq_id: int, seq: int | None, source: str, raw: bytes,
-                         uid: int | None) -> str | None:
+                         uid: int | None, within: float) -> str | None:
         """None when the entry's event is now stored (or already was), else why not."""
         daemon = self.daemon
         if source == "writer" and seq is not None:
             # An accepted event keeps its seq: re-committed as first sequenced.
-            return await daemon.writer.restore(stored_decoder.decode(raw), dlq_id)
+            restored = daemon.writer.restore(stored_decoder.decode(raw), dlq_id)
+            try:  # the writer may be stalled: answer anyway, the restore stays queued
+                return await asyncio.wait_for(asyncio.shield(restored), within)
+            except TimeoutError:
+                return ("the writer is retrying a failing commit; the entry is re-committed "
+                        "once it succeeds")
         if source != "ingest":
             return "damaged journal bytes cannot be decoded; inspect, then drop"
         limits = daemon.ingest.limits
@@ -195,7 +208,10 @@ class DaemonControl:
         if frame.rejected:
             return frame.rejected[0][2]
         peer = Peer(0, -1 if uid is None else uid, -1, "auditd-dlq-retry")
-        acceptance = await daemon.ingest.inject(frame.valid, peer)
+        acceptance = await daemon.ingest.own_events.inject(frame.valid, peer, within)
+        if acceptance is None:
+            why = daemon.ingest.refusal or "the buffer is full"
+            return f"ingest is not accepting events now ({why}); the entry stays: retry later"
         if acceptance.rejected:
             return acceptance.rejected[0][2]
         await daemon.dead_letters.drop([dlq_id])
@@ -221,6 +237,8 @@ class DaemonControl:
             log.info("config_reloaded", applied=applied, needs_restart=needs_restart)
             configure_logging(daemon.config.log.level, daemon.config.log.format)
             daemon.ingest.limits.overflow = daemon.config.buffer.overflow
+            daemon.ingest.set_rate_limit(
+                parse_rate_limit("ingest.rate_limit", daemon.config.ingest.rate_limit))
             return {"applied": applied, "needs_restart": needs_restart}
         except AuditdError as exc:
             log.error("config_reload_refused", reason=str(exc))
@@ -254,13 +272,13 @@ class DaemonControl:
         return result.document(str(daemon.store.path))
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
-                           data: dict[str, Any]) -> None:
+                           data: dict[str, Any]) -> bool:
         payload = encoder.encode(data)
         event = WireEvent(type=f"auditd.admin.{action}", actor=admin_actor(uid, comm),
                           data=msgspec.Raw(payload))
         raw = encoder.encode({"type": event.type, "actor": event.actor})
-        await self.daemon.ingest.inject([ValidEvent(0, event, None, raw)],
-                                        Peer(pid, uid, gid, comm))
+        return await self.daemon.ingest.own_events.record(
+            [ValidEvent(0, event, None, raw)], Peer(pid, uid, gid, comm), ADMIN_EVENT_WAIT_S)
 
 
 def _load_for_reload(source: str | None) -> Config:

@@ -59,6 +59,25 @@ def latency(histogram: Histogram) -> dict[str, float]:
     return summary
 
 
+def fairness_document(source: StatusSource) -> dict[str, Any]:
+    """Per uid: events pending, and events held back or refused overloaded, by reason
+    (rate_limit, share, buffer). Only uids with some figure are listed."""
+    stats = source.stats
+    by_uid: dict[int, dict[str, Any]] = {}
+
+    def of(uid: int) -> dict[str, Any]:
+        return by_uid.setdefault(uid, {"pending": 0, "held": {}, "refused": {}})
+
+    for uid, count in stats.pending_by_uid.items():
+        of(uid)["pending"] = count
+    for kind, counter in (("held", stats.held_events), ("refused", stats.refused_events)):
+        for (uid, reason), count in counter.items():
+            of(uid)[kind][reason] = count
+    return {"rate_limit": source.config.ingest.rate_limit or None,
+            # JSON object keys are strings; uid stays a decimal string.
+            "by_uid": {str(uid): by_uid[uid] for uid in sorted(by_uid)}}
+
+
 def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[str, Any]:
     stats, gauges = source.stats, source.gauges()
     return {
@@ -95,6 +114,10 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "disk_free_bytes": gauges.disk_free_bytes,
         "replay": {"done": stats.replay_done, "total": stats.replay_total,
                    "finished": stats.replay_finished},
+        "fairness": fairness_document(source),
+        "id_lookup": {"failures": stats.id_lookup_failures,
+                      "refused_frames": stats.id_lookup_refused_frames,
+                      "fault": gauges.id_lookup_fault},
         "rates": sampler.rates() if sampler is not None else None,
         "uptime_s": round(time.time() - stats.started_at, 3),
         "started_at": stats.started_at,

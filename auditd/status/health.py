@@ -40,6 +40,7 @@ class HealthInputs:
     database_damage: str | None = None
     ingest_refusal: str | None = None
     journal_fault: str | None = None
+    id_lookup_fault: str | None = None
     stopping: bool = False
     database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
@@ -98,6 +99,7 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         database_damage=gauges.database_damage,
         ingest_refusal=gauges.ingest_refusal,
         journal_fault=gauges.journal_fault,
+        id_lookup_fault=gauges.id_lookup_fault,
         stopping=gauges.stopping,
         database_replaced=gauges.database_replaced,
     )
@@ -115,6 +117,10 @@ def evaluate(h: HealthInputs) -> Health:
                                    "the journal accepts appends and its syncs succeed",
                                    "failing"),
         "ingest_accepting": _fault(h.ingest_refusal, "ingest accepts events", "degraded"),
+        # Failing: a frame whose ids need the database is answered overloaded meanwhile,
+        # so a client resending after a lost reply cannot get its events in.
+        "id_lookup": _fault(h.id_lookup_fault, "id lookups in the database succeed",
+                            "failing"),
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
     }

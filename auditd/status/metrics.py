@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from auditd.stats import DROP_REASONS, Histogram
+from auditd.stats import DROP_REASONS, Histogram, Stats
 from auditd.status.health import evaluate, inputs_from
 from auditd.status.source import StatusSource
 
@@ -51,6 +51,12 @@ class AuditdCollector:
         yield counter("auditd_events_duplicate",
                       "Events acknowledged as duplicates of a stored id.", stats.duplicates)
         yield counter("auditd_frames", "Protocol frames answered.", stats.frames)
+        yield counter("auditd_id_lookup_failures",
+                      "Database id lookups that failed (each attempt).",
+                      stats.id_lookup_failures)
+        yield counter("auditd_id_lookup_refused_frames",
+                      "Frames answered overloaded because their id lookup kept failing.",
+                      stats.id_lookup_refused_frames)
         yield counter("auditd_commit_failures",
                       "Commit attempts that failed and were retried.", stats.commit_failures)
         yield counter("auditd_connections_accepted",
@@ -80,6 +86,7 @@ class AuditdCollector:
         yield by_uid
         yield gauge("auditd_pending_events", "Events accepted but not yet committed.",
                     gauges.pending)
+        yield from _fairness_families(stats)
         yield gauge("auditd_pending_bytes", "Encoded size of the pending events.",
                     gauges.pending_bytes)
         yield gauge("auditd_buffer_capacity_events",
@@ -122,6 +129,25 @@ class AuditdCollector:
                          1000.0)
         yield _histogram("auditd_commit_batch_events", "Events per committed batch.",
                          stats.batch_size, 1.0)
+
+
+def _fairness_families(stats: Stats) -> Iterator[Metric]:
+    """Per uid: pending events, and events held back or refused by reason."""
+    pending = GaugeMetricFamily("auditd_pending_events_by_uid",
+                                "Events accepted but not yet committed, by writer uid.",
+                                labels=["uid"])
+    for uid, count in sorted(stats.pending_by_uid.items()):
+        pending.add_metric([str(uid)], count)
+    yield pending
+    for kind, counter, doc in (
+            ("held", stats.held_events, "Events of frames held back (overflow block), "
+             "by writer uid and reason: rate_limit, share or buffer."),
+            ("refused", stats.refused_events, "Events of frames answered overloaded "
+             "(overflow reject), by writer uid and reason: rate_limit, share or buffer.")):
+        family = CounterMetricFamily(f"auditd_events_{kind}", doc, labels=["uid", "reason"])
+        for (uid, reason), count in sorted(counter.items()):
+            family.add_metric([str(uid), reason], count)
+        yield family
 
 
 def _health_families(source: StatusSource) -> Iterator[Metric]:

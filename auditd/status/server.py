@@ -142,20 +142,29 @@ class StatusServer:
         recorded = await self._record(call, route.action)
         log.info("admin_action", action=route.action, outcome="ok", uid=operator.uid,
                  pid=operator.pid, comm=operator.comm)
-        if not recorded:
-            result = {**result, "audit": "the admin event could not be recorded; see the log"}
+        if recorded != "recorded":
+            result = {**result, "audit": _AUDIT_NOTES[recorded]}
         return reply(result)
 
-    async def _record(self, call: Call, action: str) -> bool:
+    async def _record(self, call: Call, action: str) -> str:
+        """"recorded", "queued" (ingest cannot take it now; it is kept and recorded
+        later) or "failed"; bounded, so that an admin call answers while ingest refuses."""
         caller = call.caller
         assert caller is not None
         try:
-            await self.source.record_admin(action, caller.uid, caller.gid, caller.pid,
-                                           caller.comm, call.audit)
+            recorded = await self.source.record_admin(
+                action, caller.uid, caller.gid, caller.pid, caller.comm, call.audit)
         except Exception as exc:  # the action stands; the operator and the log are told
             log.error("admin_event_failed", action=action, uid=caller.uid, error=str(exc))
-            return False
-        return True
+            return "failed"
+        return "recorded" if recorded else "queued"
+
+
+_AUDIT_NOTES = {
+    "queued": "ingest is not accepting events now; the admin event is queued and recorded "
+              "as soon as it does",
+    "failed": "the admin event could not be recorded; see the log",
+}
 
 
 def _bounded(value: Any, most: int = _AUDIT_LIST_MAX) -> Any:

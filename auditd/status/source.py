@@ -49,6 +49,7 @@ class Gauges:
     database_damage: str | None = None
     ingest_refusal: str | None = None  # ingest.refusal: why ingest is refusing now
     journal_fault: str | None = None  # why the journal cannot be appended to now
+    id_lookup_fault: str | None = None  # why database id lookups fail now
     stopping: bool = False  # shutdown has begun
     # Connections held back now, by reason (ingest.held_counts): "buffer", "lookup",
     # "writing" (the client does not read its replies).
@@ -128,11 +129,13 @@ class StatusSource(Protocol):
         ...
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
-                           data: dict[str, Any]) -> None:
+                           data: dict[str, Any]) -> bool:
         """Append an `auditd.admin.<action>` event through the daemon's own ingest path.
 
         actor = admin_actor(uid, comm); pid/uid/gid/comm = the operator's credentials
-        (not the daemon's); data = `data` (the request and its outcome). Returns once
-        the event is journaled; raises when it could not be.
+        (not the daemon's); data = `data` (the request and its outcome). Waits a bounded
+        time: True once the event is journaled, False when ingest could not take it in
+        time, in which case it is kept queued and recorded as soon as ingest can (never
+        dropped). Raises only for an unexpected failure.
         """
         ...
