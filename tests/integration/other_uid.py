@@ -1,4 +1,5 @@
-"""Code run as another uid: a child that imports what it needs as root, then drops to the
+"""Long-running clients as another uid, beside a flood (as_other_uid.run_as is for a
+script run to its end): a child that imports what it needs as root, then drops to the
 uid before it connects (SO_PEERCRED is taken at connect).
 
 It never reads the checkout after dropping privileges, so it works from a checkout the
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from as_other_uid import child_env
 
 NOBODY = 65534
 
@@ -30,11 +32,6 @@ def drop_to(uid):
     os.setgid(uid)
     os.setuid(uid)
 """
-
-
-def child_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items()
-            if not key.startswith("COVERAGE")}
 
 
 def start_as(uid: int, script: str, *args: str) -> subprocess.Popen[str]:
