@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from auditd.ingest import depth
 from auditd.status.access import Caller
 from auditd.status.figures import RateSampler, stats_document
 from auditd.status.health import evaluate, inputs_from
@@ -161,12 +162,15 @@ async def _body(call: Call, kind: type[T]) -> T | None:
     raw = await call.request.read()
     if not raw.strip():
         return None
+    if not depth.json_within(raw):  # msgspec's JSON decoder recurses once per level
+        raise Problem(400, "bad_request",
+                      f"the body is nested deeper than {depth.MAX_DEPTH} levels")
     try:
         return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:  # first: a subclass of DecodeError
+        raise Problem(400, "bad_request", f"the body does not fit: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Problem(400, "bad_request", f"the body is not valid JSON: {exc}") from None
-    except msgspec.ValidationError as exc:
-        raise Problem(400, "bad_request", f"the body does not fit: {exc}") from None
 
 
 def _int_param(value: str | None, name: str, low: int, high: int | None) -> int | None:
