@@ -55,7 +55,23 @@ for _b, _n in ((0xDC, 2), (0xDD, 4), (0xDE, 2), (0xDF, 4)):
 _KIND[0xC1] = _INVALID
 _STEP = [size if kind == _SCALAR else 0 for kind, size in zip(_KIND, _SIZE, strict=True)]
 _EMPTY = {_ARRAY: b"\x90", _MAP: b"\x80"}
-_SINGLETONS = re.compile(rb"\x91+")  # [[[...]]]: the usual hostile shape, skipped in C
+
+
+def _chain_pattern() -> re.Pattern[bytes]:
+    """One link repeated: a container whose items before its last are one-byte scalars
+    or fixstrs, its last the next link ([[[...]]], [nil, [nil, ...]], {"k": {"k": ...}}).
+    The shape a deep nest is built in; the walker skips a run of it in one C call."""
+    fixstr = b"|".join(bytes([0xA0 + n]) + b".{%d}" % n for n in range(32))
+    scalar = b"(?:[\x00-\x7f\xc0\xc2\xc3\xe0-\xff]|" + fixstr + b")"
+    arrays = [bytes([0x90 + n]) + b"%s{%d}" % (scalar, n - 1) for n in range(1, 16)]
+    maps = [bytes([0x80 + n]) + b"%s{%d}" % (scalar, 2 * n - 1) for n in range(1, 16)]
+    links = [re.escape(link[:1]) + link[1:] for link in (*arrays, *maps)]
+    links += [re.escape(b"\xdc\x00\x01"), re.escape(b"\xdd\x00\x00\x00\x01")]
+    return re.compile(b"(" + b"|".join(links) + b")\\1+", re.DOTALL)
+
+
+_CHAIN = _chain_pattern()
+_SINGLETONS = re.compile(b"(\x91)\x91*")  # [[[...]]], the commonest chain, faster alone
 
 
 class MalformedError(AuditdError):
@@ -127,14 +143,13 @@ def skip(buf: bytes, pos: int) -> tuple[int, int]:
             if kind == _SIZED:
                 pos += sizes[first] + int.from_bytes(header, "big")
                 continue
-            if first == 0x91 and not left:  # a run of one-item arrays: skipped in C
-                run = _SINGLETONS.match(buf, pos)
-                assert run is not None
-                depth += run.end() - pos
-                pos = run.end()
-                left = 1
-                deepest = max(deepest, depth)
-                continue
+            if not left:  # a last item: perhaps a chain of links, skipped in one step
+                chain = (_SINGLETONS if first == 0x91 else _CHAIN).match(buf, pos)
+                if chain is not None:
+                    depth += (chain.end() - pos) // len(chain.group(1))
+                    deepest = max(deepest, depth)
+                    pos, left = chain.end(), 1  # the last link's last item is next
+                    continue
             count = int.from_bytes(header, "big") if length else first & 0x0F
             pos += sizes[first]
             if kind == _MAP:
