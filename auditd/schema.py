@@ -72,6 +72,7 @@ encoder = msgspec.msgpack.Encoder()
 
 _PATH_RE = re.compile(r" - at (?:`key` in )?`\$\.?([^`]*)`$")
 _UNKNOWN_RE = re.compile(r"Object contains unknown field `([^`]*)`")
+_EMPTY_KEY = '""'  # how the empty key is named in a message
 _MISSING_RE = re.compile(r"Object missing required field `([^`]*)`")
 
 
@@ -87,7 +88,7 @@ def describe_validation_error(exc: msgspec.ValidationError) -> str:
         key = unknown.group(1)
         if key in RESERVED_KEYS:
             return f"{key}: set by the daemon, a client may not send it"
-        return f"{key}: unknown key"
+        return f"{key or _EMPTY_KEY}: unknown key"
     missing = _MISSING_RE.match(text)
     if missing:
         return f"{missing.group(1)}: required"

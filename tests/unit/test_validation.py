@@ -322,3 +322,8 @@ def test_deep_event_over_max_event_bytes_is_too_large() -> None:
     body = event_with("data", nested(5000))
     assert decode_body(body, MAX_BATCH, 1024).rejected == [
         (0, "too_large", f"event is {len(body)} bytes, over the 1024-byte limit")]
+
+
+def test_the_empty_key_is_named_too() -> None:
+    # Found by tests/fuzz: the message read ": unknown key", naming nothing.
+    assert only_message({"type": "t", "": 1}) == '"": unknown key'
