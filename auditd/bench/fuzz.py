@@ -131,11 +131,26 @@ def exchange(path: str, data: bytes, owed: int, fatal: bool,
     return tally
 
 
+def send_stream(path: str, stream: bytes, rng: random.Random, max_frame_bytes: int,
+                most: int = 64) -> tuple[Counter[str], bytes]:
+    """Send as much of `stream` as makes whole frames, in connections of up to `most`
+    frames, each checked by `exchange`; return the counts and what is left (the start
+    of a frame not yet complete). A connection ends after a fatal frame; after a bad
+    length the daemon read no further, so the rest of the stream is dropped rather than
+    let a stray body become thousands of 4-byte "headers"."""
+    total: Counter[str] = Counter()
+    while True:
+        owed, end, fatal = daemon_view(stream, max_frame_bytes, most)
+        if not owed:
+            return total, stream
+        total.update(exchange(path, stream[:end], owed, fatal, rng))
+        stream = b"" if fatal and not decode_would_answer(stream, end) else stream[end:]
+
+
 def fuzz_process(path: str, frames: int, seed: int, max_frame_bytes: int,
                  results: Any) -> None:
     """One fuzzing client: connections of 1..64 frames until the daemon has answered
-    `frames`; a connection ends after a fatal frame, and what follows it in the
-    generated stream (a bad length desynchronises the rest) opens the next one.
+    `frames`; what follows a fatal frame in the generated stream opens the next one.
 
     Niced: the daemon and the well-behaved client come first for the CPU, so that the
     latter's latency says how the daemon copes, not how busy the load generator is.
@@ -147,19 +162,10 @@ def fuzz_process(path: str, frames: int, seed: int, max_frame_bytes: int,
         pending = b""
         while total["frames"] < frames:
             most = min(frames - total["frames"], rng.randint(1, 64))
-            owed, end, fatal = daemon_view(pending, max_frame_bytes, most)
-            if owed < most and not fatal:
-                pending += b"".join(mutate.frame(rng, max_frame_bytes)
-                                    for _ in range(most - owed))
-                owed, end, fatal = daemon_view(pending, max_frame_bytes, most)
-            if owed:
-                total.update(exchange(path, pending[:end], owed, fatal, rng))
-                # After a bad length the daemon read no further: drop what it never saw
-                # rather than let a stray body become thousands of 4-byte "headers".
-                framing_error = fatal and not decode_would_answer(pending, end)
-                pending = b"" if framing_error else pending[end:]
-        if pending and daemon_view(pending, max_frame_bytes, 1)[0] == 0:
-            # An incomplete frame, then the end: no reply owed, only a close.
+            pending += b"".join(mutate.frame(rng, max_frame_bytes) for _ in range(most))
+            sent, pending = send_stream(path, pending, rng, max_frame_bytes, most)
+            total.update(sent)
+        if pending:  # an incomplete frame, then the end: no reply owed, only a close
             total.update({k: v for k, v in exchange(path, pending, 0, False, rng).items()
                           if k != "connections"})
         results.put(("done", dict(total)))
