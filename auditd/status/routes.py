@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -89,8 +89,12 @@ async def get_dlq(call: Call) -> web.StreamResponse:
 # -- admin actions -------------------------------------------------------------------
 
 
+# A dead-letter id is a SQLite rowid: 1 .. 2**63 - 1 (a larger int cannot be bound).
+DlqId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+
+
 class Selection(msgspec.Struct, forbid_unknown_fields=True):
-    ids: list[int] | None = None
+    ids: list[DlqId] | None = None
     all: bool = False
 
 

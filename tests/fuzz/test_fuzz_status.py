@@ -57,6 +57,8 @@ def request(daemon: DaemonProcess, method: str, url: str,
 
 def check(status: int, data: bytes, content_type: str) -> None:
     assert status < 500, (status, data[:500])
+    if status == 400 and content_type.startswith("text/plain"):
+        return  # refused by aiohttp's HTTP parser (a request line over 8 KB), before routing
     if status >= 400:
         assert content_type.startswith("application/json"), (status, data[:200])
         document = json.loads(data)
@@ -64,7 +66,8 @@ def check(status: int, data: bytes, content_type: str) -> None:
 
 
 query_text = st.one_of(st.text(max_size=30), st.sampled_from([
-    "0", "-1", "1000", "1001", "9" * 5000, "1e3", " 5", "0x10", "１２", "%ZZ", "%ff", "null"]))
+    "0", "-1", "1000", "1001", "9" * 5000, "1e3", " 5", "0x10", "\uff11\uff12", "%ZZ", "%ff",
+    "null"]))
 queries = st.lists(st.tuples(st.sampled_from(["limit", "after", "x", "", "limit[]"])
                              | st.text(max_size=8), query_text), max_size=4)
 
