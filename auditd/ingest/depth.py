@@ -21,7 +21,9 @@ deep it can go:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
+
+import msgspec
 
 from auditd.errors import AuditdError
 
@@ -181,9 +183,9 @@ def value_depth(buf: bytes) -> int:
     return deepest
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """One item of a container: `buf[start:end]`, nesting `depth` levels of its own."""
+class Extent(NamedTuple):
+    """One item of a container: `buf[start:end]`, nesting `depth` levels of its own.
+    A tuple: a long batch makes one per event."""
 
     start: int
     end: int
@@ -204,6 +206,73 @@ def items(buf: bytes) -> list[Extent]:
         pos = stop
     _check_end(pos, end)
     return found
+
+
+_SPLITTER = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_TRAILING = re.compile(r"trailing characters \(byte (\d+)\)")
+_WINDOW = 1 << 16
+
+
+def array_items(buf: bytes, levels: int) -> list[tuple[bytes, int]]:
+    """The items of the array that is all of `buf`, each with how deep it nests, fast
+    for a long batch of shallow events: msgspec splits windows of the array that hold
+    at most `levels` bytes that could open a container (so it cannot recurse deeper),
+    and the walker takes only the items no such window holds. An item msgspec split
+    carries `levels` (meaning at most that); the walker's carry their exact depth.
+    """
+    end = len(buf)
+    kind, pos, count = _head(buf, 0, end)
+    if kind != _ARRAY:
+        raise MalformedError("expected an array")
+    found: list[tuple[bytes, int]] = []
+    window, walk_only = _WINDOW, False
+    while len(found) < count:
+        split: list[bytes] = []
+        if not walk_only:
+            chunk = buf[pos : pos + window]
+            bound = container_bound(chunk)
+            if bound > levels:  # cut to hold `levels` at most, from the density seen
+                chunk = chunk[: max(64, len(chunk) * levels // bound * 9 // 10)]
+                bound = container_bound(chunk)
+            window = max(4096, min(_WINDOW, len(chunk) * levels // max(bound, 1)))
+            guess = count - len(found)
+            if found:
+                guess = min(guess, max(1, int(len(chunk) * len(found) / (pos - 1) * 0.9)))
+            if bound <= levels:
+                split, walk_only = _split_prefix(chunk, guess)
+        if split:
+            found += [(item, levels) for item in split]
+            pos += sum(map(len, split))
+            continue
+        stop, deepest = skip(buf, pos)  # an item no window could hold, or malformed bytes
+        found.append((buf[pos:stop], deepest))
+        pos = stop
+    _check_end(pos, end)
+    return found
+
+
+def _split_prefix(chunk: bytes, guess: int) -> tuple[list[bytes], bool]:
+    """The whole items at the start of `chunk` (at most `guess`), found by msgspec from
+    where its error says the last of them ended; and whether the bytes are malformed
+    (then the walker takes the rest: it says where, in the same words)."""
+    while guess:
+        header = b"\xdd" + guess.to_bytes(4, "big")
+        try:
+            return [bytes(item) for item in _SPLITTER.decode(header + chunk)], False
+        except msgspec.DecodeError as exc:
+            message = str(exc)
+        trailing = _TRAILING.search(message)
+        if trailing is not None:
+            used = int(trailing.group(1)) - len(header)
+            try:
+                items = _SPLITTER.decode(header + chunk[:used])
+            except msgspec.DecodeError:  # not msgspec's usual message after all
+                return [], True
+            return [bytes(item) for item in items], False
+        if "truncated" not in message:
+            return [], True
+        guess //= 4  # fewer items than guessed fit in the window
+    return [], False
 
 
 def within(value: bytes, levels: int) -> bool:

@@ -97,15 +97,14 @@ def decode_body(body: bytes, max_batch_events: int, max_event_bytes: int) -> Dec
             _validate(frame, index, bytes(item), max_event_bytes, unchecked=False)
         return frame
     try:
-        extents = ([depth.Extent(0, len(body), depth.value_depth(body))]
-                   if first in _MAP_FIRST else depth.items(body))
+        events = ([(body, depth.value_depth(body))] if first in _MAP_FIRST
+                  else depth.array_items(body, _SAFE_LEVELS))
     except depth.MalformedError as exc:
         raise _bad_frame(f"body is not valid MessagePack: {exc}") from None
     if first in _ARRAY_FIRST:
-        _check_batch_size(len(extents), max_batch_events)
-    for index, extent in enumerate(extents):
-        event = body[extent.start : extent.end]
-        shown = depth.flatten(event, _EVENT_LEVELS + 1) if extent.depth > _SAFE_LEVELS else None
+        _check_batch_size(len(events), max_batch_events)
+    for index, (event, levels) in enumerate(events):
+        shown = depth.flatten(event, _EVENT_LEVELS + 1) if levels > _SAFE_LEVELS else None
         _validate(frame, index, event, max_event_bytes, unchecked=False, shown=shown)
     return frame
 

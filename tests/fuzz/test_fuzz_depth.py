@@ -80,3 +80,26 @@ def test_json_depth(value: Any, levels: int) -> None:
 @given(st.text(alphabet='[]{}"\\ ,:a1', max_size=300))
 def test_json_depth_never_raises_on_any_text(text: str) -> None:
     depth.json_within(text, 5)
+
+
+@given(st.lists(values, max_size=40), st.integers(1, 600),
+       st.sampled_from([b"", b"\xc1", b"\x91" * 700 + b"\x01", b"\x00"]), st.booleans())
+def test_array_items_splits_as_the_walker_does(items: list[Any], levels: int, tail: bytes,
+                                               cut: bool) -> None:
+    encoded = [msgspec.msgpack.encode(item) for item in items]
+    body = b"\xdd" + (len(items) + bool(tail)).to_bytes(4, "big") + b"".join(encoded) + tail
+    if cut:
+        body = body[:-1]
+    try:
+        walked = [(body[e.start:e.end], e.depth) for e in depth.items(body)]
+    except depth.MalformedError as exc:
+        try:
+            depth.array_items(body, levels)
+        except depth.MalformedError as again:
+            assert str(again) == str(exc)
+            return
+        raise AssertionError("array_items accepted what the walker refused") from None
+    split = depth.array_items(body, levels)
+    assert [item for item, _ in split] == [item for item, _ in walked]
+    for (_, bound), (_, exact) in zip(split, walked, strict=True):
+        assert bound == exact or exact <= bound == levels

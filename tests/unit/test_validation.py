@@ -324,6 +324,7 @@ def test_deep_event_over_max_event_bytes_is_too_large() -> None:
         (0, "too_large", f"event is {len(body)} bytes, over the 1024-byte limit")]
 
 
-def test_the_empty_key_is_named_too() -> None:
+def test_an_unknown_key_that_would_not_read_as_a_name_is_quoted() -> None:
     # Found by tests/fuzz: the message read ": unknown key", naming nothing.
     assert only_message({"type": "t", "": 1}) == '"": unknown key'
+    assert only_message({"type": "t", "a\nb": 1}) == '"a\\nb": unknown key'
