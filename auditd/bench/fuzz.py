@@ -42,6 +42,7 @@ from auditd.schema import encoder, uuid7
 
 STEADY_TYPE = "bench.steady"
 _REPLY_TIMEOUT_S = 60.0  # a daemon silent this long on a connection owes its replies
+_WARM_UP_MAX_S = 20.0  # the steady client alone first, at most this long at its rate
 # Only fatal errors matter to daemon_view, and those do not depend on these limits.
 _MAX_BATCH_EVENTS, _MAX_EVENT_BYTES = 10_000, 262_144
 
@@ -175,36 +176,48 @@ def fuzz_process(path: str, frames: int, seed: int, max_frame_bytes: int,
 
 def steady_process(path: str, rate: float, stop: Any, results: Any) -> None:
     """The well-behaved client: one valid event a frame at `rate`/s until `stop`,
-    then every reply; each reply's latency from when its frame was due."""
+    then every reply; each reply's latency from when its frame was due.
+
+    Non-blocking sends and one select() for both directions, as the load clients do:
+    a client blocked in send() while the daemon waits for it to read its replies would
+    be a deadlock of the client's own making.
+    """
     try:
         latencies: list[float] = []
         tally: Counter[str] = Counter()
         decoder = FrameDecoder(1 << 24)
         due: list[float] = []
+        out = bytearray()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(path)
+            sock.setblocking(False)
             interval, sent = 1.0 / rate, 0
             start = time.monotonic()
             while not stop.is_set() or len(latencies) < sent:
                 now = time.monotonic()
-                if not stop.is_set():
-                    while start + sent * interval <= now:
-                        event = {"type": STEADY_TYPE, "actor": "steady", "id": uuid7(),
-                                 "data": {"n": sent}}
-                        sock.sendall(encode_frame(encoder.encode(event)))
-                        due.append(start + sent * interval)
-                        sent += 1
+                while not stop.is_set() and start + sent * interval <= now:
+                    event = {"type": STEADY_TYPE, "actor": "steady", "id": uuid7(),
+                             "data": {"n": sent}}
+                    out += encode_frame(encoder.encode(event))
+                    due.append(start + sent * interval)
+                    sent += 1
+                if out:
+                    with contextlib.suppress(BlockingIOError):
+                        del out[: sock.send(out)]
                 wait = max(0.0, start + sent * interval - time.monotonic())
-                if select.select([sock], [], [], min(wait, 0.05))[0]:
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        raise ConnectionError("the daemon closed the steady connection")
-                    now = time.monotonic()
-                    for body in decoder.feed(data):
-                        latencies.append((now - due[len(latencies)]) * 1000)
-                        reply = msgspec.msgpack.decode(body)
-                        tally["ok"] += reply.get("ok", 0)
-                        tally["error"] += "error" in reply
+                readable, _, _ = select.select([sock], [sock] if out else [], [],
+                                               min(wait, 0.05))
+                if not readable:
+                    continue
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the daemon closed the steady connection")
+                now = time.monotonic()
+                for body in decoder.feed(data):
+                    latencies.append((now - due[len(latencies)]) * 1000)
+                    reply = msgspec.msgpack.decode(body)
+                    tally["ok"] += reply.get("ok", 0)
+                    tally["error"] += "error" in reply
         results.put(("steady", {"sent": sent, "latencies": latencies, **tally}))
     except Exception as exc:
         results.put(("failed", f"steady client: {exc!r}"))
@@ -223,6 +236,7 @@ def run_fuzz(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     rate = args.rate or 5000.0
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     max_frame = config.size("ingest", "max_frame_bytes")
+    capacity = args.capacity or config.buffer.capacity
     context = mp.get_context("spawn")
     with ThrowawayDaemon(config, args.durability, args.capacity) as daemon:
         assert daemon.proc is not None
@@ -231,7 +245,14 @@ def run_fuzz(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         steady = context.Process(target=steady_process, args=(daemon.socket, rate, stop,
                                                               results), daemon=True)
         steady.start()
-        time.sleep(1.0)  # warm-up: the steady client's first replies, the daemon's caches
+        rss_ready = _rss_mb(pid)
+        # Warm-up: until the steady client's events fill the ring's window of recent
+        # events (what the daemon holds at steady state), so that growth measured from
+        # here is what the hostile frames cost, not the buffer filling.
+        warm = min(capacity, int(rate * _WARM_UP_MAX_S))
+        deadline = time.monotonic() + _WARM_UP_MAX_S * 3
+        while _stored(daemon.db_path, STEADY_TYPE) < warm and time.monotonic() < deadline:
+            time.sleep(0.2)
         rss_before = _rss_mb(pid)
         started = time.monotonic()
         shares = [args.fuzz // args.clients + (i < args.fuzz % args.clients)
@@ -277,7 +298,7 @@ def run_fuzz(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         "connections": total["connections"], "connections_not_closed": total["not_closed"],
         "fatal_replies": {k[6:]: n for k, n in sorted(total.items()) if k.startswith("fatal:")},
         "crashes": int(crashed), "tracebacks": log.count("Traceback"),
-        "rss_before_mb": rss_before, "peak_rss_mb": peak,
+        "rss_ready_mb": rss_ready, "rss_before_mb": rss_before, "peak_rss_mb": peak,
         "peak_rss_growth_mb": None if peak is None else round(peak - rss_before, 1),
         "steady": {
             "rate": rate, "sent": steady_doc["sent"] if steady_doc else 0,

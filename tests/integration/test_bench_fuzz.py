@@ -14,7 +14,7 @@ import sys
 def test_fuzz_bench_answers_every_frame() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "auditd.cli", "bench", "--json", "--fuzz", "600",
-         "--clients", "2", "--rate", "500", "--seed", "7"],
+         "--clients", "2", "--rate", "500", "--capacity", "1000", "--seed", "7"],
         capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)["fuzz"]
