@@ -82,7 +82,7 @@ def test_json_depth_never_raises_on_any_text(text: str) -> None:
     depth.json_within(text, 5)
 
 
-@given(st.lists(values, max_size=40), st.integers(1, 600),
+@given(st.lists(values, max_size=12), st.integers(1, 600),
        st.sampled_from([b"", b"\xc1", b"\x91" * 700 + b"\x01", b"\x00"]), st.booleans())
 def test_array_items_splits_as_the_walker_does(items: list[Any], levels: int, tail: bytes,
                                                cut: bool) -> None:
