@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/auditd bench --baseline
+
+# The long fuzz campaign: tests/fuzz with many more examples (the default run keeps them
+# few, so `make test` stays quick). FUZZ_ARGS passes pytest options, e.g. -x.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/fuzz -p no:cacheprovider --timeout=0 $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) var .coverage-data

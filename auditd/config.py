@@ -120,9 +120,10 @@ def parse_size(key: str, value: int | str) -> int:
         return value
     match = _SIZE_RE.match(value)
     unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS:
+    size = float(match.group(1)) * _SIZE_UNITS[unit] if match and unit in _SIZE_UNITS else -1
+    if not 0 <= size < 2**63:  # a wrong unit, or 400 digits: float("9" * 400) is inf
         raise ConfigError(f"{key} = {value!r}: expected a size like 512KB, 64MB or 5GB")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return int(size)
 
 
 def parse_duration_ms(key: str, value: int | str) -> int:
@@ -132,9 +133,10 @@ def parse_duration_ms(key: str, value: int | str) -> int:
             raise ConfigError(f"{key} = {value}: expected a duration >= 0")
         return value * 1000
     match = _DURATION_RE.match(value)
-    if not match:
+    ms = float(match.group(1)) * _DURATION_MS[match.group(2)] if match else -1
+    if not 0 <= ms < 2**63:
         raise ConfigError(f"{key} = {value!r}: expected a duration like 250ms, 30s or 30d")
-    return int(float(match.group(1)) * _DURATION_MS[match.group(2)])
+    return int(ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +178,8 @@ def parse_listen(value: str) -> tuple[str, int]:
     """status.metrics_listen "host:port" ("[::1]:9477" for IPv6) -> (host, port)."""
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isascii() or not port.isdigit() \
+            or not 0 < int(port) < 65536:  # isdigit() alone takes "²", which int() refuses
         raise ConfigError(f"status.metrics_listen = {value!r}: expected host:port like "
                           "127.0.0.1:9477")
     return host, int(port)
@@ -277,6 +280,8 @@ def load_config(path: str | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{candidate}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib is pure Python and recurses once per nested array
+        raise ConfigError(f"{candidate}: not valid TOML: nested too deep to read") from None
     return config_from_dict(raw, str(candidate))
 
 

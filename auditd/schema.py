@@ -9,6 +9,7 @@ nanosecond timestamps and arbitrary payloads pass through without a round trip.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import struct
@@ -87,7 +88,9 @@ def describe_validation_error(exc: msgspec.ValidationError) -> str:
         key = unknown.group(1)
         if key in RESERVED_KEYS:
             return f"{key}: set by the daemon, a client may not send it"
-        return f"{key}: unknown key"
+        # As JSON when it would not read as a name: "" or one holding a newline.
+        name = key if key.isprintable() and key else json.dumps(key)
+        return f"{name}: unknown key"
     missing = _MISSING_RE.match(text)
     if missing:
         return f"{missing.group(1)}: required"

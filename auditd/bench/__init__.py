@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only the RingBuffer micro-benchmark: recent(100) and by_correlation()")
     add("--replay", type=int, metavar="N",
         help="only the replay benchmark: N journaled events, time to ready and committed")
+    add("--fuzz", type=int, metavar="N",
+        help="only the fuzz run: N random or mutated frames from --clients connections "
+        "while a well-behaved client sends --rate (default 5000) events/s")
+    add("--seed", type=int, help="the fuzz run's random seed (default: a random one)")
     add("--json", action="store_true", help="print one JSON document")
     fair.add_arguments(parser)
 
@@ -161,6 +165,10 @@ def main(args: argparse.Namespace, config: Config) -> int:
         doc = {"replay": run_replay(args.replay, config)}
     elif args.fair:
         doc = {"fair": fair.run_fair(args, config)}
+    elif args.fuzz is not None:
+        from auditd.bench.fuzz import run_fuzz
+
+        doc = {"fuzz": run_fuzz(args, config)}
     else:
         doc = run_load(args, config)
     if args.json:

@@ -62,6 +62,10 @@ def _event(args: argparse.Namespace) -> dict[str, Any]:
         event["tags"] = _key_values(args.tag, "--tag")
     data: dict[str, Any] = _key_values(args.data, "--data") if args.data else {}
     if args.data_json is not None:
+        from auditd.ingest import depth
+
+        if not depth.json_within(args.data_json):  # json.loads would recurse that deep
+            raise ConfigError(f"--data-json: nested deeper than {depth.MAX_DEPTH} levels")
         try:
             extra = json.loads(args.data_json)
         except ValueError as exc:

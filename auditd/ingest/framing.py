@@ -16,7 +16,13 @@ class FrameDecoder:
 
     Invariant: a length of 0 or above `max_frame_bytes` is refused as soon as its four
     header bytes arrive, before any of the body is buffered, so a hostile 4 GiB prefix
-    costs nothing. After an error the decoder yields nothing more.
+    costs nothing. However the stream is split across feeds, the same bodies come out
+    in the same order. Nothing here raises.
+
+    State after a refused frame: `error` holds the fatal `frame_too_large` ProtocolError
+    (its message gives the length and the bounds), the buffer is empty (`buffered` is
+    0), and every later `feed` returns [] and keeps nothing; the bodies complete before
+    the bad length were returned by the feed that met it.
     """
 
     __slots__ = ("_buffer", "error", "max_frame_bytes")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from auditd.ingest import depth
 from auditd.status.access import Caller
 from auditd.status.figures import RateSampler, stats_document
 from auditd.status.health import evaluate, inputs_from
@@ -88,8 +89,12 @@ async def get_dlq(call: Call) -> web.StreamResponse:
 # -- admin actions -------------------------------------------------------------------
 
 
+# A dead-letter id is a SQLite rowid: 1 .. 2**63 - 1 (a larger int cannot be bound).
+DlqId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+
+
 class Selection(msgspec.Struct, forbid_unknown_fields=True):
-    ids: list[int] | None = None
+    ids: list[DlqId] | None = None
     all: bool = False
 
 
@@ -161,12 +166,15 @@ async def _body(call: Call, kind: type[T]) -> T | None:
     raw = await call.request.read()
     if not raw.strip():
         return None
+    if not depth.json_within(raw):  # msgspec's JSON decoder recurses once per level
+        raise Problem(400, "bad_request",
+                      f"the body is nested deeper than {depth.MAX_DEPTH} levels")
     try:
         return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:  # first: a subclass of DecodeError
+        raise Problem(400, "bad_request", f"the body does not fit: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Problem(400, "bad_request", f"the body is not valid JSON: {exc}") from None
-    except msgspec.ValidationError as exc:
-        raise Problem(400, "bad_request", f"the body does not fit: {exc}") from None
 
 
 def _int_param(value: str | None, name: str, low: int, high: int | None) -> int | None:

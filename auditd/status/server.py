@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from auditd.config import parse_listen
 from auditd.errors import AuditdError, ConfigError
@@ -97,7 +99,8 @@ class StatusServer:
 
     async def _serve(self, app: web.Application, *, sock: socket.socket | None = None,
                      host: str = "", port: int = 0) -> None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_S)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_S,
+                               logger=_HTTP_LOG)
         await runner.setup()
         self._runners.append(runner)
         site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(
@@ -213,6 +216,23 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+class _RefusedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a 9 KB request line, a bad header) with a
+    traceback; that is the caller's mistake, answered 400 before any route runs: one
+    structured line instead. Anything else aiohttp logs keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.warning("status_request_refused", status=exc.code, reason=exc.message)
+            return False
+        return True
+
+
+_HTTP_LOG = logging.getLogger("auditd.status.http")
+_HTTP_LOG.addFilter(_RefusedRequests())
 
 
 def _http_message(request: web.Request, exc: web.HTTPException) -> str:

@@ -214,3 +214,117 @@ def test_malformed_bare_map_after_a_schema_error_is_bad_frame() -> None:
     with pytest.raises(ProtocolError) as info:
         decode_body(body, MAX_BATCH, MAX_EVENT)
     assert info.value.code == "bad_frame"
+
+
+# -- depth (protocol.md "Depth") ----------------------------------------------------
+
+TOO_DEEP = "data: nested deeper than 64 levels"
+
+
+def nested(levels: int, leaf: bytes = b"\x01") -> bytes:
+    """`levels` arrays one inside the other, as raw MessagePack: msgspec's encoder would
+    recurse as deep as the value."""
+    return b"\x91" * levels + leaf
+
+
+def nested_maps(levels: int) -> bytes:
+    return b"\x81\xa1k" * levels + b"\x01"
+
+
+def event_with(key: str, value: bytes, type_: str = "t") -> bytes:
+    return b"\x82" + encode("type") + encode(type_) + encode(key) + value
+
+
+def batch_of(*events: bytes) -> bytes:
+    assert len(events) < 16
+    return bytes([0x90 + len(events)]) + b"".join(events)
+
+
+@pytest.mark.parametrize("levels", [64, 63, 1, 0])
+def test_data_may_nest_64_levels(levels: int) -> None:
+    for data in (nested(levels), nested_maps(levels)):
+        frame = decode_body(event_with("data", data), MAX_BATCH, MAX_EVENT)
+        assert frame.rejected == [], levels
+        assert len(frame.valid) == 1
+
+
+@pytest.mark.parametrize("levels", [65, 66, 400, 499, 500, 501, 1000, 100_000])
+def test_data_nested_deeper_is_invalid_naming_data(levels: int) -> None:
+    for data in (nested(levels), nested_maps(levels), b"\x92\xc0" * levels + b"\x01"):
+        body = event_with("data", data)
+        frame = decode_body(body, MAX_BATCH, len(body))
+        assert frame.rejected == [(0, "invalid", TOO_DEEP)], levels
+        assert frame.rejected_raw == [body]
+
+
+@pytest.mark.parametrize("levels", [70, 600, 5000])
+def test_deep_events_cost_only_themselves(levels: int) -> None:
+    body = batch_of(encode({"type": "a"}), event_with("data", nested(levels)),
+                    nested(levels), encode({"type": "b", "data": [[1]]}),
+                    event_with("data", b"\x92" + nested(levels) + b"\x01"))
+    frame = decode_body(body, MAX_BATCH, MAX_EVENT)
+    assert [v.event.type for v in frame.valid] == ["a", "b"]
+    assert frame.rejected == [(1, "invalid", TOO_DEEP),
+                              (2, "invalid", "event: expected object, got array"),
+                              (4, "invalid", TOO_DEEP)]
+
+
+@pytest.mark.parametrize("levels", [3, 70, 600, 5000])
+def test_other_fields_nested_deeper_than_their_type_are_invalid_for_that_field(
+        levels: int) -> None:
+    cases = [
+        ("tags", b"\x81\xa1k" + nested_maps(levels), "tags: expected str, got object"),
+        ("tags", nested(levels), "tags: expected object, got array"),
+        ("actor", nested(levels), "actor: expected str, got array"),
+        ("ts", nested(levels), "ts: expected a timestamp, int (ns) or float (s)"),
+        ("colour", nested(levels), "colour: unknown key"),
+        ("seq", nested(levels), "seq: set by the daemon, a client may not send it"),
+    ]
+    for key, value, message in cases:
+        for body in (event_with(key, value), batch_of(event_with(key, value))):
+            assert decode_body(body, MAX_BATCH, MAX_EVENT).rejected == [
+                (0, "invalid", message)], (key, levels)
+
+
+def test_a_wide_but_shallow_frame_is_accepted() -> None:
+    # Far more than 500 bytes that could open an array: the iterative scan clears it.
+    batch = [{"type": "t", "data": [[i] for i in range(300)]} for _ in range(3)]
+    frame = decode_body(encode(batch), MAX_BATCH, MAX_EVENT)
+    assert frame.rejected == [] and len(frame.valid) == 3
+    frame = decode_body(encode(batch[0]), MAX_BATCH, MAX_EVENT)
+    assert frame.rejected == [] and len(frame.valid) == 1
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (event_with("data", nested(1000))[:-1], "truncated"),
+    (event_with("data", nested(1000)) + b"\x00", "trailing characters"),
+    (batch_of(event_with("data", nested(1000)))[:-1], "truncated"),
+    (batch_of(event_with("data", nested(1000, b"\xc1"))), "invalid opcode"),
+    (b"\xdd\xff\xff\xff\xff" + nested(1000), "truncated"),
+])
+def test_deep_and_malformed_is_still_bad_frame(body: bytes, fragment: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_body(body, MAX_BATCH, MAX_EVENT)
+    assert info.value.code == "bad_frame"
+    assert info.value.fatal is True
+    assert fragment in info.value.message
+
+
+def test_deep_batch_over_the_size_limit_is_batch_too_large() -> None:
+    body = b"\x9b" + nested(1000) * 11
+    with pytest.raises(ProtocolError) as info:
+        decode_body(body, 10, MAX_EVENT)
+    assert info.value.code == "batch_too_large"
+    assert info.value.message == "batch of 11 events exceeds 10"
+
+
+def test_deep_event_over_max_event_bytes_is_too_large() -> None:
+    body = event_with("data", nested(5000))
+    assert decode_body(body, MAX_BATCH, 1024).rejected == [
+        (0, "too_large", f"event is {len(body)} bytes, over the 1024-byte limit")]
+
+
+def test_an_unknown_key_that_would_not_read_as_a_name_is_quoted() -> None:
+    # Found by tests/fuzz: the message read ": unknown key", naming nothing.
+    assert only_message({"type": "t", "": 1}) == '"": unknown key'
+    assert only_message({"type": "t", "a\nb": 1}) == '"a\\nb": unknown key'
