@@ -13,6 +13,8 @@ deep it can go:
   containers on a list rather than the call stack, for what the bound cannot clear. It
   finds each top-level item's extent and depth exactly and checks the bytes are
   well-formed; its cost is per token, and no input makes it recurse.
+- `array_items`: a long batch split by msgspec after all, in windows that hold too few
+  container bytes for it to recurse far, the walker taking only what no window holds.
 - `flatten`: a value with everything below a level replaced by empty arrays and maps,
   so a recursive decoder can still name the first bad field of a very deep event.
 - `json_within`: the same bound for JSON text (the status API's bodies, `--data-json`).
