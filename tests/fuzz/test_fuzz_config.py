@@ -6,7 +6,9 @@ exception.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ SECTIONS = {
     "bogus": ["x"],
 }
 _DIR = Path(tempfile.mkdtemp(prefix="adfuzzcfg"))
+atexit.register(shutil.rmtree, _DIR, True)  # one dir for every example, gone at exit
 
 
 def load(content: bytes) -> None:
