@@ -71,16 +71,6 @@ def post(daemon: DaemonProcess, path: str) -> tuple[int, dict[str, Any]]:
         conn.close()
 
 
-def stats(daemon: DaemonProcess) -> dict[str, Any]:
-    conn = UnixHTTPConnection(daemon.status_socket)
-    try:
-        conn.request("GET", "/stats")
-        document: dict[str, Any] = json.loads(conn.getresponse().read())
-        return document
-    finally:
-        conn.close()
-
-
 def metrics(daemon: DaemonProcess) -> str:
     conn = UnixHTTPConnection(daemon.status_socket)
     try:
@@ -91,7 +81,7 @@ def metrics(daemon: DaemonProcess) -> str:
 
 
 def by_uid(daemon: DaemonProcess, uid: int) -> dict[str, Any]:
-    found: dict[str, Any] = stats(daemon)["fairness"]["by_uid"].get(
+    found: dict[str, Any] = daemon.stats()["fairness"]["by_uid"].get(
         str(uid), {"pending": 0, "held": {}, "refused": {}})
     return found
 
@@ -164,10 +154,10 @@ def test_with_the_buffer_full_of_one_uid_another_still_gets_in_overflow_block(
         # The flood fills the buffer up to the reserve and is then held back.
         wait_for(lambda: by_uid(daemon, 0)["held"].get("share", 0) > 0, 30,
                  "uid 0 held back for its share")
-        before = stats(daemon)
+        before = daemon.stats()
         assert CAPACITY - 16 <= before["pending"] <= CAPACITY - 8 + BATCH, before
         replies = go(polite)  # while the lock is still held and uid 0 is still flooding
-        during = stats(daemon)
+        during = daemon.stats()
     # Each polite event was answered with a commit-less buffer: the reserve took them.
     assert [r["ok"] for r in replies] == [1] * 6, replies
     assert during["committed"] == 0
@@ -186,7 +176,7 @@ def test_with_the_buffer_full_of_one_uid_another_still_gets_in_overflow_block(
     assert {uid for event_id, (_, uid) in rows.items() if event_id.startswith("p")} == {NOBODY}
     held = by_uid(daemon, 0)["held"]
     assert held["share"] >= BATCH, held
-    assert stats(daemon)["fairness"]["by_uid"][str(0)]["pending"] == 0
+    assert daemon.stats()["fairness"]["by_uid"][str(0)]["pending"] == 0
 
 
 def test_with_the_buffer_full_of_one_uid_another_still_gets_in_overflow_reject(
@@ -273,7 +263,7 @@ def test_rate_limit_holds_a_uid_at_its_rate_and_no_other(make_daemon: Any,
     acks.update({f"p{i}": r["first"] for i, r in enumerate(polite)})
     wait_committed(daemon, max(acks.values()))
     assert {event_id: seq for event_id, (seq, _) in stored(daemon).items()} == acks
-    assert stats(daemon)["fairness"]["rate_limit"] == f"{RATE}/s burst {BURST}"
+    assert daemon.stats()["fairness"]["rate_limit"] == f"{RATE}/s burst {BURST}"
 
 
 def test_a_batch_over_its_share_still_goes_into_an_empty_buffer(make_daemon: Any) -> None:
@@ -305,11 +295,11 @@ def test_rate_limit_reloads_and_a_bad_value_is_refused_naming_it(make_daemon: An
             "error": "invalid_config", "message": "ingest.rate_limit = 'lots': expected a "
             'rate per uid like "5000/s burst 20000" (a positive rate, a burst >= 1), or "" '
             "for no limit"})
-        assert stats(daemon)["fairness"]["rate_limit"] == "100000/s burst 1000"
+        assert daemon.stats()["fairness"]["rate_limit"] == "100000/s burst 1000"
         daemon.sections["ingest"]["rate_limit"] = ""
         write_config(daemon.config_path, daemon.sections)
         assert post(daemon, "/reload")[1]["applied"] == ["ingest.rate_limit"]
-        assert stats(daemon)["fairness"]["rate_limit"] is None
+        assert daemon.stats()["fairness"]["rate_limit"] is None
 
 
 def test_bench_fair_reports_both_uids() -> None:
