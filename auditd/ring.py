@@ -4,8 +4,10 @@ Three absolute positions only ever grow: `_start` (oldest retained slot), `_comm
 (first pending slot) and `_end` (next free slot). Slots in [_committed, _end) are
 pending: accepted but not yet committed, and never overwritten. Slots in
 [_start, _committed) are the recently committed window kept for hot reads; a push
-overwrites the oldest of them when the array is full. The slot of position p is
-p % capacity.
+overwrites the oldest of them when the array is full, and a commit lets the oldest go
+while the window holds more than `window_bytes` (an eighth of max_bytes by default):
+counted in events alone, a window of big events held hundreds of MB for nothing. The
+slot of position p is p % capacity.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ T = TypeVar("T", bound=Entry)
 
 
 class RingBuffer(Generic[T]):
-    def __init__(self, capacity: int, max_bytes: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int, window_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self.max_bytes = max_bytes
+        self.window_bytes = max_bytes // 8 if window_bytes is None else window_bytes
+        self.window_size = 0  # bytes of the committed entries in [_start, _committed)
         self._slots: list[T | None] = [None] * capacity
         self._sizes: list[int] = [0] * capacity
         self._start = 0
@@ -90,6 +94,7 @@ class RingBuffer(Generic[T]):
         slot = self._start % self.capacity
         entry = self._slots[slot]
         self._slots[slot] = None
+        self.window_size -= self._sizes[slot]
         if entry is not None and entry.correlation_id is not None:
             positions = self._by_correlation[entry.correlation_id]
             positions.popleft()
@@ -108,9 +113,14 @@ class RingBuffer(Generic[T]):
         """The first `count` pending entries are durable; they join the recent window."""
         if count > self.pending:
             raise ValueError("cannot commit more than is pending")
+        sizes, capacity, moved = self._sizes, self.capacity, 0
         for position in range(self._committed, self._committed + count):
-            self.pending_bytes -= self._sizes[position % self.capacity]
+            moved += sizes[position % capacity]
+        self.pending_bytes -= moved
+        self.window_size += moved
         self._committed += count
+        while self.window_size > self.window_bytes and self._start < self._committed:
+            self._evict_oldest()
 
     def recent(self, count: int) -> list[T]:
         """The last `count` committed entries, oldest first."""

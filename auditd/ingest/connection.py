@@ -19,8 +19,8 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from auditd.ingest.fairness import LoopShares
 from auditd.ingest.framing import FrameDecoder, encode_frame
+from auditd.ingest.scheduler import FrameScheduler
 from auditd.ingest.sequencer import Peer
 from auditd.schema import reply_bytes
 from auditd.stats import Stats
@@ -28,15 +28,6 @@ from auditd.stats import Stats
 log = structlog.get_logger("auditd.ingest.server")
 
 _PEERCRED = struct.Struct("3i")
-# How long one uid's queued frames hold the event loop before other connections get a
-# turn, split among that uid's open connections (fair per uid, not per connection).
-# libuv reads a flooding socket up to 32 times per loop iteration, so without a bound
-# one pipelining client's whole window (thousands of events, 100 ms and more) was
-# handled in one go while a one-event frame from another writer waited behind it.
-_TURN_S = 0.002
-# With no other uid waiting a turn is only there so that the writer's and the status
-# server's callbacks run between frames: it may be longer.
-_LONE_TURN_S = 0.010
 # Frames read ahead of the one being handled: past this the socket is not read, so a
 # flooding client's bytes wait in the kernel (backpressure), not in this process.
 _READ_AHEAD_FRAMES = 4
@@ -72,7 +63,7 @@ class FrameHandler(Protocol):
     @property
     def blocked(self) -> set[Connection]: ...
     @property
-    def loop_shares(self) -> LoopShares: ...
+    def scheduler(self) -> FrameScheduler: ...
 
     def handle(self, conn: Connection, body: bytes) -> bool:
         """Answer one frame; False when it must wait (the connection is then held)."""
@@ -94,9 +85,7 @@ class Connection(asyncio.Protocol):
         self.frame_holds: set[str] = set()  # reasons it was held for, each counted once
         self._wake: asyncio.TimerHandle | None = None  # ends a hold_for() ...
         self._wake_reason = ""  # ... of this reason
-        self._turn_ends = 0.0  # perf_counter() when this connection's turn is over
         self._reading = True  # the transport reads (asyncio starts it reading)
-        self._waiting = False  # counted in the server's LoopShares.waiting
         self.sync_position = 0
         self.closing = False
         self.eof = False
@@ -130,7 +119,6 @@ class Connection(asyncio.Protocol):
             del stats.connections_by_uid[self.peer.uid]
         self.frames.clear()
         self.closing = True
-        self._set_waiting(False)
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
@@ -164,52 +152,42 @@ class Connection(asyncio.Protocol):
 
     # -- flow ----------------------------------------------------------------------
 
+    @property
+    def uid(self) -> int:
+        return self.peer.uid
+
     def process(self) -> None:
-        """Handle queued frames in order until one must wait, the turn is over, or this
-        uid has had more of the loop than another uid with frames waiting."""
+        """Something changed (frames read, a hold ended): run the queued frames through
+        the scheduler, which takes every connection's frames in a fair order, or, with
+        nothing to run, write what is ready and read again."""
+        if self.frames and not self.held and not self.closing:
+            self.server.scheduler.want(self)
+        else:
+            self.settle()
+
+    def run_one(self) -> bool:
+        """Handle the first queued frame (the scheduler's call); whether more may run."""
         frames, server = self.frames, self.server
-        uid, shares = self.peer.uid, server.loop_shares
-        now = time.perf_counter()
-        # One turn spans every call in a loop iteration (libuv reads up to 32 times per
-        # poll); a connection idle since its last turn ended starts a new one.
-        if now > self._turn_ends + _TURN_S:
-            self._turn_ends = now + self._turn_s()
-        try:
-            while frames and not self.held and not self.closing:
-                self._set_waiting(True)
-                if self._turn_over(now) or not shares.may_run(uid):
-                    self.block("turn")  # let other connections in; go on next time round
-                    asyncio.get_running_loop().call_soon(self._next_turn)
-                    return
-                body, self._started = frames[0]
-                if not body:
-                    error = self.decoder.error
-                    assert error is not None
-                    frames.clear()
-                    self.reply_error(error.code, error.message, fatal=True)
-                    return
-                handled = server.handle(self, body)
-                later = time.perf_counter()
-                shares.charge(uid, later - now)
-                now = later
-                if not handled:
-                    return
+        if frames and not self.held and not self.closing:
+            body, self._started = frames[0]
+            if not body:
+                error = self.decoder.error
+                assert error is not None
+                frames.clear()
+                self.reply_error(error.code, error.message, fatal=True)
+            elif server.handle(self, body):
                 if frames:  # a fatal reply clears the queue
                     frames.popleft()
                 self.frame_holds.clear()
                 server.stats.frames += 1
-        finally:
-            self._set_waiting(bool(frames) and self.held <= {"turn"} and not self.closing)
-            self.flush()
-            self._set_reading()
-        self._close_if_done()
+        return bool(frames) and not self.held and not self.closing
 
-    def _set_waiting(self, waiting: bool) -> None:
-        """Whether this connection counts as waiting for the loop (LoopShares)."""
-        if waiting != self._waiting:
-            self._waiting = waiting
-            shares = self.server.loop_shares
-            (shares.start_waiting if waiting else shares.stop_waiting)(self.peer.uid)
+    def settle(self) -> None:
+        """Write every reply that is ready, read again if few frames wait, close once
+        an ended client has had every reply."""
+        self.flush()
+        self._set_reading()
+        self._close_if_done()
 
     def _set_reading(self) -> None:
         """Read from the socket only while nothing holds the connection and few frames
@@ -221,20 +199,6 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
-
-    def _turn_over(self, now: float) -> bool:
-        if now <= self._turn_ends:
-            return False
-        alone = len(self.server.loop_shares.waiting) < 2
-        return not alone or now > self._turn_ends + _LONE_TURN_S
-
-    def _turn_s(self) -> float:
-        return _TURN_S / max(1, self.server.stats.connections_by_uid[self.peer.uid])
-
-    def _next_turn(self) -> None:
-        """The loop went round (other connections' reads ran): this one goes on."""
-        self._turn_ends = time.perf_counter() + self._turn_s()
-        self.unblock("turn")
 
     def block(self, reason: str) -> None:
         self.held.add(reason)

@@ -20,7 +20,7 @@ without a daemon:
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from auditd.config import RateLimit
@@ -168,17 +168,14 @@ class BufferShares:
 class LoopShares:
     """The event loop's time by uid, shared as fair queuing shares a link.
 
-    Each uid has a virtual time: the loop time its frames have used. A connection
-    with frames waiting may go on while its uid has used no more than `slack_s` beyond
-    the least-served uid that also has frames waiting; otherwise it lets the loop go
-    round. A uid that starts waiting is brought up to that least-served one first, so
-    idling earns no credit. A lone uid always runs. Invariant: `waiting[uid]` counts
-    the uid's connections that have frames to handle and nothing but their turn
-    holding them back.
+    Each uid has a virtual time: the loop time its frames have used. The scheduler
+    runs a frame of the least-served uid with frames waiting next (least_served()). A
+    uid that starts waiting is brought up to the least-served one already waiting, so
+    idling earns no credit; debt is kept. Invariant: `waiting[uid]` counts the uid's
+    connections (or queues) with frames to handle; uids with none have no key.
     """
 
-    def __init__(self, slack_s: float = 0.002) -> None:
-        self.slack_s = slack_s
+    def __init__(self) -> None:
         self.used: dict[int, float] = {}
         self.waiting: Counter[int] = Counter()
 
@@ -200,13 +197,10 @@ class LoopShares:
         else:
             del self.waiting[uid]
 
-    def may_run(self, uid: int) -> bool:
-        waiting = self.waiting
-        if len(waiting) < 2:
-            return True
+    def least_served(self, uids: Iterable[int]) -> int:
+        """Of `uids` (not empty), the one whose frames have used the least of the loop."""
         used = self.used
-        least = min(used.get(u, 0.0) for u in waiting)
-        return used.get(uid, 0.0) <= least + self.slack_s
+        return min(uids, key=lambda uid: used.get(uid, 0.0))
 
     def charge(self, uid: int, seconds: float) -> None:
         self.used[uid] = self.used.get(uid, 0.0) + seconds

@@ -22,6 +22,7 @@ from auditd.ingest.connection import Connection
 from auditd.ingest.daemon_events import DaemonEvents
 from auditd.ingest.fairness import BufferShares, LoopShares, RateLimiter
 from auditd.ingest.lookups import IdLookups
+from auditd.ingest.scheduler import FrameScheduler
 from auditd.ingest.sequencer import Acceptance, Peer, Sequencer
 from auditd.ingest.validation import DecodedFrame, ValidEvent, decode_body
 from auditd.journal.journal import Journal, encode_record
@@ -98,7 +99,7 @@ class IngestServer:
         self.rate = RateLimiter(limits.rate_limit)
         self.shares = BufferShares(ring.capacity, ring.max_bytes, stats.pending_by_uid,
                                    stats.connections_by_uid)
-        self.loop_shares = LoopShares()
+        self.scheduler = FrameScheduler(LoopShares())
         self.lookups = IdLookups(store, stats)
         self.own_events = DaemonEvents(self)
 

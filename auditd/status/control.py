@@ -272,7 +272,7 @@ class DaemonControl:
         return result.document(str(daemon.store.path))
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
-                           data: dict[str, Any]) -> bool:
+                           data: dict[str, Any]) -> str:
         payload = encoder.encode(data)
         event = WireEvent(type=f"auditd.admin.{action}", actor=admin_actor(uid, comm),
                           data=msgspec.Raw(payload))

@@ -151,7 +151,8 @@ class StatusServer:
 
     async def _record(self, call: Call, action: str) -> str:
         """"recorded", "queued" (ingest cannot take it now; it is kept and recorded
-        later) or "failed"; bounded, so that an admin call answers while ingest refuses."""
+        later), "suppressed" (the queue is full: counted) or "failed"; bounded, so that an
+        admin call answers while ingest refuses."""
         caller = call.caller
         assert caller is not None
         try:
@@ -160,12 +161,15 @@ class StatusServer:
         except Exception as exc:  # the action stands; the operator and the log are told
             log.error("admin_event_failed", action=action, uid=caller.uid, error=str(exc))
             return "failed"
-        return "recorded" if recorded else "queued"
+        return recorded
 
 
 _AUDIT_NOTES = {
     "queued": "ingest is not accepting events now; the admin event is queued and recorded "
               "as soon as it does",
+    "suppressed": "ingest is not accepting events now and the admin events queued meanwhile "
+                  "are at their bound; this one is counted in an auditd.admin.suppressed "
+                  "event and logged in full",
     "failed": "the admin event could not be recorded; see the log",
 }
 

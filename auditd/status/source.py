@@ -129,13 +129,14 @@ class StatusSource(Protocol):
         ...
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
-                           data: dict[str, Any]) -> bool:
+                           data: dict[str, Any]) -> str:
         """Append an `auditd.admin.<action>` event through the daemon's own ingest path.
 
         actor = admin_actor(uid, comm); pid/uid/gid/comm = the operator's credentials
         (not the daemon's); data = `data` (the request and its outcome). Waits a bounded
-        time: True once the event is journaled, False when ingest could not take it in
-        time, in which case it is kept queued and recorded as soon as ingest can (never
-        dropped). Raises only for an unexpected failure.
+        time: "recorded" once the event is journaled; "queued" when ingest could not
+        take it in time (kept and recorded as soon as ingest can); "suppressed" when
+        that queue is full (counted in an auditd.admin.suppressed event, logged whole).
+        Raises only for an unexpected failure.
         """
         ...

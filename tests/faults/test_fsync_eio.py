@@ -92,7 +92,7 @@ def has_reply(conn: RawConnection) -> bool:
 
 
 def test_a_failed_fsync_acknowledges_only_what_the_database_holds_on_disk(
-        eio_daemon: tuple[DaemonProcess, EioMount]) -> None:
+        eio_daemon: tuple[DaemonProcess, EioMount], request: pytest.FixtureRequest) -> None:
     daemon, mount = eio_daemon
     acks: dict[str, int] = {}
     with daemon.connect() as conn:
@@ -126,7 +126,9 @@ def test_a_failed_fsync_acknowledges_only_what_the_database_holds_on_disk(
         mount.fail("fsync", on=False)
         (recovered,) = wait_for(lambda: log_events_named(daemon, "journal_sync_recovered"),
                                 30, "the journal to prove a new segment")
-        assert recovered["held_replies"] == HELD_FRAMES, recovered
+        # The frames journaled before the sync failed are held; the scheduler may run
+        # the rest in a later slice, once ingest refuses: those wait, blocked, unread.
+        assert 1 <= recovered["held_replies"] <= HELD_FRAMES, recovered
         assert not has_reply(conn)  # held: the events are in no durable place yet
 
         # A new segment synced: the journal acknowledges new events again by itself,
@@ -138,20 +140,25 @@ def test_a_failed_fsync_acknowledges_only_what_the_database_holds_on_disk(
     # The lock is released: the writer commits, a checkpoint makes it durable, and
     # only then do the held replies go out, each `ok` for events the file holds.
     other.close()
+    resend = [event("refused")]
     with conn:
         for item in held:
             reply = conn.recv()
+            if reply.get("error") == "overloaded":  # run after the failure: refused
+                resend.append(item)
+                continue
             assert reply.get("ok") == 1, reply
             assert in_database_file(daemon, [item["id"]]), (
                 f"{item['id']} acknowledged before the database had it on disk")
             acks.update(acked_seqs([item], reply))
-    with daemon.connect() as again:  # the refused one, resent
-        acks.update(acked_seqs([event("refused")], again.request(event("refused"))))
+    assert len(resend) == 1 + HELD_FRAMES - recovered["held_replies"], resend
+    with daemon.connect() as again:  # the refused ones, resent
+        for item in resend:
+            acks.update(acked_seqs([item], again.request(item)))
 
     (failed,) = log_events_named(daemon, "journal_sync_failed")
     assert failed["errno"] == 5, failed
-    assert failed["first_seq"] <= acks["h0"] and failed["last_seq"] >= acks[
-        f"h{HELD_FRAMES - 1}"], (failed, acks)
+    assert failed["first_seq"] <= acks["h0"] <= failed["last_seq"], (failed, acks)
     assert failed["segment"].endswith(".journal"), failed
 
     wait_for(lambda: daemon.query("SELECT count(*) FROM events") == [(len(acks),)], 20,

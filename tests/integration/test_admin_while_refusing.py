@@ -166,3 +166,40 @@ def get_health(daemon: DaemonProcess) -> dict[str, Any]:
         return document
     finally:
         conn.close()
+
+
+def test_admin_events_past_the_queue_bound_are_counted_in_one_summary_event(
+        make_daemon: Any) -> None:
+    """A caller spamming refused admin calls while ingest refuses: the queue stops at its
+    bound (MAX_QUEUED), each one past it is logged whole, and one auditd.admin.suppressed
+    event, behind the queued ones, says how many were left out."""
+    from auditd.ingest.daemon_events import MAX_QUEUED
+
+    daemon = make_daemon({"storage": {"reserve_bytes": "1000TB"},
+                          "status": {"admin_uids": [4242]}})
+    wait_for(lambda: "disk space low" in json.dumps(get_health(daemon)), 30,
+             "ingest to refuse for the disk reserve")
+    extra = 5
+    for _ in range(MAX_QUEUED + extra):
+        status, answer = post(daemon, "/dlq/drop", {"all": True})
+        assert status == 403, answer
+    suppressed = wait_for(lambda: len(found := log_named(daemon, "admin_event_suppressed"))
+                          >= extra and found, 10, "the suppressed events' log lines")
+    assert len(suppressed) == extra
+    assert suppressed[-1]["suppressed"] == extra
+    assert suppressed[-1]["record"]["type"] == "auditd.admin.denied"
+    assert len(log_named(daemon, "admin_event_queued")) == MAX_QUEUED
+    assert not log_named(daemon, "admin_event_failed")
+    # Room again (a reload lowers the reserve): the queue drains, then the summary.
+    daemon.sections["storage"]["reserve_bytes"] = "1MB"
+    write_config(daemon.config_path, daemon.sections)
+    assert daemon.stop() == 0  # the reserve needs a restart: queued ones are journaled
+    daemon.start()
+    wait_committed(daemon, MAX_QUEUED + 1)
+    events = admin_events(daemon)
+    assert [kind for kind, _uid, _data in events] == (
+        ["auditd.admin.denied"] * MAX_QUEUED + ["auditd.admin.suppressed"])
+    summary = events[-1][2]
+    assert summary["suppressed"] == {"auditd.admin.denied": extra}
+    assert summary["total"] == extra and summary["max_queued"] == MAX_QUEUED
+    assert summary["first_ns"] <= summary["last_ns"]

@@ -187,31 +187,21 @@ def test_shares_never_fall_below_the_floor() -> None:
 # -- shares of the event loop -----------------------------------------------------------
 
 
-def test_a_lone_uid_always_runs() -> None:
+def test_the_uid_that_used_least_of_the_loop_goes_next() -> None:
     loop = LoopShares()
-    loop.start_waiting(1)
-    loop.charge(1, 10.0)
-    assert loop.may_run(1)
-
-
-def test_the_uid_that_used_more_of_the_loop_lets_the_other_go_first() -> None:
-    loop = LoopShares(slack_s=0.002)
     loop.start_waiting(1)
     loop.charge(1, 0.010)  # a flood's frame
     loop.start_waiting(2)  # brought up to the least served waiting uid: no credit
     assert loop.used[2] == 0.010
-    assert loop.may_run(1) and loop.may_run(2)
     loop.charge(1, 0.008)
-    assert not loop.may_run(1) and loop.may_run(2)
-    loop.charge(2, 0.007)
-    assert loop.may_run(1)
-    loop.stop_waiting(2)  # nothing more waiting of uid 2: uid 1 runs again
-    loop.charge(1, 1.0)
-    assert loop.may_run(1)
+    assert loop.least_served([1, 2]) == 2
+    loop.charge(2, 0.009)
+    assert loop.least_served([1, 2]) == 1
+    assert loop.least_served([3, 1]) == 3  # never charged: 0
 
 
 def test_idling_earns_no_credit_but_debt_is_kept() -> None:
-    loop = LoopShares(slack_s=0.002)
+    loop = LoopShares()
     loop.start_waiting(1)
     loop.start_waiting(2)
     loop.charge(2, 0.050)

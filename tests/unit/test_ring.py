@@ -160,3 +160,22 @@ def test_full_ring_answers_recent_and_correlation() -> None:
     ring.mark_committed(10_000)
     assert seqs(ring.recent(100)) == list(range(9901, 10_001))
     assert seqs(ring.by_correlation("c7")) == list(range(7, 10_001, 100))
+
+
+def test_recent_window_is_bounded_by_bytes_as_well_as_slots() -> None:
+    ring = RingBuffer[Item](100, 10_000, window_bytes=250)
+    ring.push(items(1, 10), [100] * 10)
+    ring.mark_committed(10)  # 1,000 bytes committed: only the newest 250 stay
+    assert seqs(ring.recent(100)) == [9, 10]
+    assert ring.window_size == 200
+    assert ring.oldest_retained_seq() == 9
+    ring.push(items(11, 11, "c"), [300])  # pending bytes never count against the window
+    assert ring.pending_bytes == 300
+    ring.mark_committed(1)  # a window of one oversized entry holds nothing older
+    assert seqs(ring.recent(100)) == []
+    assert ring.window_size == 0
+    assert ring.by_correlation("c") == []
+
+
+def test_recent_window_bytes_default_to_an_eighth_of_max_bytes() -> None:
+    assert RingBuffer[Item](8, 8000).window_bytes == 1000
