@@ -29,6 +29,7 @@ from auditd.errors import AuditdError
 from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
+from auditd.logs import RecurringFault
 from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
 from auditd.stats import Stats
@@ -220,7 +221,7 @@ class Daemon:
         reserve = self.config.size("storage", "reserve_bytes")
         watchdog_every = watchdog_interval()
         last_ping = last_status = 0.0
-        failing = ""  # logged once per distinct error, not every half second
+        fault = RecurringFault(log, "maintenance_failed", "maintenance_recovered")
         while True:
             await asyncio.sleep(_MAINTENANCE_S)
             now = time.monotonic()
@@ -245,13 +246,9 @@ class Daemon:
                 if self.replay.indexes_aside and self.ready:  # failed at replay's end
                     await self.replay.build_indexes()
             except Exception as exc:
-                if str(exc) != failing:
-                    log.error("maintenance_failed", error=str(exc))
-                failing = str(exc)
+                fault.failed(exc)
                 continue
-            if failing:
-                log.info("maintenance_recovered")
-                failing = ""
+            fault.succeeded()
 
     async def _release_journal(self) -> None:
         if len(self.journal.segments()) < 2:

@@ -24,6 +24,7 @@ import aiosqlite
 import structlog
 
 from auditd.errors import BatchSkippedError, StoreError, StoreFaultError
+from auditd.logs import RecurringFault
 from auditd.schema import StoredEvent, id_hash
 from auditd.store import migrations
 from auditd.store.migrations import deferred
@@ -364,22 +365,20 @@ class Store:
         as the last commit is not known durable (replies may wait for it: see
         Journal.database_durable). Failures are logged once each and retried, slower.
         """
-        seen, failing = -1, ""
+        seen = -1
+        fault = RecurringFault(log, "wal_checkpoint_failed", "wal_checkpoint_recovered",
+                               level="warning")
         while True:
-            await asyncio.sleep(_CHECKPOINT_RETRY_S if failing else self.checkpoint_every_s)
+            await asyncio.sleep(_CHECKPOINT_RETRY_S if fault.error else self.checkpoint_every_s)
             if self.commits == seen and self.durable_seq >= self._checkpoint:
                 continue
             seen = self.commits
             try:
                 await self.checkpoint_wal()
             except StoreError as exc:
-                if str(exc) != failing:
-                    log.warning("wal_checkpoint_failed", error=str(exc))
-                failing = str(exc)
+                fault.failed(exc)
                 continue
-            if failing:
-                log.info("wal_checkpoint_recovered")
-                failing = ""
+            fault.succeeded()
 
     def size_bytes(self) -> int:
         total = 0
