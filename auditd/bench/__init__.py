@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from auditd.bench import fair
+from auditd.bench import fair, stalls
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, help="the fuzz run's random seed (default: a random one)")
     add("--json", action="store_true", help="print one JSON document")
     fair.add_arguments(parser)
+    stalls.add_arguments(parser)
 
 
 
@@ -169,6 +170,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         from auditd.bench.fuzz import run_fuzz
 
         doc = {"fuzz": run_fuzz(args, config)}
+    elif args.stall:
+        doc = {"stall": stalls.run_stall(args, config)}
     else:
         doc = run_load(args, config)
     if args.json:

@@ -172,11 +172,19 @@ def _committed_by_uid(db_path: Path) -> dict[int, int]:
 
 def _fairness(status_socket: Path) -> dict[str, Any] | None:
     """The daemon's per-uid fairness counters from /stats (None from a daemon without)."""
+    stats = status_json(status_socket, "/stats")
+    found: dict[str, Any] | None = stats.get("fairness") if stats else None
+    return found
+
+
+def status_json(status_socket: Path, path: str) -> dict[str, Any] | None:
+    """GET `path` from the daemon's status API: its JSON object, None if unanswered."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         try:
             sock.connect(str(status_socket))
-            sock.sendall(b"GET /stats HTTP/1.1\r\nHost: auditd\r\nConnection: close\r\n\r\n")
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: auditd\r\n"
+                         "Connection: close\r\n\r\n".encode())
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -184,7 +192,7 @@ def _fairness(status_socket: Path) -> dict[str, Any] | None:
             return None
     _head, _, body = data.partition(b"\r\n\r\n")
     try:
-        found: dict[str, Any] | None = json.loads(body).get("fairness")
+        found = json.loads(body)
     except ValueError:
         return None
-    return found
+    return found if isinstance(found, dict) else None
