@@ -4,17 +4,17 @@ socket, and see whether ingest stays flat and the store stays small.
 `--clients` processes (default 4) send `--batch`-event frames (default 1000) of the
 realistic events of `soak_events` (issue 12's cardinalities), made as they are sent,
 so N can be 50 million in bounded memory. Progress is what the daemon reports
-*committed* in /stats (not what it acknowledged), polled ten times a second; the
-moment each count was reached is interpolated between polls. Reported: the committed
-rate of every `interval` events (500k), of the first and the last two intervals (1M)
-and their ratio, the sustained rate over all N, bytes per event on disk (allocated
-blocks, as `du` counts them, of everything under the daemon's storage directory),
-and the daemon's peak RSS (and its child processes', sampled).
+*committed* in /stats, not what it acknowledged (`soak_progress`). Reported: the
+committed rate of every `interval` events (500k), of the first and the last two
+intervals (1M) and their ratio (only when they do not overlap, N >= 2M), the
+sustained rate over all N, bytes per event on disk (allocated blocks, as `du` counts
+them, of everything under the daemon's storage directory, taken as the last event is
+committed), and the daemon's peak RSS (and its child processes', sampled).
 
 `--baseline` then inserts the same N events (same seed) with stdlib sqlite3 into
-today's single-table layout, exactly as the migrations build it, in batches of the
-same size, with the same figures. Its time is that of the inserts and commits, not of
-making the events (which the daemon's clients do in processes of their own).
+today's single-table layout, as migrations 1-2 build it, in batches of the same size,
+with the same figures. Its time is that of the inserts and commits, not of making
+and decoding the events (which the daemon's clients do in processes of their own).
 
 The interval is a hidden option (`--soak-interval`), so that a test with a small N
 still sees several intervals.
@@ -23,44 +23,35 @@ still sees several intervals.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
-import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
-from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import structlog
 from msgspec import Raw
 
 from auditd.bench.clients import ClientSpec, drive, run_clients
 from auditd.bench.daemon import ThrowawayDaemon, cpu_seconds, peak_rss_mb
 from auditd.bench.micro import percentile
 from auditd.bench.soak_events import MAX_EVENT_BYTES, ClientFrames, SoakEvents, client_events
+from auditd.bench.soak_progress import CommitProgress, Progress, Timeline, disk_usage
 from auditd.config import Config
-from auditd.errors import AuditdError, ConfigError
+from auditd.errors import ConfigError
 from auditd.logs import configure_logging
-from auditd.schema import StoredEvent, encoder, id_hash, raw_list_decoder, wire_decoder
+from auditd.schema import encoder, id_hash, raw_list_decoder, wire_decoder
 from auditd.store.migrations import migrate
-from auditd.store.statements import EVENTS, event_row, transaction
+from auditd.store.statements import transaction
 from auditd.store.store import DB_NAME, connect_sync
 
-log = structlog.get_logger("auditd.bench.soak")
-
 INTERVAL = 500_000
-_POLL_S = 0.1
-_STALL_S = 120.0  # committed stopped growing this long: the daemon will not catch up
 _WINDOW_EVENTS = 8192  # events in flight per client when --window is not given
 
 
@@ -72,158 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bytes/event on disk, peak RSS; with --baseline also stdlib sqlite3 into "
         "today's single-table layout")
     add("--soak-interval", type=int, default=INTERVAL, help=argparse.SUPPRESS)
-
-
-@dataclass
-class Timeline:
-    """(time, events done) samples, rising; when a count was reached, interpolated."""
-
-    times: list[float] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-
-    def add(self, at: float, count: int) -> None:
-        self.times.append(at)
-        self.counts.append(max(count, self.counts[-1] if self.counts else 0))
-
-    def at(self, count: int) -> float:
-        j = bisect_left(self.counts, count)
-        if j == 0:
-            return self.times[0]
-        c0, c1, t0, t1 = self.counts[j - 1], self.counts[j], self.times[j - 1], self.times[j]
-        return t0 + (count - c0) / (c1 - c0) * (t1 - t0)
-
-    def rate(self, first: int, last: int) -> float | None:
-        seconds = self.at(last) - self.at(first)
-        return round((last - first) / seconds, 1) if seconds > 0 else None
-
-    def summary(self, interval: int) -> dict[str, Any]:
-        """The rate of every interval, of the first and last two, and of all."""
-        done = self.counts[-1]
-        marks = [*range(0, done + 1, interval), *([done] if done % interval else [])]
-        window = min(2 * interval, done)
-        first, last = self.rate(0, window), self.rate(done - window, done)
-        return {
-            "elapsed_s": round(self.at(done) - self.times[0], 3),
-            "sustained_per_s": self.rate(0, done),
-            "window": window, "first_window_per_s": first, "last_window_per_s": last,
-            "last_to_first": round(last / first, 3) if first and last else None,
-            "intervals": [{"through": b, "per_s": self.rate(a, b)}
-                          for a, b in pairwise(marks)],
-        }
-
-
-class Progress:
-    """A line rewritten in place on a TTY; a structured log line each interval otherwise."""
-
-    def __init__(self, phase: str, total: int, interval: int) -> None:
-        self.phase, self.total, self.interval = phase, total, interval
-        self.tty = sys.stderr.isatty()
-        self.reported = 0
-
-    def update(self, timeline: Timeline) -> None:
-        done = timeline.counts[-1]
-        mark = done // self.interval * self.interval
-        if mark <= self.reported:
-            return
-        per_s, overall = timeline.rate(self.reported, mark), timeline.rate(0, mark)
-        self.reported = mark
-        if self.tty:
-            sys.stderr.write(f"\r{self.phase}: {mark:,} of {self.total:,} committed, last "
-                             f"{self.interval:,} at {per_s or 0:,.0f}/s, all at "
-                             f"{overall or 0:,.0f}/s\x1b[K")
-            sys.stderr.flush()
-        else:
-            log.info("soak_interval_committed", phase=self.phase, events=mark,
-                     of=self.total, per_s=per_s, overall_per_s=overall)
-
-    def close(self) -> None:
-        if self.tty and self.reported:
-            sys.stderr.write("\n")
-
-
-class _StatusConnection(http.client.HTTPConnection):
-    """HTTP on the daemon's status socket (kept alive between polls)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("auditd", timeout=10)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
-class CommitProgress(threading.Thread):
-    """Polls /stats `committed` into a Timeline from `begin()` on, and the peak RSS of
-    the daemon's children (a sealer, an fsync helper) as it goes."""
-
-    def __init__(self, status_socket: str, pid: int, progress: Progress) -> None:
-        super().__init__(daemon=True)
-        self.conn = _StatusConnection(status_socket)
-        self.pid, self.progress = pid, progress
-        self.timeline = Timeline()
-        self.child_peak_mb: float | None = None
-        self.started = threading.Event()
-        self.stopped = threading.Event()
-        self.base = self.committed()
-
-    def committed(self) -> int:
-        try:
-            self.conn.request("GET", "/stats")
-            return int(json.loads(self.conn.getresponse().read())["committed"])
-        except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
-            self.conn.close()
-            raise AuditdError(f"the bench daemon's /stats did not answer: {exc!r}") from None
-
-    def begin(self) -> None:
-        self.timeline.add(time.monotonic(), 0)
-        self.started.set()
-
-    def run(self) -> None:
-        self.started.wait()
-        while not self.stopped.wait(_POLL_S):
-            with contextlib.suppress(AuditdError):  # one failed poll is one sample fewer
-                self.timeline.add(time.monotonic(), self.committed() - self.base)
-                self.progress.update(self.timeline)
-            self._sample_children()
-
-    def _sample_children(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-            for child in children:
-                peak = peak_rss_mb(int(child))
-                if peak is not None:
-                    self.child_peak_mb = max(self.child_peak_mb or 0.0, peak)
-
-    def wait_for(self, events: int) -> None:
-        """Until `events` are committed, or nothing more was for _STALL_S."""
-        last, since = -1, time.monotonic()
-        while self.timeline.counts[-1] < events:
-            if self.timeline.counts[-1] != last:
-                last, since = self.timeline.counts[-1], time.monotonic()
-            elif time.monotonic() - since > _STALL_S:
-                break
-            time.sleep(_POLL_S)
-        self.stopped.set()
-        self.join()
-        self.conn.close()
-
-
-def disk_usage(root: Path) -> dict[str, int]:
-    """Allocated bytes (st_blocks * 512, as `du` counts) of each entry under `root`,
-    directories included; files that vanish meanwhile (a journal segment) are skipped."""
-    usage: Counter[str] = Counter()
-    for entry in root.iterdir():
-        paths = [entry]
-        if entry.is_dir() and not entry.is_symlink():
-            paths += [Path(d) / name for d, dirs, files in os.walk(entry)
-                      for name in [*dirs, *files]]
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                usage[entry.name] += path.lstat().st_blocks * 512
-    return dict(sorted(usage.items()))
 
 
 @dataclass(frozen=True)
@@ -341,14 +180,23 @@ def _run_daemon(args: argparse.Namespace, config: Config, plan: SoakPlan,
     }
 
 
+# Migrations 1-2 build today's single-table layout (one `events` table, seven
+# indexes); later versions are not it. The INSERT is schema 1's own, for the same
+# reason: the store's statements follow the store's layout, this must not.
+SINGLE_TABLE_VERSION = 2
+_INSERT = ("INSERT INTO events (seq, id, id_hash, ts, received_at, type, actor, target,"
+           " stream, stream_seq, correlation_id, causation_id, tags, data, pid, uid, gid,"
+           f" comm) VALUES ({', '.join('?' * 18)})")
+
+
 def run_baseline(total: int, batch: int, seed: int, interval: int) -> dict[str, Any]:
     """The same events with stdlib sqlite3 into today's layout, `batch` rows a
-    transaction; as the daemon's store names strings and stamps its fields."""
+    transaction, named and stamped as the daemon's store does it."""
     root = Path(tempfile.mkdtemp(dir="/tmp", prefix="adsoak"))
     progress = Progress("baseline", total, interval)
     try:
         conn = connect_sync(root / DB_NAME)
-        migrate(conn)
+        migrate(conn, SINGLE_TABLE_VERSION)
         names: dict[str, int] = {}
 
         def name_id(value: str) -> int:
@@ -360,17 +208,16 @@ def run_baseline(total: int, batch: int, seed: int, interval: int) -> dict[str, 
             return found
 
         source, versions = SoakEvents(seed), Counter[str]()
-        peer = (os.getpid(), os.getuid(), os.getgid(), "python")
         timeline, spent = Timeline(), 0.0
         timeline.add(0.0, 0)
         for start in range(0, total, batch):
             body = encoder.encode(source.events(start, min(total, start + batch)))
-            stored = _stored(start + 1, body, versions, peer)
-            began = time.perf_counter()
+            events = _decoded(start + 1, body, versions)
+            began = time.perf_counter()  # the inserts and the commit, as the daemon's writer
             with transaction(conn):
-                conn.executemany(EVENTS.one(), [event_row(e, name_id) for e in stored])
+                conn.executemany(_INSERT, [_row(event, name_id) for event in events])
             spent += time.perf_counter() - began
-            timeline.add(spent, start + len(stored))
+            timeline.add(spent, start + len(events))
             progress.update(timeline)
         progress.close()
         disk = disk_usage(root)  # live, WAL included, as the daemon's is measured
@@ -386,20 +233,50 @@ def run_baseline(total: int, batch: int, seed: int, interval: int) -> dict[str, 
             "bytes_per_event": round(sum(disk.values()) / rows, 1) if rows else None}
 
 
-def _stored(first_seq: int, body: bytes, versions: Counter[str],
-            peer: tuple[int, int, int, str]) -> list[StoredEvent]:
-    """A batch's events as the daemon's sequencer stores them, decoded as it decodes."""
+class _Stamped(NamedTuple):
+    """An event as the daemon's sequencer stamps it, before its strings are named."""
+
+    seq: int
+    id: str
+    received_at: int
+    type: str
+    actor: str | None
+    target: str | None
+    stream: str
+    stream_seq: int
+    correlation_id: str | None
+    causation_id: str | None
+    tags: bytes
+    data: bytes
+    key: int  # schema.id_hash(id), computed at acceptance
+
+
+def _decoded(first_seq: int, body: bytes, versions: Counter[str]) -> list[_Stamped]:
+    """A batch decoded as the daemon decodes it, and stamped with seq, receive time
+    and stream version as its sequencer does."""
     received_at = time.time_ns()
     events = []
     for seq, raw in enumerate(raw_list_decoder.decode(body), start=first_seq):
         wire = wire_decoder.decode(bytes(raw))
         assert wire.id and wire.stream and wire.tags and isinstance(wire.data, Raw)  # all have
         versions[wire.stream] += 1
-        events.append(StoredEvent(
-            seq, wire.id, received_at, received_at, wire.type, wire.actor, wire.target,
-            wire.stream, versions[wire.stream], wire.correlation_id, wire.causation_id,
-            encoder.encode(wire.tags), bytes(wire.data), *peer, id_hash(wire.id)))
+        events.append(_Stamped(
+            seq, wire.id, received_at, wire.type, wire.actor, wire.target, wire.stream,
+            versions[wire.stream], wire.correlation_id, wire.causation_id,
+            encoder.encode(wire.tags), bytes(wire.data), id_hash(wire.id)))
     return events
+
+
+_PEER = (os.getpid(), os.getuid(), os.getgid())
+
+
+def _row(e: _Stamped, name_id: Callable[[str], int]) -> tuple[Any, ...]:
+    """Schema 1's row; strings that repeat (type, actor, target, stream, comm) by id."""
+    return (e.seq, e.id, e.key, e.received_at, e.received_at, name_id(e.type),
+            None if e.actor is None else name_id(e.actor),
+            None if e.target is None else name_id(e.target), name_id(e.stream),
+            e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data, *_PEER,
+            name_id("python"))
 
 
 def _ratios(daemon: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
