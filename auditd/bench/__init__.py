@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from auditd.bench import fair, stalls
+from auditd.bench import fair, soak, stalls
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "through --config's storage.path); default: a throw-away daemon in a temp dir")
     add("--clients", type=int, default=4, help="client processes (default 4)")
     add("--events", type=int, default=200_000, help="events in all (default 200000)")
-    add("--batch", type=int, default=100, help="events a frame (default 100)")
+    add("--batch", type=int, help="events a frame (default 100; 1000 with --soak)")
     add("--window", type=int, help="frames in flight per client (default: 8192 events)")
     add("--rate", type=float, help="total offered events/s, paced (default: flood)")
     add("--duration", type=float, metavar="SECONDS",
@@ -61,9 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fuzz", type=int, metavar="N",
         help="only the fuzz run: N random or mutated frames from --clients connections "
         "while a well-behaved client sends --rate (default 5000) events/s")
-    add("--seed", type=int, help="the fuzz run's random seed (default: a random one)")
+    add("--seed", type=int, help="the fuzz run's random seed (default: a random one); "
+        "the soak's events' seed (default 0)")
     add("--json", action="store_true", help="print one JSON document")
     fair.add_arguments(parser)
+    soak.add_arguments(parser)
     stalls.add_arguments(parser)
 
 
@@ -160,8 +162,15 @@ def print_human(doc: dict[str, Any], prefix: str = "") -> None:
 def main(args: argparse.Namespace, config: Config) -> int:
     # Killed by a timeout, the bench still stops its daemon and removes the temp dir.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    if args.ring:
-        doc: dict[str, Any] = {"ring": run_ring()}
+    if args.batch is None:
+        args.batch = 1000 if args.soak is not None else 100
+    if args.soak is not None:
+        doc: dict[str, Any] = {"soak": soak.run_soak(args, config)}
+        if not args.json:
+            soak.print_report(doc["soak"])
+            return 0
+    elif args.ring:
+        doc = {"ring": run_ring()}
     elif args.replay:
         doc = {"replay": run_replay(args.replay, config)}
     elif args.fair:

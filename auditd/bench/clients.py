@@ -11,6 +11,7 @@ import select
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ def client_process(spec: ClientSpec, go: Any, results: Any) -> None:
         results.put(("failed", f"bench client: {exc!r}"))
 
 
-def drive(sock: socket.socket, frames: list[bytes], spec: ClientSpec) -> dict[str, Any]:
+def drive(sock: socket.socket, frames: Sequence[bytes], spec: ClientSpec) -> dict[str, Any]:
     """Keep up to `window` frames in flight, paced when interval_s > 0; tally replies.
 
     One thread and select() rather than a reader thread: no GIL hand-offs between
@@ -121,11 +122,17 @@ def drive(sock: socket.socket, frames: list[bytes], spec: ClientSpec) -> dict[st
             "latencies": latencies}
 
 
-def run_clients(specs: list[ClientSpec]) -> list[dict[str, Any]]:
-    """Start every client, release them together once all are ready, collect results."""
+ClientTarget = Callable[[ClientSpec, Any, Any], None]  # (spec, go, results), as client_process
+
+
+def run_clients(specs: list[ClientSpec], target: ClientTarget = client_process,
+                on_start: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Start every client, release them together once all are ready, collect results.
+
+    `target` is the clients' body; `on_start` is called as they are released."""
     context = mp.get_context("spawn")  # not fork: the parent holds a sqlite thread
     go, results = context.Event(), context.Queue()
-    procs = [context.Process(target=client_process, args=(spec, go, results), daemon=True)
+    procs = [context.Process(target=target, args=(spec, go, results), daemon=True)
              for spec in specs]
     for proc in procs:
         proc.start()
@@ -143,6 +150,8 @@ def run_clients(specs: list[ClientSpec]) -> list[dict[str, Any]]:
             ready += kind == "ready"
             if kind == "ready" and ready == len(specs):
                 go.set()
+                if on_start is not None:
+                    on_start()
             elif kind == "done":
                 done.append(payload)
         return done
