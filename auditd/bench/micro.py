@@ -9,7 +9,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +56,7 @@ def run_baseline(count: int, batch_max: int) -> tuple[float, float]:
         conn = connect_sync(root / DB_NAME)
         migrate(conn)
         events = stored_events(count)
-        names: dict[str, int] = {}
-
-        def name_id(value: str) -> int:
-            found = names.get(value)
-            if found is None:
-                found = names[value] = int(conn.execute(
-                    "INSERT INTO names (value) VALUES (?) RETURNING id", (value,)
-                ).fetchone()[0])
-            return found
+        name_id = name_inserter(conn)
 
         started, cpu = time.perf_counter(), time.process_time()
         for at in range(0, count, batch_max):
@@ -141,3 +133,18 @@ def run_replay(count: int, config: Config) -> dict[str, Any]:
         done = time.monotonic() - started
     return {"events": count, "journal_bytes": written[0], "ready_s": round(ready, 2),
             "all_committed_s": round(done, 2), "events_per_s": round(count / done, 1)}
+
+
+def name_inserter(conn: sqlite3.Connection) -> Callable[[str], int]:
+    """A string's `names` id, inserted on first sight and cached (a baseline's name_id)."""
+    names: dict[str, int] = {}
+
+    def name_id(value: str) -> int:
+        found = names.get(value)
+        if found is None:
+            found = names[value] = int(conn.execute(
+                "INSERT INTO names (value) VALUES (?) RETURNING id", (value,)
+            ).fetchone()[0])
+        return found
+
+    return name_id

@@ -40,7 +40,7 @@ from msgspec import Raw
 
 from auditd.bench.clients import ClientSpec, drive, run_clients
 from auditd.bench.daemon import ThrowawayDaemon, cpu_seconds, peak_rss_mb
-from auditd.bench.micro import percentile
+from auditd.bench.micro import name_inserter, percentile
 from auditd.bench.soak_events import MAX_EVENT_BYTES, ClientFrames, SoakEvents, client_events
 from auditd.bench.soak_progress import CommitProgress, Progress, Timeline, disk_usage
 from auditd.config import Config
@@ -197,15 +197,7 @@ def run_baseline(total: int, batch: int, seed: int, interval: int) -> dict[str, 
     try:
         conn = connect_sync(root / DB_NAME)
         migrate(conn, SINGLE_TABLE_VERSION)
-        names: dict[str, int] = {}
-
-        def name_id(value: str) -> int:
-            found = names.get(value)
-            if found is None:
-                found = names[value] = int(conn.execute(
-                    "INSERT INTO names (value) VALUES (?) RETURNING id", (value,)
-                ).fetchone()[0])
-            return found
+        name_id = name_inserter(conn)
 
         source, versions = SoakEvents(seed), Counter[str]()
         timeline, spent = Timeline(), 0.0
