@@ -16,8 +16,8 @@ today's single-table layout, as migrations 1-2 build it, in batches of the same 
 with the same figures. Its time is that of the inserts and commits, not of making
 and decoding the events (which the daemon's clients do in processes of their own).
 
-The interval is a hidden option (`--soak-interval`), so that a test with a small N
-still sees several intervals.
+`--soak-interval` sets the interval, so that a short soak (a test's small N) still
+sees several intervals.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "through its socket (--clients, --batch default 1000); committed rate per 500k, "
         "bytes/event on disk, peak RSS; with --baseline also stdlib sqlite3 into "
         "today's single-table layout")
-    add("--soak-interval", type=int, default=INTERVAL, help=argparse.SUPPRESS)
+    add("--soak-interval", type=int, default=INTERVAL, metavar="EVENTS",
+        help=f"with --soak: events per reported interval (default {INTERVAL:,}); "
+        "smaller gives more intervals for a short soak")
 
 
 @dataclass(frozen=True)
