@@ -87,7 +87,11 @@ class FrameScheduler:
             if more:
                 queue.append(conn)  # the uid's other connections go next
             else:
+                # Done for now: its replies go out at once, not after the rest of the
+                # slice (a polite writer's one frame would wait up to a slice for them).
                 self._queued.discard(conn)
+                touched.discard(conn)
+                conn.settle()
             if not queue:
                 del ready[uid]
                 shares.stop_waiting(uid)

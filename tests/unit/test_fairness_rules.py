@@ -188,32 +188,34 @@ def test_shares_never_fall_below_the_floor() -> None:
 
 
 def test_the_uid_that_used_least_of_the_loop_goes_next() -> None:
-    loop = LoopShares()
+    loop = LoopShares(credit_s=0.001)
     loop.start_waiting(1)
     loop.charge(1, 0.010)  # a flood's frame
-    loop.start_waiting(2)  # brought up to the least served waiting uid: no credit
-    assert loop.used[2] == 0.010
+    loop.start_waiting(2)  # brought up to one credit behind the least served waiting uid
+    assert loop.used[2] == pytest.approx(0.009)
+    assert loop.least_served([1, 2]) == 2  # so it goes first, not on a tie
     loop.charge(1, 0.008)
     assert loop.least_served([1, 2]) == 2
-    loop.charge(2, 0.009)
+    loop.charge(2, 0.010)
     assert loop.least_served([1, 2]) == 1
     assert loop.least_served([3, 1]) == 3  # never charged: 0
 
 
 def test_idling_earns_no_credit_but_debt_is_kept() -> None:
-    loop = LoopShares()
+    loop = LoopShares(credit_s=0.001)
     loop.start_waiting(1)
     loop.start_waiting(2)
     loop.charge(2, 0.050)
     loop.stop_waiting(2)
     loop.charge(1, 1.0)  # alone meanwhile
     loop.start_waiting(2)
-    assert loop.used[2] == 1.0  # not 0.05: it cannot make up for the time it idled
+    assert loop.used[2] == pytest.approx(0.999)  # not 0.05: it cannot make up for the time it idled
     loop.stop_waiting(1)
     loop.stop_waiting(2)
     loop.start_waiting(2)
     loop.start_waiting(1)
-    assert loop.used[1] == 1.0 and loop.used[2] == 1.0
+    # 1's debt was kept (it got no credit): 2 stays ahead of it.
+    assert loop.used[1] == 1.0 and loop.used[2] == pytest.approx(0.999)
 
 
 def test_several_connections_of_one_uid_are_counted_once() -> None:
