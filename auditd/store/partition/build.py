@@ -146,13 +146,18 @@ def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
 
 def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
                    last_seq: int, *, progress: Callable[[int], None] | None = None,
-                   block_records: int = BLOCK_RECORDS) -> SealedInfo:
+                   block_records: int = BLOCK_RECORDS,
+                   run_records: int = RUN_RECORDS) -> SealedInfo:
     """Seal the records (seq, E) of every seq of [first_seq, last_seq], in seq order.
 
     Raises PartitionInputError on a gap, a record out of order or past the range, or a
     record whose own seq differs; the temp file is then removed. `progress` is called
-    with the number of records consumed, every run and at the end.
+    with the number of records consumed, every run and at the end. `run_records`
+    (a multiple of ZONE_RECORDS, at most RUN_RECORDS) is for tests: small runs make a
+    small partition take the paths of a large one.
     """
+    if not 0 < run_records <= RUN_RECORDS or run_records % ZONE_RECORDS:
+        raise ValueError(f"run_records: a multiple of {ZONE_RECORDS} up to {RUN_RECORDS}")
     if not 1 <= first_seq <= last_seq or last_seq - first_seq >= MAX_RECORDS:
         raise ValueError(f"not a seq range of at most {MAX_RECORDS} seqs: {first_seq}-{last_seq}")
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -177,20 +182,20 @@ def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_
         collector, run, expected = RunCollector(0), 0, first_seq
         singles_by_field: Counter[str] = Counter()
         for seq, record in records:
-            if seq != expected:
+            if seq != expected or seq > last_seq:
                 raise PartitionInputError(_out_of_order(seq, expected, first_seq, last_seq))
             fields = decode_fields(record)
             if fields.seq != seq:
                 raise PartitionInputError(f"the record given as seq {seq} holds seq {fields.seq}")
-            offset = seq - first_seq - run * RUN_RECORDS
+            offset = seq - first_seq - run * run_records
             collector.add(offset, fields)
             blocks.add(record)
             expected += 1
-            if offset == RUN_RECORDS - 1:
+            if offset == run_records - 1:
                 _end_run(collector, run, stripes, zone_min, zone_max)
                 singles_by_field += collector.singles_by_field
                 run += 1
-                collector = RunCollector(run * RUN_RECORDS)
+                collector = RunCollector(run * run_records)
                 if progress is not None:
                     progress(expected - first_seq)
         if expected != last_seq + 1:
@@ -202,7 +207,7 @@ def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_
         del collector
         blocks.finish()
         bits = bucket_bits(stripes.entries)
-        assembler = Assembler(conn, RUN_RECORDS, bits)
+        assembler = Assembler(conn, run_records, bits)
         assembler.write(stripes)
         dictionary = blocks.dictionary
         dictionary_id = 0 if dictionary is None else dictionary.dict_id()
