@@ -26,11 +26,13 @@ class StoredSoakEvents:
     ranges (as a sealer reads them)."""
 
     def __init__(self, seed: int = 1, pid: int = 4242, uid: int = 1000, gid: int = 1000,
-                 comm: str = "audit-client") -> None:
+                 comm: str = "audit-client", long_correlation_every: int = 0) -> None:
         self.source = SoakEvents(seed)
         self.key = mix(seed ^ 0x7E57)
         self.peer = (pid, uid, gid, comm)
         self.versions: dict[str, int] = {}
+        # Every so many events, the next 100 share one correlation id: a long operation.
+        self.long_correlation_every = long_correlation_every
 
     def events(self, start: int, stop: int) -> list[StoredEvent]:
         out = []
@@ -40,9 +42,13 @@ class StoredSoakEvents:
             version = self.versions[stream] = self.versions.get(stream, 0) + 1
             received = START_NS + i * SPACING_NS
             ts = received - mix(self.key ^ i) % JITTER_NS
+            correlation = wire["correlation_id"]
+            every = self.long_correlation_every
+            if every and i % every < 100:
+                correlation = f"op-long-{i // every:06d}"
             out.append(StoredEvent(
                 i + 1, wire["id"], ts, received, wire["type"], wire["actor"], wire["target"],
-                stream, version, wire["correlation_id"], wire.get("causation_id"),
+                stream, version, correlation, wire.get("causation_id"),
                 encoder.encode(wire["tags"]), encoder.encode(wire["data"]), pid, uid, gid, comm,
                 id_hash(wire["id"])))
         return out

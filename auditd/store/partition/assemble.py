@@ -78,8 +78,8 @@ class Assembler:
         del grouped
         long_rows: list[tuple[Any, ...]] = []
         entries = [(parts[0][0], self._term_body(term, parts, long_rows))
-                   for term, parts in sorted(groups.items())]
-        entries.sort(key=itemgetter(0))  # stable: equal keys stay in term order
+                   for term, parts in groups.items()]
+        entries.sort(key=itemgetter(0))  # stable: equal keys stay in spill order
         del groups
         single_shift, entry_shift = 56 - self.bits, 32 - self.bits
         rows: list[tuple[int, bytes]] = []
@@ -105,11 +105,10 @@ class Assembler:
                    long_rows: list[tuple[Any, ...]]) -> bytes:
         """A short term's postings as a chunk, or a long term's id (after a 0 byte)."""
         run_records = self.run_records
-        count = sum(len(part[3]) for part in parts) // 2
+        count = (len(parts[0][3]) if len(parts) == 1 else sum(len(p[3]) for p in parts)) // 2
         if count <= LONG_POSTINGS and term != DEAD_LETTER:  # dead letters: always exact
             if len(parts) == 1:
-                base = parts[0][2] * run_records
-                body = encode_chunk(array_from("H", parts[0][3]).tolist(), base)
+                body = encode_run_chunk(parts[0][3], parts[0][2] * run_records)
             else:
                 body = encode_chunk([part[2] * run_records + offset for part in parts
                                      for offset in array_from("H", part[3])])

@@ -12,6 +12,7 @@ leaves a temp file that the next seal replaces, nothing else), checked with
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sqlite3
 import time
@@ -161,6 +162,21 @@ def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_
     if not 1 <= first_seq <= last_seq or last_seq - first_seq >= MAX_RECORDS:
         raise ValueError(f"not a seq range of at most {MAX_RECORDS} seqs: {first_seq}-{last_seq}")
     started, cpu_started = time.perf_counter(), time.process_time()
+    # The builder makes no reference cycles, and the collector's millions of live
+    # arrays and tuples would make every full collection walk them all.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _seal(records, directory, first_seq, last_seq, progress, block_records,
+                     run_records, started, cpu_started)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
+          last_seq: int, progress: Callable[[int], None] | None, block_records: int,
+          run_records: int, started: float, cpu_started: float) -> SealedInfo:
     directory = Path(directory)
     final, temp = directory / partition_name(first_seq, last_seq), directory / temp_name(
         first_seq, last_seq)
@@ -179,8 +195,7 @@ def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_
         count = last_seq - first_seq + 1
         blocks = _BlockWriter(conn, count, block_records)
         zone_min, zone_max = array("q"), array("q")
-        collector, run, expected = RunCollector(0), 0, first_seq
-        singles_by_field: Counter[str] = Counter()
+        collector, run, expected = RunCollector(), 0, first_seq
         for seq, record in records:
             if seq != expected or seq > last_seq:
                 raise PartitionInputError(_out_of_order(seq, expected, first_seq, last_seq))
@@ -193,9 +208,8 @@ def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_
             expected += 1
             if offset == run_records - 1:
                 _end_run(collector, run, stripes, zone_min, zone_max)
-                singles_by_field += collector.singles_by_field
                 run += 1
-                collector = RunCollector(run * run_records)
+                collector.start_run(run * run_records)
                 if progress is not None:
                     progress(expected - first_seq)
         if expected != last_seq + 1:
@@ -203,7 +217,7 @@ def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_
                 f"the records ended at seq {expected - 1}, before the range's last {last_seq}")
         if collector.ts:
             _end_run(collector, run, stripes, zone_min, zone_max)
-            singles_by_field += collector.singles_by_field
+        singles_by_field = collector.singles_by_field
         del collector
         blocks.finish()
         bits = bucket_bits(stripes.entries)

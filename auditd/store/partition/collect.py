@@ -56,14 +56,30 @@ _spill_encoder = msgspec.msgpack.Encoder()
 _spill_decoder = msgspec.msgpack.Decoder(tuple[bytes, list[GroupedTerm]])
 _ID_SEED, _CAUSATION_SEED = SEED[ID], SEED[CAUSATION]
 _SINGLE_SHIFT = 24 + 32 - STRIPE_BITS  # a single's stripe
+PERSISTENT_VALUES = 300_000
 Postings = array  # array("H") of offsets within the run
 
 
 class RunCollector:
-    """The postings of one run; `add` is the per-record hot path."""
+    """The postings of the current run; `add` is the per-record hot path.
 
-    def __init__(self, base: int) -> None:
-        self.base = base  # partition offset of the run's first record
+    The dicts outlive a run: `spill` empties their arrays in place, so a value seen in
+    an earlier run costs no tokenizing and no new arrays (at 1M soak events, most
+    targets recur run after run), until they hold PERSISTENT_VALUES values and are
+    dropped to bound memory. Correlation ids are dropped every run: they recur only
+    within seconds.
+    """
+
+    def __init__(self) -> None:
+        self.base = 0  # partition offset of the run's first record
+        self._fresh()
+        self.singles = array("Q")
+        self.dead = array("H")
+        self.ts = array("q")
+        self._last_ts = 0
+        self.singles_by_field: Counter[str] = Counter()
+
+    def _fresh(self) -> None:
         # value -> (its term's postings, *its words' postings)
         self.types: dict[str, tuple[Postings, ...]] = {}
         self.actors: dict[str, tuple[Postings, ...]] = {}
@@ -75,11 +91,17 @@ class RunCollector:
         self.uids: dict[int, Postings] = {}
         self.streams: dict[str, tuple[Postings, array[int]]] = {}
         self.words: dict[bytes, Postings] = {}
+
+    def start_run(self, base: int) -> None:
+        self.base = base
         self.singles = array("Q")
         self.dead = array("H")
         self.ts = array("q")
-        self._last_ts = 0
-        self.singles_by_field: Counter[str] = Counter()
+        self.correlations = {}
+        held = sum(map(len, (self.types, self.actors, self.targets, self.tags,
+                             self.data_words, self.comms, self.uids, self.streams, self.words)))
+        if held > PERSISTENT_VALUES:
+            self._fresh()
 
     def add(self, offset: int, fields: IndexedFields) -> None:
         if fields.dead_letter:
@@ -175,34 +197,49 @@ class RunCollector:
                                (TARGET, self.targets), (TAG, self.tags)):
             seed, alone = SEED[letter], 0
             for value, postings in values.items():
-                text = value if letter != TAG else value[0] + TAG_SEPARATOR + value[1]
                 one = postings[0]
+                if not one:
+                    continue
+                text = value if letter != TAG else value[0] + TAG_SEPARATOR + value[1]
                 key = crc32(text.encode(), seed)
-                if len(one) <= SINGLE_POSTINGS:
+                if len(one) == 1:
+                    alone += 1
+                    singles.append(key << 24 | base | one[0])
+                elif len(one) <= SINGLE_POSTINGS:
                     alone += len(one)
                     singles.extend([key << 24 | base | offset for offset in one])
                 else:
                     grouped[key >> shift].append((key, letter + text, run, array_bytes(one), None))
+                del one[:]
             counts[letter] += alone
         for letter, plain in ((CORRELATION, self.correlations), (COMM, self.comms),
                               (WORD, self.words), (UID, self.uids)):
             seed, alone = SEED[letter], 0
             for value, one in plain.items():
+                if not one:
+                    continue
                 raw = (value.encode() if letter != WORD and letter != UID
                        else str(value).encode() if letter == UID else value)
                 key = crc32(raw, seed)
-                if len(one) <= SINGLE_POSTINGS:
+                if len(one) == 1:
+                    alone += 1
+                    singles.append(key << 24 | base | one[0])
+                elif len(one) <= SINGLE_POSTINGS:
                     alone += len(one)
                     singles.extend([key << 24 | base | offset for offset in one])
                 else:
                     grouped[key >> shift].append(
                         (key, letter + raw.decode(), run, array_bytes(one), None))
+                del one[:]
             counts[letter] += alone
         seed = SEED[STREAM]
         for stream, (one, stream_seqs) in self.streams.items():
+            if not one:
+                continue
             key = crc32(stream.encode(), seed)
             grouped[key >> shift].append(
                 (key, STREAM + stream, run, array_bytes(one), array_bytes(stream_seqs)))
+            del one[:], stream_seqs[:]
         if self.dead:
             key = crc32(b"", SEED[DEAD_LETTER])
             grouped[key >> shift].append((key, DEAD_LETTER, run, array_bytes(self.dead), None))
