@@ -66,6 +66,9 @@ class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # daemon can still write its checkpoint and dead letters.
     reserve_bytes: Size = "64MB"
     dlq_max_bytes: Size = "64MB"
+    # Events per sealed partition: the hot table holds at most about this many (plus
+    # the seal in progress) uncompressed and unindexed, the rest is sealed compact.
+    partition_events: int = 131_072
 
 
 class RetentionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -194,6 +197,9 @@ def _check(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value < 1:
             raise ConfigError(f"{section}.{key} = {value}: expected an integer >= 1")
+    if not 100 <= config.storage.partition_events <= 16_000_000:
+        raise ConfigError(f"storage.partition_events = {config.storage.partition_events}: "
+                          "expected an integer from 100 to 16000000")
     if config.writer.batch_delay_ms < 0:
         raise ConfigError(
             f"writer.batch_delay_ms = {config.writer.batch_delay_ms}: expected an integer >= 0"

@@ -37,6 +37,7 @@ from auditd.status.control import DaemonControl
 from auditd.status.server import StatusServer
 from auditd.store.deadletters import DeadLetterStore
 from auditd.store.recovery import read_remnant, set_aside_if_damaged
+from auditd.store.sealing.sealer import Sealer
 from auditd.store.store import DB_NAME, Store
 from auditd.store.writer import Pending, Writer
 from auditd.systemd import (
@@ -97,6 +98,7 @@ class Daemon:
             committed_seq = await self._open()
             await self.status.start(status_sock, config.status.metrics_listen or None)
             self._spawn(self.writer.run(), "writer")
+            self._spawn(self.sealer.run(), "sealer")
             self._spawn(self._maintain(), "maintenance")
             self._spawn(self.store.checkpoint_forever(), "wal_checkpoint")
             await self.replay.run(committed_seq)
@@ -157,8 +159,10 @@ class Daemon:
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
             on_committed=self._committed)
+        self.sealer = Sealer(self.store, config.storage.partition_events)
+        self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
-                                    self.sequencer, self.stats, progress, stored)
+                                    self.sequencer, self.stats, progress)
         await self.dead_letters.open()
         self.stats.last_committed_seq = state.committed_seq
         self.ingest = IngestServer(
@@ -184,6 +188,7 @@ class Daemon:
         ])
 
     def _committed(self, seq: int) -> None:
+        self.sealer.committed(seq)
         self.sequencer.trim(seq)
         self.ingest.capacity_freed()
         self.replay.room_made()
@@ -243,8 +248,6 @@ class Daemon:
                 elif self.ingest.refusal is not None:
                     self.ingest.set_refusal(None)
                 await self._release_journal()
-                if self.replay.indexes_aside and self.ready:  # failed at replay's end
-                    await self.replay.build_indexes()
             except Exception as exc:
                 fault.failed(exc)
                 continue

@@ -2,8 +2,8 @@
 writer again, with the seq and stream_seq it was first given, before the daemon is ready.
 
 Damaged journal bytes become one dead letter per seq they stood for, in seq order, so the
-checkpoint never passes an event that is not stored. Past a long replay's first 100,000
-events the store's secondary indexes are set aside and built again at the end.
+checkpoint never passes an event that is not stored. (Before schema 3 a long replay set
+the filter indexes aside and built them at the end; the hot table has none left.)
 `Stats.replay_total` is the journal's seq range past the checkpoint (exact unless the last
 segment is damaged) and `replay_done` the part of it pushed so far, updated at every push;
 at the end both are what the replay covered.
@@ -18,7 +18,6 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
-from auditd.errors import StoreError
 from auditd.ingest.sequencer import Sequencer
 from auditd.journal.journal import CorruptRange, Journal
 from auditd.ring import RingBuffer
@@ -30,22 +29,16 @@ from auditd.systemd import StartProgress
 
 log = structlog.get_logger("auditd.replay")
 
-# Past this many replayed events, and half the events already stored, the replay goes on
-# without the secondary indexes and builds them at the end (migrations.deferred): below
-# it, building them costs about what it saves.
-_SET_INDEXES_ASIDE_AFTER = 100_000
 _YIELD_EVERY = 1000  # replayed events between turns the replay gives the event loop
 
 
 class JournalReplay:
     def __init__(self, journal: Journal, ring: RingBuffer[Pending], writer: Writer,
                  store: Store, sequencer: Sequencer, stats: Stats,
-                 progress: StartProgress, stored_events: int) -> None:
+                 progress: StartProgress) -> None:
         self.journal, self.ring, self.writer, self.store = journal, ring, writer, store
         self.sequencer, self.stats, self.progress = sequencer, stats, progress
-        self.stored_events = stored_events
         self.from_seq = 0  # the checkpoint the replay starts after
-        self.indexes_aside = False  # True until the indexes set aside are built again
         self._space = asyncio.Event()  # set after each commit: room in the ring
 
     def room_made(self) -> None:
@@ -56,7 +49,6 @@ class JournalReplay:
         """Feed journaled events past `committed_seq` to the writer, as first sequenced."""
         started, replayed, stats = time.monotonic(), 0, self.stats
         chunk = max(1, self.ring.capacity // 2)
-        set_aside_at = max(_SET_INDEXES_ASIDE_AFTER, self.stored_events // 2)
         self.from_seq = committed_seq
         self.progress.begin("sizing the journal")
         last_on_disk = await asyncio.to_thread(self.journal.last_seq_on_disk)
@@ -82,8 +74,6 @@ class JournalReplay:
             await self._push([event], len(item.payload))
             self.sequencer.restore(event)
             replayed += 1
-            if replayed == set_aside_at:
-                await self._set_indexes_aside(replayed)
             if not replayed % _YIELD_EVERY:
                 # _push suspends only on a full ring: without this, filling it held the
                 # loop for seconds, and the status server and the start timeout's
@@ -92,11 +82,6 @@ class JournalReplay:
                 if not replayed % 100_000:
                     log.info("replay_progress", events=replayed, seq=event.seq)
                     self.writer.wake()
-        if self.indexes_aside:
-            self.progress.begin("committing the replay", self._status)
-            await self._wait_for_writer(lambda: not self.ring.pending)  # all committed
-            self.progress.begin("building the indexes set aside for the replay")
-            await self.build_indexes()
         await self.writer.catch_up(False)
         self.writer.wake()
         self.sequencer.last_seq = max(self.sequencer.last_seq, self.journal.last_seq)
@@ -113,18 +98,6 @@ class JournalReplay:
         return (f"replaying journal: {stats.replay_done} of {stats.replay_total} events "
                 f"({committed} committed)")
 
-    async def build_indexes(self) -> None:
-        """Build the indexes set aside (maintenance retries a build that failed)."""
-        started = time.monotonic()
-        try:
-            names = await self.store.build_indexes(self.progress.tick)
-        except StoreError as exc:
-            log.error("index_build_failed", error=str(exc),
-                      note="retried by maintenance; queries are slow until it succeeds")
-            return
-        self.indexes_aside = False
-        log.info("indexes_built", indexes=names, seconds=round(time.monotonic() - started, 3))
-
     async def _push(self, entries: list[Pending], size: int) -> None:
         """Into the ring in seq order, waiting for the writer to make room."""
         await self._wait_for_writer(lambda: self.ring.has_room(len(entries), size))
@@ -139,16 +112,6 @@ class JournalReplay:
             self._space.clear()
             self.writer.wake()
             await self._space.wait()
-
-    async def _set_indexes_aside(self, replayed: int) -> None:
-        try:
-            names = await self.store.set_indexes_aside()
-        except StoreError as exc:  # only slower without it
-            log.warning("indexes_not_set_aside", error=str(exc))
-            return
-        self.indexes_aside = True
-        log.info("indexes_set_aside", indexes=names, replayed=replayed,
-                 note="built again once the replay is committed")
 
     def _gaps(self, first: int, last: int, raw: bytes, why: str) -> list[Pending]:
         """One dead letter per seq the bytes stood for; the bytes go with the first."""

@@ -22,6 +22,8 @@ import msgspec
 import pytest
 
 from auditd.ingest.framing import encode_frame
+from auditd.store.partition.read import SealedPartition
+from auditd.store.records import event_from_record, is_dead_letter
 
 
 def toml_value(value: Any) -> str:
@@ -324,3 +326,43 @@ def daemon(make_daemon: Any) -> DaemonProcess:
     """A started daemon with the default test config."""
     started: DaemonProcess = make_daemon()
     return started
+
+
+# -- sealed partitions -----------------------------------------------------------------
+
+
+def catalogued(daemon: DaemonProcess) -> list[tuple[int, int, str]]:
+    return [(int(a), int(b), str(c)) for a, b, c in daemon.query(
+        "SELECT first_seq, last_seq, file FROM partitions ORDER BY first_seq")]
+
+
+def stored_seqs(daemon: DaemonProcess) -> dict[int, str]:
+    """seq -> id of every stored event: sealed partitions and the hot table."""
+    return stored_seqs_in(daemon.db_path)
+
+
+def stored_seqs_in(db_path: Path) -> dict[int, str]:
+    """stored_seqs of the store whose database is `db_path`, partitions/ beside it."""
+    found: dict[int, str] = {}
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        files = [str(file) for (file,) in db.execute(
+            "SELECT file FROM partitions ORDER BY first_seq")]
+        hot = db.execute("SELECT seq, id FROM events").fetchall()
+    for file in files:
+        with SealedPartition(db_path.parent / "partitions" / file) as part:
+            seqs = range(part.first_seq, part.last_seq + 1)
+            for seq, record in zip(seqs, part.records(seqs), strict=True):
+                if not is_dead_letter(record):
+                    found[seq] = event_from_record(record).id
+    for seq, event_id in hot:
+        assert found.setdefault(int(seq), str(event_id)) == event_id
+    return found
+
+
+def wait_sealed_through(daemon: DaemonProcess, seq: int) -> None:
+    def sealed() -> bool:
+        through = int(daemon.query(
+            "SELECT value FROM meta WHERE key = 'sealed_through'")[0][0])
+        hot_min = daemon.query("SELECT min(seq) FROM events")[0][0]
+        return through >= seq and (hot_min is None or hot_min > through)
+    wait_for(sealed, 60, f"sealed through {seq} and hot rows released")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from auditd.stats import Stats
 from auditd.status.source import ActionRefused, Gauges, admin_actor
 from auditd.store.deadletters import DeadLetterStore
 from auditd.store.recovery import salvage
+from auditd.store.sealing.catalog import PARTITIONS_DIR
+from auditd.store.sealing.sealer import Sealer
 from auditd.store.store import Store
 from auditd.store.writer import Pending, Writer
 from auditd.systemd import Notifier
@@ -79,6 +82,9 @@ class DaemonView(Protocol):
     def store(self) -> Store: ...
     @property
     def writer(self) -> Writer: ...
+
+    @property
+    def sealer(self) -> Sealer: ...
     @property
     def ingest(self) -> IngestServer: ...
     @property
@@ -132,6 +138,8 @@ class DaemonControl:
             id_lookup_fault=daemon.ingest.lookups.fault,
             stopping=daemon.stop_requested.is_set(),
             held_connections=daemon.ingest.held_counts(),
+            seal_fault=daemon.sealer.figures.fault,
+            partitions=daemon.sealer.document(len(daemon.store.sealed)),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "
                 f"moved to {daemon.damaged[0]}; a fresh one holds the journal's events; "
@@ -190,6 +198,11 @@ class DaemonControl:
                          uid: int | None, within: float) -> str | None:
         """None when the entry's event is now stored (or already was), else why not."""
         daemon = self.daemon
+        if source == "writer" and seq is not None and seq <= daemon.sealer.sealed_through:
+            # A sealed partition is immutable, and its record for the seq (the dead
+            # letter's) is part of the file: the event cannot take that seq back now.
+            return (f"seq {seq} is sealed in a partition as this dead letter; the event "
+                    "can no longer be stored under it (its raw bytes stay in the entry)")
         if source == "writer" and seq is not None:
             # An accepted event keeps its seq: re-committed as first sequenced.
             restored = daemon.writer.restore(stored_decoder.decode(raw), dlq_id)
@@ -312,4 +325,26 @@ def _online_backup(source_path: Path, target: Path) -> int:
     finally:
         destination.close()
         source.close()
-    return target.stat().st_size
+    return target.stat().st_size + _copy_partitions(source_path.parent, target)
+
+
+def _copy_partitions(storage: Path, target: Path) -> int:
+    """The sealed partitions the copy's catalog names, into `partitions/` beside it (the
+    layout of a storage directory). They are immutable, so copying them after the
+    snapshot is as consistent as the snapshot. Their bytes."""
+    copy = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+    try:
+        files = [str(name) for (name,) in copy.execute("SELECT file FROM partitions")]
+    finally:
+        copy.close()
+    total = 0
+    if files:
+        into = target.parent / PARTITIONS_DIR
+        into.mkdir(exist_ok=True)
+        for name in files:
+            if (into / name).exists():
+                raise ActionRefused(f"{into / name}: already exists; a backup never "
+                                    "overwrites")
+            shutil.copyfile(storage / PARTITIONS_DIR / name, into / name)
+            total += (into / name).stat().st_size
+    return total

@@ -115,6 +115,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "replay": {"done": stats.replay_done, "total": stats.replay_total,
                    "finished": stats.replay_finished},
         "fairness": fairness_document(source),
+        "partitions": gauges.partitions,
         "id_lookup": {"failures": stats.id_lookup_failures,
                       "refused_frames": stats.id_lookup_refused_frames,
                       "fault": gauges.id_lookup_fault},

@@ -41,6 +41,7 @@ class HealthInputs:
     ingest_refusal: str | None = None
     journal_fault: str | None = None
     id_lookup_fault: str | None = None
+    seal_fault: str | None = None
     stopping: bool = False
     database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
@@ -100,6 +101,7 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         ingest_refusal=gauges.ingest_refusal,
         journal_fault=gauges.journal_fault,
         id_lookup_fault=gauges.id_lookup_fault,
+        seal_fault=gauges.seal_fault,
         stopping=gauges.stopping,
         database_replaced=gauges.database_replaced,
     )
@@ -121,6 +123,8 @@ def evaluate(h: HealthInputs) -> Health:
         # so a client resending after a lost reply cannot get its events in.
         "id_lookup": _fault(h.id_lookup_fault, "id lookups in the database succeed",
                             "failing"),
+        # Degraded: ingest goes on in the hot table, which grows past its bound.
+        "sealing": _fault(h.seal_fault, "the hot table is sealed as it fills", "degraded"),
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
     }

@@ -57,6 +57,9 @@ class Gauges:
     # Set when the database failed its check at start and was moved aside: a sentence
     # naming where it went, until the daemon restarts on a sound file.
     database_replaced: str | None = None
+    seal_fault: str | None = None  # why sealing the hot table fails now (retried)
+    # The partitioned store: count, sealed_through, hot_events, seal_backlog, ...
+    partitions: dict[str, Any] = field(default_factory=dict)
 
 
 class StatusSource(Protocol):

@@ -27,7 +27,9 @@ from auditd.errors import BatchSkippedError, StoreError, StoreFaultError
 from auditd.logs import RecurringFault
 from auditd.schema import StoredEvent, id_hash
 from auditd.store import migrations
-from auditd.store.migrations import deferred
+from auditd.store.sealing import catalog
+from auditd.store.sealing.child import unpack_keys
+from auditd.store.sealing.sealed_set import SealedSet
 from auditd.store.sqlite_errors import classify
 from auditd.store.statements import (
     DEAD_LETTERS,
@@ -125,7 +127,9 @@ class Store:
     aiosqlite connection, and WAL checkpoints have a connection and thread of their own."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = self.db_path = path
+        self.partitions_dir = path.parent / catalog.PARTITIONS_DIR
+        self.sealed = SealedSet(self.partitions_dir)
         self._db: sqlite3.Connection | None = None  # touched only on self._thread
         self._thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -149,6 +153,7 @@ class Store:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
             self._db = await self._call(_open_writer, self.path, progress)
+            await self.sealed.add(await self._call(self._catalog_at_start))
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="auditd-checkpoint")
             self._checkpoint_db = await _on(self._checkpointer, connect_sync, self.path)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -157,7 +162,15 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, f"opening {self.path}") from exc
 
+    def _catalog_at_start(self) -> list[catalog.CatalogEntry]:
+        removed = catalog.remove_leftovers(self.db, self.partitions_dir)
+        if removed:
+            log.warning("partition_leftovers_removed", files=removed,
+                        note="a seal that did not reach its catalog commit; sealed again")
+        return catalog.entries(self.db)
+
     async def close(self) -> None:
+        await self.sealed.aclose()
         if self._reader is not None:
             await self._reader.close()
         if self._checkpointer is not None:
@@ -206,6 +219,11 @@ class Store:
                 for (value,) in db.execute("SELECT id_hash FROM events"):
                     sink(value)
                     count += 1
+                for (blob,) in db.execute("SELECT id_keys FROM partitions"):
+                    keys = unpack_keys(blob)
+                    for value in keys:
+                        sink(value)
+                    count += len(keys)
             return count
 
         try:
@@ -229,7 +247,34 @@ class Store:
                 (json_list(wanted.values()),))
         except sqlite3.Error as exc:
             raise classify(exc, "looking up ids") from exc
-        return {str(event_id): int(seq) for event_id, seq in rows if event_id in wanted}
+        found = {str(event_id): int(seq) for event_id, seq in rows if event_id in wanted}
+        if len(found) < len(wanted):
+            found.update(await self.sealed.lookup_ids(i for i in wanted if i not in found))
+        return found
+
+    # -- sealing (sealing.sealer calls these) ---------------------------------------
+
+    async def sealed_through(self) -> int:
+        return await self._call(catalog.sealed_through, self.db)
+
+    async def catalog_partition(self, entry: catalog.CatalogEntry) -> None:
+        """Make a sealed file part of the store (on the writer's thread, between two
+        batches), then open it for reads, before any hot row it holds is released."""
+        try:
+            await self._call(catalog.add, self.db, entry)
+        except sqlite3.Error as exc:
+            raise classify(exc, f"cataloguing partition {entry.file}") from exc
+        await self.sealed.add([entry])
+
+    async def release_hot(self) -> int:
+        """Delete the hot rows that sealed partitions hold, a chunk per transaction."""
+        total = 0
+        try:
+            while gone := await self._call(catalog.release_chunk, self.db):
+                total += gone
+        except sqlite3.Error as exc:
+            raise classify(exc, "releasing sealed hot rows") from exc
+        return total
 
     async def insert_batch(self, events: list[StoredEvent], dead: list[DeadLetter],
                            checkpoint: int, resolved_dead: tuple[int, ...] = ()) -> None:
@@ -316,24 +361,6 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, "setting the writer's cache") from exc
 
-    async def set_indexes_aside(self) -> list[str]:
-        """Drop the indexes a long backlog is committed faster without (see
-        migrations.deferred); build_indexes builds them again. Their names."""
-        try:
-            return await self._call(deferred.set_aside, self.db)
-        except sqlite3.Error as exc:
-            raise classify(exc, "setting indexes aside") from exc
-
-    async def build_indexes(self, progress: Progress | None = None) -> list[str]:
-        def build() -> list[str]:
-            with watched(self.db, progress):
-                return deferred.restore(self.db)
-
-        try:
-            return await self._call(build)
-        except sqlite3.Error as exc:
-            raise classify(exc, "building the indexes set aside") from exc
-
     async def checkpoint_wal(self) -> bool:
         """Copy the WAL into the database file; True when every frame was copied.
 
@@ -385,6 +412,8 @@ class Store:
         for suffix in ("", "-wal"):
             with contextlib.suppress(FileNotFoundError):
                 total += Path(f"{self.path}{suffix}").stat().st_size
+        with contextlib.suppress(OSError):  # absent, or a file vanishing meanwhile
+            total += sum(p.stat().st_size for p in self.partitions_dir.iterdir())
         return total
 
 

@@ -157,7 +157,7 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
     assert [(row[0], row[1]) for row in old_letters] == [
         (15, "journal"), (23, "writer"), (30, "writer"), (None, "ingest")], old_letters
     assert sorted([*old_seqs, 15, 23, 30]) == list(range(1, 31))
-    damage_an_index_page(daemon.db_path, "events_type_ts")
+    damage_an_index_page(daemon.db_path, "events_id_hash")
 
     daemon.start()
     moved = Path(log_named(daemon, "database_damaged")[0]["moved_to"])

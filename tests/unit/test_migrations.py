@@ -53,7 +53,10 @@ def test_migrate_up_creates_the_schema_and_records_it(conn: sqlite3.Connection) 
     assert conn.execute("SELECT value FROM meta WHERE key='committed_seq'").fetchone() == (0,)
     indexes = {row[0] for row in conn.execute(
         "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='events'")}
-    assert {"events_id_hash", "events_type_ts", "events_actor_ts", "events_stream"} <= indexes
+    # Schema 3: the hot table keeps only the id key's index; filters are the sealed
+    # partitions' (and the hot index's, in memory).
+    assert indexes == {"events_id_hash"}
+    assert "partitions" in tables(conn)
     (name, applied_at), = conn.execute(
         "SELECT name, applied_at FROM schema_migrations WHERE version = 1").fetchall()
     assert name == "initial" and applied_at > 0
@@ -130,8 +133,8 @@ def test_only_the_retention_gate_allows_delete_and_never_update(
         conn.execute("DELETE FROM events WHERE seq = 2")
 
 
-def test_stream_seq_is_unique_per_stream(conn: sqlite3.Connection) -> None:
-    migrations.migrate(conn)
+def test_stream_seq_is_unique_per_stream_in_schema_2(conn: sqlite3.Connection) -> None:
+    migrations.migrate(conn, to=2)
     conn.execute("INSERT INTO names (value) VALUES ('t'), ('s')")
     row = ("INSERT INTO events (seq, id, id_hash, ts, received_at, type, stream, stream_seq,"
            " pid, uid, gid, comm) VALUES (?, ?, 0, 1, 1, 1, 2, ?, 1, 0, 0, 1)")
@@ -173,7 +176,7 @@ SET_ASIDE = ["events_actor_ts", "events_correlation", "events_target_ts", "event
 
 
 def test_indexes_set_aside_are_built_again_as_they_were(conn: sqlite3.Connection) -> None:
-    migrations.migrate(conn)
+    migrations.migrate(conn, to=2)  # schema 3 has no filter index left to set aside
     before = index_sql(conn)
     assert deferred.set_aside(conn) == SET_ASIDE
     remaining = index_sql(conn)
@@ -193,7 +196,7 @@ def test_an_interrupted_bulk_load_gets_its_indexes_back_at_the_next_open(
         tmp_path: Path) -> None:
     path = tmp_path / "auditd.db"
     first = connect_sync(path)
-    migrations.migrate(first)
+    migrations.migrate(first, to=2)
     before = index_sql(first)
     deferred.set_aside(first)
     first.close()  # as a crash would leave it: set aside, never built
@@ -201,7 +204,8 @@ def test_an_interrupted_bulk_load_gets_its_indexes_back_at_the_next_open(
     try:
         # One of them was built by hand meanwhile: the others are built all the same.
         second.execute(before["events_ts"])
-        assert migrations.migrate(second) == []  # nothing to migrate, indexes built all the same
+        # Nothing to migrate, indexes built all the same.
+        assert migrations.migrate(second, to=2) == []
         assert index_sql(second) == before
     finally:
         second.close()
@@ -216,12 +220,13 @@ def test_restore_on_a_fresh_file_does_nothing(conn: sqlite3.Connection) -> None:
 
 def test_plan_and_losses_say_what_a_roll_back_would_delete(conn: sqlite3.Connection) -> None:
     assert migrations.current(conn) == 0
-    assert [(d, m.version) for d, m in migrations.plan(conn)] == [("up", 1), ("up", 2)]
+    assert [(d, m.version) for d, m in migrations.plan(conn)] == [
+        ("up", 1), ("up", 2), ("up", 3)]
     migrations.migrate(conn)
     assert migrations.current(conn) == migrations.LATEST
     assert migrations.plan(conn) == []
     steps = migrations.plan(conn, to=0)
-    assert [(d, m.version) for d, m in steps] == [("down", 2), ("down", 1)]
+    assert [(d, m.version) for d, m in steps] == [("down", 3), ("down", 2), ("down", 1)]
     assert migrations.losses(conn, steps) == []  # nothing stored: nothing to lose
     insert_event(conn, 1)
     insert_event(conn, 2)

@@ -1,0 +1,1 @@
+"""Sealing: the hot table's oldest events rewritten into an immutable partition file."""

@@ -1,0 +1,131 @@
+"""The sealing process: `python -m auditd.store.sealing.child DB DIR FIRST LAST [PARENT]`.
+
+Reads seqs FIRST..LAST of the hot table (events, names resolved, and the dead letters
+that hold seqs of the range) from a read snapshot of DB, builds each seq's record E
+(store.records), and seals them into DIR (store.partition.build: temp file, fsync,
+rename, directory fsync). Prints the SealedInfo as one JSON line on stdout; a failure
+is one line on stderr and exit code 1.
+
+A process of its own, at lower priority: sealing costs several times what the writer
+spends on the same events, and must not take the event loop's GIL or the writer's
+core away from ingest.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import sqlite3
+import sys
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+from auditd.schema import StoredEvent
+from auditd.store.partition.build import seal_partition
+from auditd.store.records import dead_letter_record, record_bytes
+
+NICE = 10
+_PR_SET_PDEATHSIG = 1
+_EVENTS = """SELECT e.seq, e.id, e.ts, e.received_at, t.value, a.value, g.value, s.value,
+    e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data, e.pid, e.uid, e.gid,
+    c.value, e.id_hash
+    FROM events e JOIN names t ON t.id = e.type
+    LEFT JOIN names a ON a.id = e.actor LEFT JOIN names g ON g.id = e.target
+    LEFT JOIN names s ON s.id = e.stream JOIN names c ON c.id = e.comm
+    WHERE e.seq BETWEEN ? AND ? ORDER BY e.seq"""
+_DEAD = """SELECT seq, code, reason, raw FROM dead_letters
+    WHERE seq BETWEEN ? AND ? ORDER BY seq, dlq_id"""
+
+
+def records(db: sqlite3.Connection, first: int, last: int,
+            id_keys: array[int]) -> Iterator[tuple[int, bytes]]:
+    """(seq, E) for every stored seq of the range, events and dead letters merged in
+    seq order, and each event's id key appended to `id_keys`. One read transaction, so
+    both come from one snapshot."""
+    db.execute("BEGIN")
+    events = db.execute(_EVENTS, (first, last))
+    dead = db.cursor().execute(_DEAD, (first, last))
+    letter = dead.fetchone()
+    seen = 0
+    for row in events:
+        seq = row[0]
+        while letter is not None and letter[0] <= seq:
+            if letter[0] < seq and letter[0] != seen:  # a seq's first letter only
+                seen = letter[0]
+                yield seen, dead_letter_record(*letter)
+            letter = dead.fetchone()
+        seen = seq
+        event = StoredEvent(*row)
+        id_keys.append(event.id_hash)
+        yield seq, record_bytes(event)
+    while letter is not None:
+        if letter[0] != seen:
+            seen = letter[0]
+            yield seen, dead_letter_record(*letter)
+        letter = dead.fetchone()
+    db.execute("COMMIT")
+
+
+def pack_keys(keys: array[int]) -> bytes:
+    """The id keys, for the catalog (the Bloom filter is rebuilt from them at start):
+    zstd of their differences, small for time-ordered keys."""
+    deltas = array("q", [keys[0]] if keys else [])
+    deltas.extend((b - a + 2**63) % 2**64 - 2**63 for a, b in itertools.pairwise(keys))
+    return zstandard.ZstdCompressor(level=3).compress(deltas.tobytes())
+
+
+def unpack_keys(blob: bytes) -> array[int]:
+    deltas = array("q", zstandard.ZstdDecompressor().decompress(blob))
+    keys, total = array("q"), 0
+    for delta in deltas:
+        total = (total + delta + 2**63) % 2**64 - 2**63
+        keys.append(total)
+    return keys
+
+
+def die_with_parent(parent: int) -> None:
+    """Be killed when the daemon dies: a SIGKILLed daemon's seal must not go on beside
+    the next daemon's, which removes leftovers and seals the same range again."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the next start's leftover check still holds
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    db_path, directory, first, last = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
+    if len(argv) > 4:
+        die_with_parent(int(argv[4]))
+    with contextlib.suppress(OSError):  # a courtesy: sealing works without it
+        os.nice(NICE)
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            id_keys: array[int] = array("q")
+            info = seal_partition(records(db, first, last, id_keys), directory, first, last)
+        finally:
+            db.close()
+    except Exception as exc:  # reported to the daemon, which logs it and retries
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"path": str(info.path), "first_seq": info.first_seq,
+                      "last_seq": info.last_seq, "count": info.count, "bytes": info.bytes,
+                      "format_version": info.format_version,
+                      "dictionary_id": info.dictionary_id, "seconds": info.seconds,
+                      "cpu_seconds": info.cpu_seconds,
+                      "id_keys": base64.b64encode(pack_keys(id_keys)).decode()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,66 @@
+"""The catalogued sealed partitions, open for reading, on one thread of their own.
+
+Each partition is an immutable SQLite file with a connection of its own (no ATTACH:
+the build allows 10, and nothing here needs a cross-file transaction). Connections
+are opened and used only on this set's thread: sqlite3 connections belong to the
+thread that made them, and partition reads must not wait behind the writer's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from auditd.store.partition.read import SealedPartition
+from auditd.store.sealing.catalog import CatalogEntry
+
+_T = TypeVar("_T")
+
+
+class SealedSet:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-partitions")
+        self._open: list[SealedPartition] = []  # oldest first; touched only on _thread
+
+    def _call(self, function: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
+        return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def add(self, entries: Iterable[CatalogEntry]) -> None:
+        """Open newly catalogued partitions (in seq order, after those already open)."""
+        def open_all() -> None:
+            for entry in entries:
+                self._open.append(SealedPartition(self.directory / entry.file))
+        await self._call(open_all)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def lookup_ids(self, ids: Iterable[str]) -> dict[str, int]:
+        """The seq of each id stored in a sealed partition, newest partition first."""
+        wanted = list(ids)
+
+        def look() -> dict[str, int]:
+            found: dict[str, int] = {}
+            for part in reversed(self._open):
+                for event_id in wanted:
+                    if event_id not in found:
+                        seq = part.lookup_id(event_id)
+                        if seq is not None:
+                            found[event_id] = seq
+                if len(found) == len(wanted):
+                    break
+            return found
+
+        return await self._call(look) if wanted and self._open else {}
+
+    async def aclose(self) -> None:
+        def close_all() -> None:
+            for part in self._open:
+                part.close()
+            self._open.clear()
+        await self._call(close_all)
+        self._thread.shutdown(wait=True)
