@@ -95,11 +95,11 @@ def _records(count: int, first: int = 1) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda r: r[:10] + r[11:], "gap: seq 12 follows seq 10"),
-    (lambda r: r[:10] + [r[11], r[10]] + r[12:], "gap: seq 12 follows seq 10"),
-    (lambda r: r[:10] + [r[10], r[9]] + r[11:], "disorder: seq 10 after seq 11"),
-    (lambda r: r + [(301, r[0][1])], "past the range"),
+    (lambda r: [*r[:10], r[11], r[10], *r[12:]], "gap: seq 12 follows seq 10"),
+    (lambda r: [*r[:10], r[10], r[9], *r[11:]], "disorder: seq 10 after seq 11"),
+    (lambda r: [*r, (301, r[0][1])], "past the range"),
     (lambda r: r[:-1], "ended at seq 299"),
-    (lambda r: r[:5] + [(6, r[6][1])] + r[6:], "given as seq 6 holds seq 7"),
+    (lambda r: [*r[:5], (6, r[6][1]), *r[6:]], "given as seq 6 holds seq 7"),
 ])
 def test_bad_input_is_refused_and_leaves_nothing(tmp_path: Path, change, message) -> None:  # type: ignore[no-untyped-def]
     records = change(_records(300))[:301]

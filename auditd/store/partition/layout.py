@@ -35,7 +35,7 @@ import re
 import sys
 import zlib
 from array import array
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Final
 
 import zstandard
@@ -224,4 +224,4 @@ def decode_block(raw: bytes, count: int) -> list[bytes]:
     lengths = array_from("H" if width == 2 else "I", raw[1:1 + width * count])
     ends = accumulate(lengths, initial=1 + width * count)
     starts = list(ends)
-    return [raw[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    return [raw[a:b] for a, b in pairwise(starts)]

@@ -98,8 +98,8 @@ def bench_queries(path: Path, repeat: int, seed: int) -> dict[str, tuple[float, 
         samples = [decode_fields(part.record(rng.randint(first, last)) or b"")
                    for _ in range(repeat)]
         samples = [s for s in samples if not s.dead_letter]
-        span = (part.zones()[1][-1] - part.zones()[0][0])
-        start_ts = part.zones()[0][0]
+        zones = part.zones()
+        span, start_ts = zones.maxs[-1] - zones.mins[0], zones.mins[0]
         word, word_count = _closest_word(part, 0.001)
         long_corr = [row[0][1:] for row in part.conn.execute(
             "SELECT text FROM long_terms WHERE text LIKE 'c%' AND count >= 100")]
@@ -135,7 +135,7 @@ def bench_queries(path: Path, repeat: int, seed: int) -> dict[str, tuple[float, 
         for name, run in kinds.items():
             if "correlation" in name and not long_corr:
                 continue
-            part._blocks.clear()  # no block cached from an earlier kind  # noqa: SLF001
+            part._blocks.clear()  # no block cached from an earlier kind
             out[name] = _timed(run, repeat)
     return out
 
