@@ -91,7 +91,17 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+_words_cache: dict[tuple[int, str], set[str]] = {}
+
+
 def event_words(event: StoredEvent) -> set[str]:
+    found = _words_cache.get((event.seq, event.id))
+    if found is None:
+        found = _words_cache[(event.seq, event.id)] = _event_words(event)
+    return found
+
+
+def _event_words(event: StoredEvent) -> set[str]:
     tags = msgspec.msgpack.decode(event.tags) if event.tags else {}
     texts = [event.type, event.actor, event.target, *tags.values()]
     if event.data is not None:

@@ -92,7 +92,7 @@ def test_random_combinations_with_ranges(part: SealedPartition, items: list[Item
     rng = random.Random(5)
     events = _events(items)
     names = list(SINGLE_FILTERS)
-    for _ in range(250):
+    for _ in range(150):
         event = rng.choice(events)
         filters: dict[str, list[str]] = {}
         for name in rng.sample(names, rng.randint(0, 3)):
