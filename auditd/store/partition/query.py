@@ -88,6 +88,19 @@ class Source:
         unsure -= exact
         return sorted(exact | unsure), unsure
 
+    def holding(self, run: Run, offsets: list[int]) -> tuple[set[int], set[int]]:
+        """Which of the ascending `offsets` this source holds, and which of those to
+        recheck."""
+        exact: set[int] = set()
+        for posting in self.postings:
+            for long in posting.exact:
+                exact |= long.holds(run, offsets)
+        unsure: set[int] = set()
+        for posting in self.postings:
+            unsure.update(posting.candidates)
+        unsure = unsure.intersection(offsets) - exact
+        return exact | unsure, unsure
+
 
 class EverySource(Source):
     """No filter: every offset but the dead letters'."""
@@ -101,6 +114,9 @@ class EverySource(Source):
 
     def between(self, run: Run, lo: int, hi: int) -> tuple[list[int], set[int]]:
         return [x for x in range(lo, hi + 1) if x not in self.dead], set()
+
+    def holding(self, run: Run, offsets: list[int]) -> tuple[set[int], set[int]]:
+        return set(offsets) - self.dead, set()
 
 
 class ZoneFilter:
@@ -194,8 +210,7 @@ def _window(view: PartitionView, driver: Source, others: list[Source],
     for other in others:
         if not offsets:
             return []
-        theirs, their_unsure = other.between(view.run, offsets[0], offsets[-1])
-        present = set(theirs)
+        present, their_unsure = other.holding(view.run, offsets)
         offsets = [x for x in offsets if x in present]
         if their_unsure:
             recheck.append((other, their_unsure))
