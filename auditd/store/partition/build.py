@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import zstandard
 
 from auditd.errors import AuditdError
@@ -200,7 +201,10 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         for seq, record in records:
             if seq != expected or seq > last_seq:
                 raise PartitionInputError(_out_of_order(seq, expected, first_seq, last_seq))
-            fields = decode_build_fields(record)
+            try:
+                fields = decode_build_fields(record)
+            except msgspec.MsgspecError as exc:
+                raise PartitionInputError(f"seq {seq}: not a record: {exc}") from None
             if fields.seq != seq:
                 raise PartitionInputError(f"the record given as seq {seq} holds seq {fields.seq}")
             offset = seq - first_seq - run * run_records

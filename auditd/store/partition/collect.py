@@ -59,7 +59,7 @@ _spill_encoder = msgspec.msgpack.Encoder()
 _spill_decoder = msgspec.msgpack.Decoder(tuple[bytes, list[GroupedTerm]])
 _ID_SEED, _CAUSATION_SEED = SEED[ID], SEED[CAUSATION]
 _SINGLE_SHIFT = 24 + 32 - STRIPE_BITS  # a single's stripe
-PERSISTENT_VALUES = 300_000
+PERSISTENT_VALUES = 250_000  # ~135 MB peak at 1M soak events (~235k values)
 Postings: TypeAlias = "array[int]"  # array("H") of offsets within the run
 _new_postings = partial(array, "H")
 

@@ -45,6 +45,8 @@ class PartitionFormatError(AuditdError):
 class SealedPartition:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no sealed partition at {self.path}")
         self.conn = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro&immutable=1",
                                     uri=True)
         try:
