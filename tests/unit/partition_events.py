@@ -40,8 +40,8 @@ def varied_items(count: int, seed: int = 7, first_seq: int = 1,
                                                   b"raw %d" % seq), None))
             continue
         event_id = (f"evt-{seed}-{seq}" if rng.random() < 0.3 else
-                    f"019b76da-{seq % 65536:04x}-7{rng.getrandbits(12):03x}-8{rng.getrandbits(12):03x}"
-                    f"-{rng.getrandbits(48):012x}")
+                    f"019b76da-{seq % 65536:04x}-7{rng.getrandbits(12):03x}-"
+                    f"8{rng.getrandbits(12):03x}-{rng.getrandbits(48):012x}")
         stream = rng.choice([None, *(f"acct-{s}" for s in range(12))])
         stream_seq = None
         if stream is not None:
@@ -91,7 +91,17 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+_words_cache: dict[tuple[int, str], set[str]] = {}
+
+
 def event_words(event: StoredEvent) -> set[str]:
+    found = _words_cache.get((event.seq, event.id))
+    if found is None:
+        found = _words_cache[(event.seq, event.id)] = _event_words(event)
+    return found
+
+
+def _event_words(event: StoredEvent) -> set[str]:
     tags = msgspec.msgpack.decode(event.tags) if event.tags else {}
     texts = [event.type, event.actor, event.target, *tags.values()]
     if event.data is not None:

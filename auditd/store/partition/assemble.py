@@ -39,7 +39,6 @@ SMALL_PIECE = 256  # a run's postings of a term below this are merged with other
 
 _bucket_encoder = msgspec.msgpack.Encoder()
 _ss_compressor = zstandard.ZstdCompressor(level=3)
-_LOW_32 = 0xFFFF_FFFF
 
 
 def bucket_bits(entries: int) -> int:
@@ -89,7 +88,8 @@ class Assembler:
             bucket = min(singles[i] >> single_shift if i < len(singles) else none,
                          entries[j][0] >> entry_shift if j < len(entries) else none)
             end = bisect_left(singles, (bucket + 1) << single_shift, i)
-            values = array("I", [single & _LOW_32 for single in singles[i:end]])
+            # The low 32 bits of each single (rem << 24 | offset): the even 32-bit halves.
+            values = array_from("I", array_bytes(array("Q", singles[i:end])))[0::2]
             rems, bodies = bytearray(), []
             while j < len(entries) and entries[j][0] >> entry_shift == bucket:
                 rems.append(entries[j][0] & 0xFF)
@@ -146,9 +146,9 @@ class Assembler:
         long_rows.append((term_id, term, count, start, array_bytes(chunks), first_ss, ss))
         self.bytes_by_field[term[0]] += (self.postings.position - start + len(term)
                                          + 4 * len(chunks) + 16)
-        body = bytearray(1)
-        put_varint(body, term_id)
-        return bytes(body)
+        pointer = bytearray(1)
+        put_varint(pointer, term_id)
+        return bytes(pointer)
 
 
 def _stream_seqs(term: str, parts: list[GroupedTerm],

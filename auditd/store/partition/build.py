@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import zstandard
 
 from auditd.errors import AuditdError
 from auditd.store.partition.assemble import Assembler, bucket_bits
 from auditd.store.partition.bytestream import StreamWriter
 from auditd.store.partition.collect import RunCollector, StripeFiles
-from auditd.store.partition.fields import decode_fields
+from auditd.store.partition.fields import decode_build_fields
 from auditd.store.partition.layout import (
     BLOCK_RECORDS,
     DICTIONARY_BYTES,
@@ -43,7 +44,6 @@ from auditd.store.partition.layout import (
     ZSTD_LEVEL,
     encode_block,
 )
-
 
 
 class PartitionInputError(AuditdError):
@@ -114,7 +114,9 @@ class _BlockWriter:
             self.starts = []
 
     def _train(self, unfinished: list[bytes]) -> None:
-        sample = [record for block in self.waiting for record in block] + unfinished
+        sample: list[bytes | bytearray | memoryview] = [
+            record for block in self.waiting for record in block]
+        sample += unfinished
         try:
             self.dictionary = zstandard.train_dictionary(
                 DICTIONARY_BYTES, sample[:self.sample_size], k=200, d=8, level=ZSTD_LEVEL)
@@ -199,7 +201,10 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         for seq, record in records:
             if seq != expected or seq > last_seq:
                 raise PartitionInputError(_out_of_order(seq, expected, first_seq, last_seq))
-            fields = decode_fields(record)
+            try:
+                fields = decode_build_fields(record)
+            except msgspec.MsgspecError as exc:
+                raise PartitionInputError(f"seq {seq}: not a record: {exc}") from None
             if fields.seq != seq:
                 raise PartitionInputError(f"the record given as seq {seq} holds seq {fields.seq}")
             offset = seq - first_seq - run * run_records

@@ -65,10 +65,11 @@ def check_partition(part: SealedPartition) -> list[str]:
 
 def _sample(part: SealedPartition, sample: list[tuple[int, IndexedFields]]) -> list[str]:
     problems = []
-    mins, maxs = part.zones()
+    zones = part.zones()
+    mins, maxs = zones.mins, zones.maxs
     for offset, fields in sample:
         seq = part.first_seq + offset
-        for term in sorted(record_terms(fields)) + [ID + fields.id]:
+        for term in [*sorted(record_terms(fields)), ID + fields.id]:
             postings = part.terms(term)
             held = offset in postings.candidates or any(
                 offset in long.between(part.run, offset, offset) for long in postings.exact)

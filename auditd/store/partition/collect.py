@@ -15,16 +15,19 @@ so a term's postings from every run meet without a sort of the whole partition.
 from __future__ import annotations
 
 import tempfile
-from bisect import bisect_left
-from collections import Counter
 import zlib
 from array import array
+from bisect import bisect_left
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from functools import partial
+from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeAlias
 
 import msgspec
 
-from auditd.store.partition.fields import IndexedFields, data_strings
+from auditd.store.partition.fields import BuildFields, data_strings, decode_tags
 from auditd.store.partition.layout import (
     ACTOR,
     CAUSATION,
@@ -56,8 +59,45 @@ _spill_encoder = msgspec.msgpack.Encoder()
 _spill_decoder = msgspec.msgpack.Decoder(tuple[bytes, list[GroupedTerm]])
 _ID_SEED, _CAUSATION_SEED = SEED[ID], SEED[CAUSATION]
 _SINGLE_SHIFT = 24 + 32 - STRIPE_BITS  # a single's stripe
-PERSISTENT_VALUES = 300_000
-Postings = array  # array("H") of offsets within the run
+PERSISTENT_VALUES = 250_000  # ~135 MB peak at 1M soak events (~235k values)
+Postings: TypeAlias = "array[int]"  # array("H") of offsets within the run
+_new_postings = partial(array, "H")
+
+
+class _WordsOf(dict[Any, tuple[Postings, ...]]):
+    """value -> the postings its occurrence appends to: its own term's (with `own`),
+    then its words'. Filled on first sight; a hit is a plain dict lookup in C."""
+
+    def __init__(self, words: defaultdict[bytes, Postings], own: bool,
+                 text: Callable[[Any], str] = str) -> None:
+        super().__init__()
+        self.words, self.own, self.text = words, own, text
+
+    def __missing__(self, value: Any) -> tuple[Postings, ...]:
+        words = self.words
+        found = tuple(words[word] for word in word_bytes(self.text(value)))
+        if self.own:
+            found = (array("H"), *found)
+        self[value] = found
+        return found
+
+
+class _TagMaps(dict[bytes, tuple[Postings, ...]]):
+    """A record's tags (the map's MessagePack) -> the postings of all its tags."""
+
+    def __init__(self, tags: _WordsOf) -> None:
+        super().__init__()
+        self.tags = tags
+
+    def __missing__(self, raw: bytes) -> tuple[Postings, ...]:
+        found = tuple(postings for pair in decode_tags(raw).items()
+                      for postings in self.tags[pair])
+        self[raw] = found
+        return found
+
+
+def _new_stream() -> tuple[Postings, array[int]]:
+    return array("H"), array("q")
 
 
 class RunCollector:
@@ -73,6 +113,7 @@ class RunCollector:
     def __init__(self) -> None:
         self.base = 0  # partition offset of the run's first record
         self._fresh()
+        self.correlations: defaultdict[str, Postings] = defaultdict(_new_postings)
         self.singles = array("Q")
         self.dead = array("H")
         self.ts = array("q")
@@ -80,30 +121,30 @@ class RunCollector:
         self.singles_by_field: Counter[str] = Counter()
 
     def _fresh(self) -> None:
-        # value -> (its term's postings, *its words' postings)
-        self.types: dict[str, tuple[Postings, ...]] = {}
-        self.actors: dict[str, tuple[Postings, ...]] = {}
-        self.targets: dict[str, tuple[Postings, ...]] = {}
-        self.tags: dict[tuple[str, str], tuple[Postings, ...]] = {}
-        self.data_words: dict[str, tuple[Postings, ...]] = {}  # a data string's words
-        self.correlations: dict[str, Postings] = {}
-        self.comms: dict[str, Postings] = {}
-        self.uids: dict[int, Postings] = {}
-        self.streams: dict[str, tuple[Postings, array[int]]] = {}
-        self.words: dict[bytes, Postings] = {}
+        self.words: defaultdict[bytes, Postings] = defaultdict(_new_postings)
+        self.types = _WordsOf(self.words, True)
+        self.actors = _WordsOf(self.words, True)
+        self.targets = _WordsOf(self.words, True)
+        self.tags = _WordsOf(self.words, True, itemgetter(1))  # (key, value) -> ...
+        self.tag_maps = _TagMaps(self.tags)
+        self.data_words = _WordsOf(self.words, False)  # a data string's words
+        self.comms: defaultdict[str, Postings] = defaultdict(_new_postings)
+        self.uids: defaultdict[int, Postings] = defaultdict(_new_postings)
+        self.streams: defaultdict[str, tuple[Postings, array[int]]] = defaultdict(_new_stream)
 
     def start_run(self, base: int) -> None:
         self.base = base
         self.singles = array("Q")
         self.dead = array("H")
         self.ts = array("q")
-        self.correlations = {}
-        held = sum(map(len, (self.types, self.actors, self.targets, self.tags,
-                             self.data_words, self.comms, self.uids, self.streams, self.words)))
+        self.correlations = defaultdict(_new_postings)
+        held = sum(len(values) for values in (
+            self.types, self.actors, self.targets, self.tags, self.tag_maps, self.data_words,
+            self.comms, self.uids, self.streams, self.words))
         if held > PERSISTENT_VALUES:
             self._fresh()
 
-    def add(self, offset: int, fields: IndexedFields) -> None:
+    def add(self, offset: int, fields: BuildFields) -> None:
         if fields.dead_letter:
             self.dead.append(offset)
             self.ts.append(self._last_ts)  # widens a zone's range, never narrows it
@@ -115,75 +156,40 @@ class RunCollector:
         value = fields.causation_id
         if value is not None:
             self.singles.append(zlib.crc32(value.encode(), _CAUSATION_SEED) << 24 | single)
-        value = fields.type
-        for postings in self.types.get(value) or self._with_words(self.types, value, value):
+        for postings in self.types[fields.type]:
             postings.append(offset)
         value = fields.actor
         if value is not None:
-            for postings in (self.actors.get(value)
-                             or self._with_words(self.actors, value, value)):
+            for postings in self.actors[value]:
                 postings.append(offset)
         value = fields.target
         if value is not None:
-            for postings in (self.targets.get(value)
-                             or self._with_words(self.targets, value, value)):
+            for postings in self.targets[value]:
                 postings.append(offset)
         if fields.tags:
-            tags = self.tags
-            for pair in fields.tags.items():
-                for postings in tags.get(pair) or self._with_words(tags, pair, pair[1]):
-                    postings.append(offset)
+            for postings in self.tag_maps[bytes(fields.tags)]:
+                postings.append(offset)
         value = fields.correlation_id
         if value is not None:
-            one = self.correlations.get(value)
-            if one is None:
-                one = self.correlations[value] = array("H")
-            one.append(offset)
-        one = self.comms.get(fields.comm)
-        if one is None:
-            one = self.comms[fields.comm] = array("H")
-        one.append(offset)
-        one = self.uids.get(fields.uid)
-        if one is None:
-            one = self.uids[fields.uid] = array("H")
-        one.append(offset)
+            self.correlations[value].append(offset)
+        self.comms[fields.comm].append(offset)
+        self.uids[fields.uid].append(offset)
         value = fields.stream
         if value is not None:
-            stream = self.streams.get(value)
-            if stream is None:
-                stream = self.streams[value] = (array("H"), array("q"))
+            stream = self.streams[value]
             stream[0].append(offset)
             stream[1].append(fields.stream_seq or 0)
         data = fields.data
         if data is not None:
-            cache = self.data_words
+            data_words = self.data_words
             for text in data.values() if type(data) is dict else (data,):
                 if type(text) is str:
-                    for postings in cache.get(text) or self._words_of(text):
+                    for postings in data_words[text]:
                         postings.append(offset)
                 elif type(text) in (dict, list):
                     for nested in data_strings(text):
-                        for postings in cache.get(nested) or self._words_of(nested):
+                        for postings in data_words[nested]:
                             postings.append(offset)
-
-    def _with_words(self, values: Any, value: Any, text: str) -> tuple[Postings, ...]:
-        found: tuple[Postings, ...] = (array("H"), *self._word_postings(text))
-        values[value] = found
-        return found
-
-    def _words_of(self, text: str) -> tuple[Postings, ...]:
-        found = self.data_words[text] = self._word_postings(text)
-        return found
-
-    def _word_postings(self, text: str) -> tuple[Postings, ...]:
-        found = []
-        all_words = self.words
-        for word in word_bytes(text):
-            postings = all_words.get(word)
-            if postings is None:
-                postings = all_words[word] = array("H")
-            found.append(postings)
-        return tuple(found)
 
     def spill(self, run: int) -> list[RunStripe]:
         """This run's terms by stripe. A word's offsets may repeat (one word in two
@@ -193,33 +199,20 @@ class RunCollector:
         events = len(self.ts) - len(self.dead)
         counts.update({ID: events, CAUSATION: len(singles) - events})
         shift = 32 - STRIPE_BITS
-        for letter, values in ((TYPE, self.types), (ACTOR, self.actors),
-                               (TARGET, self.targets), (TAG, self.tags)):
+        tag_text = TAG_SEPARATOR.join
+        sources: list[tuple[str, Iterable[tuple[bytes, Postings]]]] = [
+            (TYPE, ((v.encode(), p[0]) for v, p in self.types.items() if p[0])),
+            (ACTOR, ((v.encode(), p[0]) for v, p in self.actors.items() if p[0])),
+            (TARGET, ((v.encode(), p[0]) for v, p in self.targets.items() if p[0])),
+            (TAG, ((tag_text(v).encode(), p[0]) for v, p in self.tags.items() if p[0])),
+            (CORRELATION, ((v.encode(), p) for v, p in self.correlations.items())),
+            (COMM, ((v.encode(), p) for v, p in self.comms.items() if p)),
+            (UID, ((str(v).encode(), p) for v, p in self.uids.items() if p)),
+            (WORD, ((v, p) for v, p in self.words.items() if p)),
+        ]
+        for letter, entries in sources:
             seed, alone = SEED[letter], 0
-            for value, postings in values.items():
-                one = postings[0]
-                if not one:
-                    continue
-                text = value if letter != TAG else value[0] + TAG_SEPARATOR + value[1]
-                key = crc32(text.encode(), seed)
-                if len(one) == 1:
-                    alone += 1
-                    singles.append(key << 24 | base | one[0])
-                elif len(one) <= SINGLE_POSTINGS:
-                    alone += len(one)
-                    singles.extend([key << 24 | base | offset for offset in one])
-                else:
-                    grouped[key >> shift].append((key, letter + text, run, array_bytes(one), None))
-                del one[:]
-            counts[letter] += alone
-        for letter, plain in ((CORRELATION, self.correlations), (COMM, self.comms),
-                              (WORD, self.words), (UID, self.uids)):
-            seed, alone = SEED[letter], 0
-            for value, one in plain.items():
-                if not one:
-                    continue
-                raw = (value.encode() if letter != WORD and letter != UID
-                       else str(value).encode() if letter == UID else value)
+            for raw, one in entries:
                 key = crc32(raw, seed)
                 if len(one) == 1:
                     alone += 1
@@ -257,8 +250,9 @@ class StripeFiles:
     """Unlinked temporary files, one per stripe: a SIGKILL leaves nothing behind."""
 
     def __init__(self, directory: Path) -> None:
-        self.files: list[IO[bytes]] = [tempfile.TemporaryFile(dir=directory, prefix=".seal-")
-                                       for _ in range(1 << STRIPE_BITS)]
+        self.files: list[IO[bytes]] = [
+            tempfile.TemporaryFile(dir=directory, prefix=".seal-")  # noqa: SIM115  # closed by close()
+            for _ in range(1 << STRIPE_BITS)]
         self.entries = 0  # singles and grouped terms spilled: bounds the distinct count
 
     def write(self, stripes: list[RunStripe]) -> None:

@@ -48,6 +48,35 @@ class IndexedFields(Struct, gc=False):
 decode_fields = msgspec.msgpack.Decoder(IndexedFields).decode
 
 
+class BuildFields(Struct, gc=False):
+    """What the builder reads of a record: as IndexedFields, but `tags` stays raw, for
+    a record's tags are mostly one of a few maps and are looked up whole."""
+
+    seq: int
+    dead_letter: bool = False
+    id: str = ""
+    ts: int = 0
+    type: str = ""
+    actor: str | None = None
+    target: str | None = None
+    stream: str | None = None
+    stream_seq: int | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    tags: msgspec.Raw = msgspec.Raw()
+    data: Any = None
+    uid: int = 0
+    comm: str = ""
+
+
+decode_build_fields = msgspec.msgpack.Decoder(BuildFields).decode
+_tags_decoder = msgspec.msgpack.Decoder(dict[str, str] | None)
+
+
+def decode_tags(raw: bytes) -> dict[str, str]:
+    return _tags_decoder.decode(raw) or {}
+
+
 def data_strings(value: Any) -> Iterator[str]:
     """The string values inside `data`, at any depth (keys are not text)."""
     if isinstance(value, str):

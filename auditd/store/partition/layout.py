@@ -35,7 +35,7 @@ import re
 import sys
 import zlib
 from array import array
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Final
 
 import zstandard
@@ -49,7 +49,7 @@ RUN_RECORDS: Final = 65_536  # the builder collects postings per run: offsets fi
 MAX_RECORDS: Final = 1 << 24  # a single keeps its offset in 24 bits
 SINGLE_POSTINGS: Final = 2  # a term with at most this many postings in a run: singles
 LONG_POSTINGS: Final = 16  # more postings than this: the value is stored, no recheck
-CHUNK_POSTINGS: Final = 2_048
+CHUNK_POSTINGS: Final = 1_024
 BUCKET_ENTRIES: Final = 48  # singles and terms per bucket on average
 STRIPE_BITS: Final = 5  # the builder spills terms into 2**5 files by their top bits
 MIN_DICTIONARY_RECORDS: Final = 1_000
@@ -224,4 +224,4 @@ def decode_block(raw: bytes, count: int) -> list[bytes]:
     lengths = array_from("H" if width == 2 else "I", raw[1:1 + width * count])
     ends = accumulate(lengths, initial=1 + width * count)
     starts = list(ends)
-    return [raw[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    return [raw[a:b] for a, b in pairwise(starts)]

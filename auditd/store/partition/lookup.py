@@ -56,6 +56,23 @@ class LongTerm:
             index += 1
         return out
 
+    def holds(self, run: Run, offsets: list[int]) -> set[int]:
+        """Which of the ascending `offsets` are postings: only the chunks they fall in
+        are read, so a rare driver costs a dense term a few chunks, not all of them."""
+        lasts, found = self.lasts, set()
+        index = -1
+        postings: list[int] = []
+        for offset in offsets:
+            if index < 0 or offset > lasts[index]:
+                index = bisect_left(lasts, offset)
+                if index == len(lasts):
+                    break
+                postings = self._chunk(run, index)
+            at = bisect_left(postings, offset)
+            if at < len(postings) and postings[at] == offset:
+                found.add(offset)
+        return found
+
     def all(self, run: Run) -> list[int]:
         return self.between(run, 0, self.lasts[-1]) if len(self.lasts) else []
 

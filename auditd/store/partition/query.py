@@ -42,7 +42,7 @@ class PartitionView(Protocol):
 
     def dead_offsets(self) -> set[int]: ...
 
-    def zones(self) -> tuple[Sequence[int], Sequence[int]]: ...
+    def zones(self) -> Zones: ...
 
 
 def filter_terms(name: str, values: Sequence[str]) -> list[list[str]]:
@@ -88,6 +88,19 @@ class Source:
         unsure -= exact
         return sorted(exact | unsure), unsure
 
+    def holding(self, run: Run, offsets: list[int]) -> tuple[set[int], set[int]]:
+        """Which of the ascending `offsets` this source holds, and which of those to
+        recheck."""
+        exact: set[int] = set()
+        for posting in self.postings:
+            for long in posting.exact:
+                exact |= long.holds(run, offsets)
+        unsure: set[int] = set()
+        for posting in self.postings:
+            unsure.update(posting.candidates)
+        unsure = unsure.intersection(offsets) - exact
+        return exact | unsure, unsure
+
 
 class EverySource(Source):
     """No filter: every offset but the dead letters'."""
@@ -102,31 +115,43 @@ class EverySource(Source):
     def between(self, run: Run, lo: int, hi: int) -> tuple[list[int], set[int]]:
         return [x for x in range(lo, hi + 1) if x not in self.dead], set()
 
+    def holding(self, run: Run, offsets: list[int]) -> tuple[set[int], set[int]]:
+        return set(offsets) - self.dead, set()
+
 
 class ZoneFilter:
     """Which records' ts may lie in [since, until): per zone of ZONE_RECORDS, 0 none,
     1 all of them (no recheck), 2 some (recheck each)."""
 
-    def __init__(self, mins: Sequence[int], maxs: Sequence[int], since: int | None,
-                 until: int | None) -> None:
+    def __init__(self, zones: Zones, since: int | None, until: int | None) -> None:
         self.low = low = -(1 << 63) if since is None else since
         self.high = high = (1 << 63) if until is None else until
-        # Running maxima of maxs and minima of mins from the right are sorted even when
-        # ts is not: the zones that may hold a ts in range lie between two bisects.
-        running_max = list(accumulate(maxs, max))
-        suffix_min = list(accumulate(reversed(mins), min))[::-1]
-        self.first = bisect_left(running_max, low)
-        self.last = bisect_right(suffix_min, high - 1) - 1
-        self.states = {
-            zone: 0 if maxs[zone] < low or mins[zone] >= high
-            else 1 if mins[zone] >= low and maxs[zone] < high else 2
-            for zone in range(self.first, self.last + 1)}
+        self.mins, self.maxs = zones.mins, zones.maxs
+        self.first = bisect_left(zones.running_max, low)
+        self.last = bisect_right(zones.suffix_min, high - 1) - 1
 
     def state(self, offset: int) -> int:
-        return self.states.get(offset // ZONE_RECORDS, 0)
+        zone = offset // ZONE_RECORDS
+        if not self.first <= zone <= self.last:
+            return 0
+        low, high, least, most = self.low, self.high, self.mins[zone], self.maxs[zone]
+        if most < low or least >= high:
+            return 0
+        return 1 if least >= low and most < high else 2
 
     def admits(self, fields: IndexedFields) -> bool:
         return not fields.dead_letter and self.low <= fields.ts < self.high
+
+
+class Zones:
+    """A partition's zone map. Running maxima of the maxs, and minima of the mins from
+    the right, are sorted even when ts is not: the zones that may hold a ts in a range
+    lie between two bisects of them."""
+
+    def __init__(self, mins: Sequence[int], maxs: Sequence[int]) -> None:
+        self.mins, self.maxs = mins, maxs
+        self.running_max = list(accumulate(maxs, max))
+        self.suffix_min = list(accumulate(reversed(mins), min))[::-1]
 
 
 def plan_sources(view: PartitionView, filters: Mapping[str, Sequence[str]]) -> list[Source]:
@@ -146,7 +171,7 @@ def execute(view: PartitionView, filters: Mapping[str, Sequence[str]], *, lo: in
         return []
     zones = None
     if since_ns is not None or until_ns is not None:
-        zones = ZoneFilter(*view.zones(), since_ns, until_ns)
+        zones = ZoneFilter(view.zones(), since_ns, until_ns)
         lo = max(lo, zones.first * ZONE_RECORDS)
         hi = min(hi, (zones.last + 1) * ZONE_RECORDS - 1)
         if lo > hi:
@@ -185,8 +210,7 @@ def _window(view: PartitionView, driver: Source, others: list[Source],
     for other in others:
         if not offsets:
             return []
-        theirs, their_unsure = other.between(view.run, offsets[0], offsets[-1])
-        present = set(theirs)
+        present, their_unsure = other.holding(view.run, offsets)
         offsets = [x for x in offsets if x in present]
         if their_unsure:
             recheck.append((other, their_unsure))

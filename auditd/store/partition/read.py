@@ -45,6 +45,8 @@ class PartitionFormatError(AuditdError):
 class SealedPartition:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no sealed partition at {self.path}")
         self.conn = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro&immutable=1",
                                     uri=True)
         try:
@@ -70,7 +72,7 @@ class SealedPartition:
         self.run: Run = connection_runner(self.conn)
         self._decompressor: zstandard.ZstdDecompressor | None = None
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
-        self._zones: tuple[Sequence[int], Sequence[int]] | None = None
+        self._zones: queries.Zones | None = None
         self._dead: set[int] | None = None
 
     def close(self) -> None:
@@ -87,7 +89,7 @@ class SealedPartition:
 
     def _meta_blob(self, key: str) -> bytes | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]  # type: ignore[no-any-return]
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def _decompress(self, frame: bytes) -> bytes:
         if self._decompressor is None:
@@ -181,10 +183,11 @@ class SealedPartition:
 
     # --- queries ---------------------------------------------------------------------
 
-    def zones(self) -> tuple[Sequence[int], Sequence[int]]:
+    def zones(self) -> queries.Zones:
+        """The ts zone map (read and prepared on first use)."""
         if self._zones is None:
-            self._zones = (array_from("q", self._meta_blob("zone_min_ts") or b""),
-                           array_from("q", self._meta_blob("zone_max_ts") or b""))
+            self._zones = queries.Zones(array_from("q", self._meta_blob("zone_min_ts") or b""),
+                                        array_from("q", self._meta_blob("zone_max_ts") or b""))
         return self._zones
 
     def dead_offsets(self) -> set[int]:
