@@ -13,13 +13,11 @@ counters. Needs root, to run a writer as another uid.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import os
 import queue
 import socket
-import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 from auditd.bench.clients import ClientSpec, client_process, drive, make_event
 from auditd.bench.daemon import CommitWatcher, ThrowawayDaemon, peak_rss_mb
 from auditd.bench.micro import percentile
+from auditd.bench.stored import count_stored
 from auditd.config import Config
 from auditd.errors import AuditdError, ConfigError
 from auditd.ingest.framing import encode_frame
@@ -75,7 +74,8 @@ def run_fair(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         acknowledged = sum(r["tally"]["ok"] for r in flood_results)
         acknowledged += polite_result["tally"]["ok"]
         watcher.wait_for(acknowledged)
-        by_uid = _committed_by_uid(daemon.db_path)
+        by_uid = {uid: count_stored(daemon.db_path, "uid", str(uid))
+                  for uid in (os.geteuid(), args.fair_uid)}
         fairness = _fairness(daemon.root / "status.sock")
         rss = peak_rss_mb(pid)
     latencies = polite_result["latencies"]
@@ -162,12 +162,6 @@ def _run(flood: list[ClientSpec], polite: ClientSpec,
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
-
-
-def _committed_by_uid(db_path: Path) -> dict[int, int]:
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
-        return {int(uid): int(n) for uid, n in
-                conn.execute("SELECT uid, count(*) FROM events GROUP BY uid")}
 
 
 def _fairness(status_socket: Path) -> dict[str, Any] | None:

@@ -23,7 +23,6 @@ import queue
 import random
 import select
 import socket
-import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,6 +33,7 @@ import msgspec
 from auditd.bench import mutate
 from auditd.bench.daemon import ThrowawayDaemon, peak_rss_mb
 from auditd.bench.micro import percentile
+from auditd.bench.stored import count_stored
 from auditd.config import Config
 from auditd.errors import AuditdError, ConfigError, ProtocolError
 from auditd.ingest.framing import HEADER_BYTES, FrameDecoder, encode_frame
@@ -224,10 +224,7 @@ def steady_process(path: str, rate: float, stop: Any, results: Any) -> None:
 
 
 def _stored(db_path: Path, type_: str) -> int:
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
-        row = conn.execute("SELECT count(*) FROM events e JOIN names n ON n.id = e.type "
-                           "WHERE n.value = ?", (type_,)).fetchone()
-    return int(row[0])
+    return count_stored(db_path, "type", type_)
 
 
 def run_fuzz(args: argparse.Namespace, config: Config) -> dict[str, Any]:

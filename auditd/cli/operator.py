@@ -116,6 +116,14 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
         "operators",
         f"uptime:       {stats.get('uptime_s', 0)} s",
     ]
+    parts = stats.get("partitions") or {}
+    if parts:
+        last = parts.get("last_seal_seconds")
+        lines.insert(-1, (
+            f"partitions:   {parts.get('count', 0)} sealed through seq "
+            f"{parts.get('sealed_through', 0)}, {parts.get('hot_events', 0)} hot events"
+            + (", sealing now" if parts.get("sealing") else "")
+            + (f"; last seal {last:.1f} s" if last is not None else "")))
     return "\n".join(lines)
 
 

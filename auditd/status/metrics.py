@@ -102,6 +102,17 @@ class AuditdCollector:
                     gauges.journal_bytes)
         yield gauge("auditd_database_bytes", "Size of the database and its WAL.",
                     gauges.db_bytes)
+        partitions = gauges.partitions
+        if partitions:
+            yield gauge("auditd_partitions", "Sealed partitions in the store.",
+                        partitions["count"])
+            yield gauge("auditd_hot_events",
+                        "Committed events not yet sealed (the hot table).",
+                        partitions["hot_events"])
+            yield gauge("auditd_sealed_through_seq", "Highest seq held by a sealed partition.",
+                        partitions["sealed_through"])
+            yield counter("auditd_partitions_sealed", "Partitions sealed since start.",
+                          partitions["sealed_since_start"])
         yield gauge("auditd_dead_letter_store_bytes", "Bytes held in the dead-letter store.",
                     gauges.dlq_bytes)
         yield gauge("auditd_dead_letter_store_entries", "Entries in the dead-letter store.",

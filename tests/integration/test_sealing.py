@@ -4,11 +4,13 @@ restarts."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from typing import Any
 
 from conftest import (
+    DaemonProcess,
     RawConnection,
     catalogued,
     stored_seqs,
@@ -31,6 +33,16 @@ def send_events(conn: RawConnection, first: int, count: int, batch: int = 100,
     return replies
 
 
+def daemon_metrics(daemon: DaemonProcess) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(daemon.status_socket)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: auditd\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode()
+
+
 def test_the_hot_table_is_sealed_into_partitions_and_released(make_daemon: Any) -> None:
     daemon = make_daemon(SMALL)
     with daemon.connect() as conn:
@@ -46,6 +58,11 @@ def test_the_hot_table_is_sealed_into_partitions_and_released(make_daemon: Any) 
     assert hot == list(range(1501, 1751))
     assert stored_seqs(daemon) == {seq: f"ev-{seq - 1}" for seq in range(1, 1751)}
     assert [e for e in daemon.log_events() if e["event"] == "partition_sealed"]
+    shown = subprocess.run([sys.executable, "-m", "auditd.cli", "status", "--config",
+                            str(daemon.config_path)], capture_output=True, text=True)
+    assert "partitions:   3 sealed through seq 1500, 250 hot events" in shown.stdout, shown
+    metrics = daemon_metrics(daemon)
+    assert "auditd_partitions 3.0" in metrics and "auditd_hot_events 250.0" in metrics
 
 
 def test_a_duplicate_of_a_sealed_event_gets_its_original_seq_across_restarts(
