@@ -47,7 +47,8 @@ class ThrowawayDaemon:
                        "overflow": config.buffer.overflow},
             "writer": {"batch_max": config.writer.batch_max,
                        "batch_delay_ms": config.writer.batch_delay_ms},
-            "storage": {"path": str(self.root / "lib"), "reserve_bytes": "1MB"},
+            "storage": {"path": str(self.root / "lib"), "reserve_bytes": "1MB",
+                        "partition_events": config.storage.partition_events},
             "status": {"socket": str(self.root / "status.sock")},
             "log": {"format": "json"},
         }

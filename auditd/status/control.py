@@ -198,7 +198,7 @@ class DaemonControl:
                          uid: int | None, within: float) -> str | None:
         """None when the entry's event is now stored (or already was), else why not."""
         daemon = self.daemon
-        if source == "writer" and seq is not None and seq <= daemon.sealer.sealed_through:
+        if source == "writer" and seq is not None and seq <= daemon.sealer.frozen_through:
             # A sealed partition is immutable, and its record for the seq (the dead
             # letter's) is part of the file: the event cannot take that seq back now.
             return (f"seq {seq} is sealed in a partition as this dead letter; the event "

@@ -42,17 +42,32 @@ _EVENTS = """SELECT e.seq, e.id, e.ts, e.received_at, t.value, a.value, g.value,
     WHERE e.seq BETWEEN ? AND ? ORDER BY e.seq"""
 _DEAD = """SELECT seq, code, reason, raw FROM dead_letters
     WHERE seq BETWEEN ? AND ? ORDER BY seq, dlq_id"""
+# Seqs read per read transaction. Not one transaction for the whole range: a reader's
+# snapshot stops WAL checkpoints at its mark, and a seal lasting seconds under a flood
+# let the WAL (and the journal, released only behind complete checkpoints) grow by
+# hundreds of MB. The range's rows do not change meanwhile: only the release deletes
+# them, after the catalog commit, and the daemon refuses a dead-letter restore into a
+# range being sealed.
+_CHUNK = 4096
 
 
 def records(db: sqlite3.Connection, first: int, last: int,
             id_keys: array[int]) -> Iterator[tuple[int, bytes]]:
     """(seq, E) for every stored seq of the range, events and dead letters merged in
-    seq order, and each event's id key appended to `id_keys`. One read transaction, so
-    both come from one snapshot."""
+    seq order, and each event's id key appended to `id_keys`."""
+    for start in range(first, last + 1, _CHUNK):
+        yield from _chunk(db, start, min(last, start + _CHUNK - 1), id_keys)
+
+
+def _chunk(db: sqlite3.Connection, first: int, last: int,
+           id_keys: array[int]) -> Iterator[tuple[int, bytes]]:
+    """One read transaction's worth: events and dead letters of one snapshot."""
     db.execute("BEGIN")
-    events = db.execute(_EVENTS, (first, last))
-    dead = db.cursor().execute(_DEAD, (first, last))
-    letter = dead.fetchone()
+    events = db.execute(_EVENTS, (first, last)).fetchall()
+    dead = db.execute(_DEAD, (first, last)).fetchall()
+    db.execute("COMMIT")
+    letters = iter(dead)
+    letter = next(letters, None)
     seen = 0
     for row in events:
         seq = row[0]
@@ -60,7 +75,7 @@ def records(db: sqlite3.Connection, first: int, last: int,
             if letter[0] < seq and letter[0] != seen:  # a seq's first letter only
                 seen = letter[0]
                 yield seen, dead_letter_record(*letter)
-            letter = dead.fetchone()
+            letter = next(letters, None)
         seen = seq
         event = StoredEvent(*row)
         id_keys.append(event.id_hash)
@@ -69,8 +84,7 @@ def records(db: sqlite3.Connection, first: int, last: int,
         if letter[0] != seen:
             seen = letter[0]
             yield seen, dead_letter_record(*letter)
-        letter = dead.fetchone()
-    db.execute("COMMIT")
+        letter = next(letters, None)
 
 
 def pack_keys(keys: array[int]) -> bytes:

@@ -65,6 +65,9 @@ class Sealer:
         self.figures = SealFigures()
         self.committed_seq = 0
         self.sealed_through = 0
+        # The last seq of the range a seal is reading, else sealed_through: no dead
+        # letter at or below it may be restored under its seq (its record is sealed).
+        self.frozen_through = 0
         self._wake = asyncio.Event()
         self._child: asyncio.subprocess.Process | None = None
 
@@ -91,7 +94,7 @@ class Sealer:
 
     async def run(self) -> None:
         store = self.store
-        self.sealed_through = await store.sealed_through()
+        self.sealed_through = self.frozen_through = await store.sealed_through()
         fault = RecurringFault(log, "seal_failed", "seal_recovered")
         delay = _RETRY_FIRST_S
         release = True  # what a restart interrupted, if anything
@@ -107,11 +110,12 @@ class Sealer:
                     await self._wake.wait()
                 continue
             first = self.sealed_through + 1
-            last = self.sealed_through + self.partition_events
+            last = self.frozen_through = self.sealed_through + self.partition_events
             try:
                 entry = await self._seal(first, last)
                 await store.catalog_partition(entry)
             except (OSError, SealError, StoreError, ValueError) as exc:
+                self.frozen_through = self.sealed_through
                 fault.failed(exc)
                 self.figures.fault = f"sealing seqs {first}-{last} failed: {exc}; retried"
                 await asyncio.sleep(delay)
@@ -119,7 +123,7 @@ class Sealer:
                 continue
             fault.succeeded()
             delay, self.figures.fault = _RETRY_FIRST_S, None
-            self.sealed_through = entry.last_seq
+            self.sealed_through = self.frozen_through = entry.last_seq
             figures = self.figures
             figures.sealed += 1
             figures.last_sealed_at, figures.last_seconds = time.time(), entry.seconds
