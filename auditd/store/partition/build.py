@@ -42,6 +42,7 @@ from auditd.store.partition.layout import (
     SCHEMA,
     ZONE_RECORDS,
     ZSTD_LEVEL,
+    array_bytes,
     encode_block,
 )
 
@@ -233,8 +234,8 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         meta: dict[str, object] = {
             "format_version": FORMAT_VERSION, "first_seq": first_seq, "last_seq": last_seq,
             "count": count, "block_records": block_records, "bucket_bits": bits,
-            "zone_records": ZONE_RECORDS, "zone_min_ts": zone_min.tobytes(),
-            "zone_max_ts": zone_max.tobytes(), "sealed_at": time.time_ns(),
+            "zone_records": ZONE_RECORDS, "zone_min_ts": array_bytes(zone_min),
+            "zone_max_ts": array_bytes(zone_max), "sealed_at": time.time_ns(),
             "dictionary": None if dictionary is None else dictionary.as_bytes(),
             "dictionary_id": dictionary_id,
         }
@@ -254,8 +255,8 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         raise
     finally:
         stripes.close()
-    if progress is not None:
-        progress(count)
+    if progress is not None and count % run_records:
+        progress(count)  # (a count that ends a run was reported with the run)
     return SealedInfo(
         final, first_seq, last_seq, count, final.stat().st_size, dictionary_id,
         FORMAT_VERSION, time.perf_counter() - started, time.process_time() - cpu_started,
