@@ -36,6 +36,7 @@ from auditd.store.partition.layout import (
     DEAD_LETTER,
     ID,
     SEED,
+    SINGLE_CORRELATION_POSTINGS,
     SINGLE_POSTINGS,
     STREAM,
     STRIPE_BITS,
@@ -212,12 +213,13 @@ class RunCollector:
         ]
         for letter, entries in sources:
             seed, alone = SEED[letter], 0
+            most = SINGLE_CORRELATION_POSTINGS if letter == CORRELATION else SINGLE_POSTINGS
             for raw, one in entries:
                 key = crc32(raw, seed)
                 if len(one) == 1:
                     alone += 1
                     singles.append(key << 24 | base | one[0])
-                elif len(one) <= SINGLE_POSTINGS:
+                elif len(one) <= most:
                     alone += len(one)
                     singles.extend([key << 24 | base | offset for offset in one])
                 else:
