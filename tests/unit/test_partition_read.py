@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from partition_events import ACTORS, TYPES, Item, brute_query, varied_items
 
 from auditd.store.partition import PartitionFormatError, SealedPartition, seal_partition
+from auditd.store.records import record_bytes
 
 COUNT = 3000
 QUERY_KEYS = ("since_ns", "until_ns", "after_seq", "before_seq", "limit", "descending")
@@ -231,3 +233,22 @@ def test_unknown_filter_and_bad_tag(part: SealedPartition) -> None:
     with pytest.raises(ValueError, match="KEY=VALUE"):
         part.query({"tag": ["env"]}, limit=1)
     assert part.query({"actor": []}, limit=5) == []
+
+
+def test_stream_seqs_that_skip_are_kept(tmp_path: Path) -> None:
+    """The sequencer gives a stream consecutive stream_seqs; a partition keeps any."""
+    items = varied_items(1200, seed=11, dead_every=0)
+    skipping = []
+    for seq, _, event in items:
+        assert event is not None
+        if event.stream is not None:
+            event = msgspec.structs.replace(event, stream_seq=(event.stream_seq or 0) * 3)
+        skipping.append((seq, record_bytes(event), event))
+    info = seal_partition(((seq, record) for seq, record, _ in skipping), tmp_path, 1, 1200,
+                          run_records=256)
+    with SealedPartition(info.path) as part:
+        for stream in {event.stream for _, _, event in skipping if event and event.stream}:
+            pairs = [(e.stream_seq or 0, seq) for seq, _, e in skipping if e and e.stream == stream]
+            assert part.stream_last(stream) == pairs[-1]
+            assert part.stream_range(stream, pairs[2][0], pairs[5][0] + 1) == pairs[2:6]
+        assert part.check() == []

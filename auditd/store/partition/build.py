@@ -42,6 +42,7 @@ from auditd.store.partition.layout import (
     SCHEMA,
     ZONE_RECORDS,
     ZSTD_LEVEL,
+    array_bytes,
     encode_block,
 )
 
@@ -79,7 +80,6 @@ class _BlockWriter:
     def __init__(self, conn: sqlite3.Connection, count: int, block_records: int) -> None:
         self.conn, self.block_records = conn, block_records
         self.sample_size = min(count, DICTIONARY_SAMPLE) if count >= MIN_DICTIONARY_RECORDS else 0
-        self.current: list[bytes] = []
         self.waiting: list[list[bytes]] = []
         self.stream = StreamWriter(conn, "record_stream")
         self.starts: list[tuple[int, int]] = []
@@ -95,11 +95,9 @@ class _BlockWriter:
             level=ZSTD_LEVEL, dict_data=dictionary, write_checksum=True,
             write_dict_id=False).compress
 
-    def add(self, record: bytes) -> None:
-        self.current.append(record)
-        if len(self.current) == self.block_records:
-            self._full(self.current)
-            self.current = []
+    def full(self, block: list[bytes]) -> None:
+        """A block of block_records records (the caller fills it: one call per block)."""
+        self._full(block)
 
     def _full(self, block: list[bytes]) -> None:
         if self.compress is None:
@@ -127,12 +125,11 @@ class _BlockWriter:
         for block in waiting:
             self._full(block)
 
-    def finish(self) -> None:
+    def finish(self, unfinished: list[bytes]) -> None:
         if self.compress is None:
-            self._train(self.current)
-        if self.current:
-            self._full(self.current)
-            self.current = []
+            self._train(unfinished)
+        if unfinished:
+            self._full(unfinished)
         self.starts.append((self.block, self.stream.position))  # where the last one ends
         self.conn.executemany("INSERT INTO blocks VALUES (?, ?)", self.starts)
         self.starts = []
@@ -198,6 +195,7 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         blocks = _BlockWriter(conn, count, block_records)
         zone_min, zone_max = array("q"), array("q")
         collector, run, expected = RunCollector(), 0, first_seq
+        block: list[bytes] = []
         for seq, record in records:
             if seq != expected or seq > last_seq:
                 raise PartitionInputError(_out_of_order(seq, expected, first_seq, last_seq))
@@ -209,7 +207,10 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
                 raise PartitionInputError(f"the record given as seq {seq} holds seq {fields.seq}")
             offset = seq - first_seq - run * run_records
             collector.add(offset, fields)
-            blocks.add(record)
+            block.append(record)
+            if len(block) == block_records:
+                blocks.full(block)
+                block = []
             expected += 1
             if offset == run_records - 1:
                 _end_run(collector, run, stripes, zone_min, zone_max)
@@ -224,7 +225,7 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
             _end_run(collector, run, stripes, zone_min, zone_max)
         singles_by_field = collector.singles_by_field
         del collector
-        blocks.finish()
+        blocks.finish(block)
         bits = bucket_bits(stripes.entries)
         assembler = Assembler(conn, run_records, bits)
         assembler.write(stripes)
@@ -233,8 +234,8 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         meta: dict[str, object] = {
             "format_version": FORMAT_VERSION, "first_seq": first_seq, "last_seq": last_seq,
             "count": count, "block_records": block_records, "bucket_bits": bits,
-            "zone_records": ZONE_RECORDS, "zone_min_ts": zone_min.tobytes(),
-            "zone_max_ts": zone_max.tobytes(), "sealed_at": time.time_ns(),
+            "zone_records": ZONE_RECORDS, "zone_min_ts": array_bytes(zone_min),
+            "zone_max_ts": array_bytes(zone_max), "sealed_at": time.time_ns(),
             "dictionary": None if dictionary is None else dictionary.as_bytes(),
             "dictionary_id": dictionary_id,
         }
@@ -254,8 +255,8 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         raise
     finally:
         stripes.close()
-    if progress is not None:
-        progress(count)
+    if progress is not None and count % run_records:
+        progress(count)  # (a count that ends a run was reported with the run)
     return SealedInfo(
         final, first_seq, last_seq, count, final.stat().st_size, dictionary_id,
         FORMAT_VERSION, time.perf_counter() - started, time.process_time() - cpu_started,

@@ -36,6 +36,7 @@ from auditd.store.partition.layout import (
     DEAD_LETTER,
     ID,
     SEED,
+    SINGLE_CORRELATION_POSTINGS,
     SINGLE_POSTINGS,
     STREAM,
     STRIPE_BITS,
@@ -58,6 +59,7 @@ RunStripe = tuple[bytes, list[GroupedTerm]]
 _spill_encoder = msgspec.msgpack.Encoder()
 _spill_decoder = msgspec.msgpack.Decoder(tuple[bytes, list[GroupedTerm]])
 _ID_SEED, _CAUSATION_SEED = SEED[ID], SEED[CAUSATION]
+_crc32 = zlib.crc32
 _SINGLE_SHIFT = 24 + 32 - STRIPE_BITS  # a single's stripe
 PERSISTENT_VALUES = 250_000  # ~135 MB peak at 1M soak events (~235k values)
 Postings: TypeAlias = "array[int]"  # array("H") of offsets within the run
@@ -152,10 +154,10 @@ class RunCollector:
         self.ts.append(fields.ts)
         self._last_ts = fields.ts
         single = self.base + offset
-        self.singles.append(zlib.crc32(fields.id.encode(), _ID_SEED) << 24 | single)
+        self.singles.append(_crc32(fields.id.encode(), _ID_SEED) << 24 | single)
         value = fields.causation_id
         if value is not None:
-            self.singles.append(zlib.crc32(value.encode(), _CAUSATION_SEED) << 24 | single)
+            self.singles.append(_crc32(value.encode(), _CAUSATION_SEED) << 24 | single)
         for postings in self.types[fields.type]:
             postings.append(offset)
         value = fields.actor
@@ -212,12 +214,13 @@ class RunCollector:
         ]
         for letter, entries in sources:
             seed, alone = SEED[letter], 0
+            most = SINGLE_CORRELATION_POSTINGS if letter == CORRELATION else SINGLE_POSTINGS
             for raw, one in entries:
                 key = crc32(raw, seed)
                 if len(one) == 1:
                     alone += 1
                     singles.append(key << 24 | base | one[0])
-                elif len(one) <= SINGLE_POSTINGS:
+                elif len(one) <= most:
                     alone += len(one)
                     singles.extend([key << 24 | base | offset for offset in one])
                 else:

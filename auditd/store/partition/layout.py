@@ -48,6 +48,10 @@ ZONE_RECORDS: Final = 256  # ts min/max per this many records
 RUN_RECORDS: Final = 65_536  # the builder collects postings per run: offsets fit 16 bits
 MAX_RECORDS: Final = 1 << 24  # a single keeps its offset in 24 bits
 SINGLE_POSTINGS: Final = 2  # a term with at most this many postings in a run: singles
+# An operation's few events: as singles they cost 4 bytes each instead of ~2, but no
+# grouping, which was half the terms the assembly handled (and they are rechecked
+# against the records either way when short).
+SINGLE_CORRELATION_POSTINGS: Final = 8
 LONG_POSTINGS: Final = 16  # more postings than this: the value is stored, no recheck
 CHUNK_POSTINGS: Final = 1_024
 BUCKET_ENTRIES: Final = 48  # singles and terms per bucket on average
