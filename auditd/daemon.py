@@ -159,7 +159,7 @@ class Daemon:
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
             on_committed=self._committed)
-        self.sealer = Sealer(self.store, config.storage.partition_events)
+        self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
                                     self.sequencer, self.stats, progress)

@@ -138,7 +138,7 @@ class DaemonControl:
             id_lookup_fault=daemon.ingest.lookups.fault,
             stopping=daemon.stop_requested.is_set(),
             held_connections=daemon.ingest.held_counts(),
-            seal_fault=daemon.sealer.figures.fault,
+            seal_fault=daemon.sealer.figures.fault or daemon.writer.held_for,
             partitions=daemon.sealer.document(len(daemon.store.sealed)),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "

@@ -87,6 +87,12 @@ class Writer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._restores: list[tuple[StoredEvent, int, asyncio.Future[str | None]]] = []
+        # Cleared while the sealer is a whole bound behind (hold()): commits wait, the
+        # buffer fills and ingest's overflow policy pushes back, so the hot table (and
+        # memory) stays bounded when sealing cannot keep up with a flood.
+        self._room = asyncio.Event()
+        self._room.set()
+        self.held_for: str | None = None  # why commits wait now, for health
 
     async def catch_up(self, on: bool) -> None:
         """Replaying a long journal at start: bigger batches, as nobody waits on a
@@ -124,10 +130,23 @@ class Writer:
                 self.stats.committed += 1
                 future.set_result(None)
 
+    def hold(self, reason: str | None) -> None:
+        """Commits wait while `reason` is set (the sealer's backpressure); None resumes."""
+        if reason is not None and self.held_for is None:
+            log.warning("commits_held", reason=reason)
+        elif reason is None and self.held_for is not None:
+            log.info("commits_resumed")
+        self.held_for = reason
+        if reason is None:
+            self._room.set()
+        else:
+            self._room.clear()
+
     def stop(self) -> None:
-        """Finish what is pending, then return from run()."""
+        """Finish what is pending, then return from run() (a hold no longer applies)."""
         self._stopping = True
         self._stopped.set()
+        self._room.set()
         self.wake()
 
     async def run(self) -> None:
@@ -146,6 +165,8 @@ class Writer:
                 if (self.batch_delay and ring.pending < self.batch_max
                         and not self._stopping):
                     await asyncio.sleep(self.batch_delay)
+            if not self._room.is_set() and not self._stopping:
+                await self._room.wait()
             batch = ring.peek_pending(self.batch_max)
             dead, self.dead_letters = self.dead_letters, []
             try:
@@ -173,7 +194,7 @@ class Writer:
         while queued is not None:
             current = asyncio.ensure_future(self._commit(batch, dead, queued))
             following: list[Pending] = []
-            if batch and not self._restores and not self._stopping:
+            if batch and not self._restores and not self._stopping and self._room.is_set():
                 following = self.ring.peek_pending(self.batch_max, skip=len(batch))
             queued = None
             if following:

@@ -136,3 +136,25 @@ def test_a_failing_seal_is_shown_in_health_and_retried_until_it_succeeds(
     assert figures["hot_events"] == 101 and figures["last_seal_events"] == 500
     assert [e for e in daemon.log_events() if e["event"] == "seal_failed"]
     assert [e for e in daemon.log_events() if e["event"] == "seal_recovered"]
+
+
+def test_commits_wait_while_sealing_is_two_partitions_behind(make_daemon: Any) -> None:
+    daemon = make_daemon({"storage": {"partition_events": PARTITION}})
+    blocker = daemon.storage / "partitions"
+    blocker.write_text("a file where the partitions directory goes")  # seals fail
+    fill(daemon, 2 * PARTITION)  # two partitions' worth committed, none sealed
+    wait_for(lambda: daemon.stats()["partitions"]["commits_held"], 30, "commits held")
+    with daemon.connect() as conn:  # acknowledged (journaled), but not committed
+        for start in range(2 * PARTITION, 1300, 100):
+            reply = conn.request([{"type": "test.crash", "id": f"ev-{i}"}
+                                  for i in range(start, start + 100)])
+            assert reply["ok"] == 100, reply
+    assert daemon.stats()["last_committed_seq"] == 2 * PARTITION
+    assert daemon.stats()["pending"] == 1300 - 2 * PARTITION
+    detail = health(daemon)["checks"]["sealing"]["detail"]
+    assert "failed" in detail or "sealing is behind" in detail
+    blocker.unlink()
+    wait_committed(daemon, 1300)
+    wait_sealed_through(daemon, 1000)
+    assert not daemon.stats()["partitions"]["commits_held"]
+    assert_all_stored_once(daemon, 1300)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,9 @@ from auditd.store.sealing.catalog import CatalogEntry, entry_from_seal
 
 log = structlog.get_logger("auditd.store.sealing.sealer")
 _RETRY_FIRST_S = 1.0
+# Past this many partitions' worth of committed, unsealed events, commits wait for the
+# seal: one partition filling while the one before it is sealed, and no more.
+HOLD_PARTITIONS = 2
 _RETRY_MAX_S = 60.0
 
 
@@ -59,9 +63,12 @@ class SealFigures:
 
 
 class Sealer:
-    def __init__(self, store: SealTarget, partition_events: int) -> None:
+    def __init__(self, store: SealTarget, partition_events: int,
+                 hold: Callable[[str | None], None]) -> None:
         self.store = store
         self.partition_events = partition_events
+        self.hold = hold  # Writer.hold: commits wait while it is given a reason
+        self.holding = False
         self.figures = SealFigures()
         self.committed_seq = 0
         self.sealed_through = 0
@@ -76,6 +83,15 @@ class Sealer:
         self.committed_seq = seq
         if seq - self.sealed_through >= self.partition_events and not self._wake.is_set():
             self._wake.set()
+        self._hold_if_behind()
+
+    def _hold_if_behind(self) -> None:
+        behind = self.committed_seq - self.sealed_through
+        holding = behind >= HOLD_PARTITIONS * self.partition_events
+        if holding != self.holding:
+            self.holding = holding
+            self.hold(f"sealing is behind: {behind} committed events are not sealed yet; "
+                      "commits wait for the seal in progress" if holding else None)
 
     def document(self, partitions: int) -> dict[str, Any]:
         """The /stats `partitions` object."""
@@ -90,6 +106,7 @@ class Sealer:
             "last_sealed_at": figures.last_sealed_at,
             "last_seal_seconds": figures.last_seconds,
             "last_seal_events": figures.last_events, "fault": figures.fault,
+            "commits_held": self.holding,
         }
 
     async def run(self) -> None:
@@ -124,6 +141,7 @@ class Sealer:
             fault.succeeded()
             delay, self.figures.fault = _RETRY_FIRST_S, None
             self.sealed_through = self.frozen_through = entry.last_seq
+            self._hold_if_behind()
             figures = self.figures
             figures.sealed += 1
             figures.last_sealed_at, figures.last_seconds = time.time(), entry.seconds
