@@ -28,7 +28,6 @@ from auditd.logs import RecurringFault
 from auditd.schema import StoredEvent, id_hash
 from auditd.store import migrations
 from auditd.store.sealing import catalog
-from auditd.store.sealing.child import unpack_keys
 from auditd.store.sealing.sealed_set import SealedSet
 from auditd.store.sqlite_errors import classify
 from auditd.store.statements import (
@@ -127,7 +126,7 @@ class Store:
     aiosqlite connection, and WAL checkpoints have a connection and thread of their own."""
 
     def __init__(self, path: Path) -> None:
-        self.path = self.db_path = path
+        self.path = path
         self.partitions_dir = path.parent / catalog.PARTITIONS_DIR
         self.sealed = SealedSet(self.partitions_dir)
         self._db: sqlite3.Connection | None = None  # touched only on self._thread
@@ -220,7 +219,7 @@ class Store:
                     sink(value)
                     count += 1
                 for (blob,) in db.execute("SELECT id_keys FROM partitions"):
-                    keys = unpack_keys(blob)
+                    keys = catalog.unpack_keys(blob)
                     for value in keys:
                         sink(value)
                     count += len(keys)

@@ -13,11 +13,15 @@ long; a restart resumes the deletion.
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import sqlite3
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+
+import zstandard
 
 from auditd.store.statements import transaction
 
@@ -36,7 +40,7 @@ class CatalogEntry:
     format_version: int
     sealed_at: int  # ns since the epoch
     seconds: float
-    id_keys: bytes = b""  # child.pack_keys of its events' id keys; not read by entries()
+    id_keys: bytes = b""  # pack_keys of its events' id keys; not read by entries()
 
 
 def entries(db: sqlite3.Connection) -> list[CatalogEntry]:
@@ -112,3 +116,20 @@ def entry_from_seal(info: dict[str, object]) -> CatalogEntry:
         int(str(info["first_seq"])), int(str(info["last_seq"])), path.name,
         int(str(info["count"])), int(str(info["bytes"])), int(str(info["format_version"])),
         time.time_ns(), float(str(info["seconds"])), base64.b64decode(str(info["id_keys"])))
+
+
+def pack_keys(keys: array[int]) -> bytes:
+    """The id keys, for the catalog (the Bloom filter is rebuilt from them at start):
+    zstd of their differences, small for time-ordered keys."""
+    deltas = array("q", [keys[0]] if keys else [])
+    deltas.extend((b - a + 2**63) % 2**64 - 2**63 for a, b in itertools.pairwise(keys))
+    return zstandard.ZstdCompressor(level=3).compress(deltas.tobytes())
+
+
+def unpack_keys(blob: bytes) -> array[int]:
+    deltas = array("q", zstandard.ZstdDecompressor().decompress(blob))
+    keys, total = array("q"), 0
+    for delta in deltas:
+        total = (total + delta + 2**63) % 2**64 - 2**63
+        keys.append(total)
+    return keys

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import itertools
 import json
 import os
 import sqlite3
@@ -25,11 +24,10 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
-import zstandard
-
 from auditd.schema import StoredEvent
 from auditd.store.partition.build import seal_partition
 from auditd.store.records import dead_letter_record, record_bytes
+from auditd.store.sealing.catalog import pack_keys
 
 NICE = 10
 _PR_SET_PDEATHSIG = 1
@@ -85,23 +83,6 @@ def _chunk(db: sqlite3.Connection, first: int, last: int,
             seen = letter[0]
             yield seen, dead_letter_record(*letter)
         letter = next(letters, None)
-
-
-def pack_keys(keys: array[int]) -> bytes:
-    """The id keys, for the catalog (the Bloom filter is rebuilt from them at start):
-    zstd of their differences, small for time-ordered keys."""
-    deltas = array("q", [keys[0]] if keys else [])
-    deltas.extend((b - a + 2**63) % 2**64 - 2**63 for a, b in itertools.pairwise(keys))
-    return zstandard.ZstdCompressor(level=3).compress(deltas.tobytes())
-
-
-def unpack_keys(blob: bytes) -> array[int]:
-    deltas = array("q", zstandard.ZstdDecompressor().decompress(blob))
-    keys, total = array("q"), 0
-    for delta in deltas:
-        total = (total + delta + 2**63) % 2**64 - 2**63
-        keys.append(total)
-    return keys
 
 
 def die_with_parent(parent: int) -> None:

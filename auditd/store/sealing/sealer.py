@@ -41,7 +41,7 @@ _RETRY_MAX_S = 60.0
 class SealTarget(Protocol):
     """What the sealer needs of the store."""
 
-    db_path: Path
+    path: Path  # the database
     partitions_dir: Path
 
     async def catalog_partition(self, entry: CatalogEntry) -> None: ...
@@ -168,7 +168,7 @@ class Sealer:
         store.partitions_dir.mkdir(exist_ok=True)
         started = time.monotonic()
         self._child = child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "auditd.store.sealing.child", str(store.db_path),
+            sys.executable, "-m", "auditd.store.sealing.child", str(store.path),
             str(store.partitions_dir), str(first), str(last), str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
