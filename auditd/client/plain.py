@@ -1,0 +1,50 @@
+"""plain(): a log call's values made into what an event's `data` can carry.
+
+Log records and structlog event dicts hold whatever the caller passed: datetimes,
+exceptions, ORM objects, cycles. An event's `data` must encode as MessagePack and read
+back as JSON, so anything else is replaced by its repr(), at log time (the object may
+change or be gone by the time the sender thread encodes it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The daemon refuses data nested deeper than 64; an event holds data under a few keys
+# of its own, and a record this deep is a cycle or a mistake more often than a payload.
+MAX_DEPTH = 32
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what MessagePack can carry
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """`value` if it is None, bool, int (64-bit), float or str; lists, tuples and dicts
+    made plain item by item (dict keys as str); anything else as its repr()."""
+    if value is None or isinstance(value, bool | float | str):
+        return value
+    if isinstance(value, int):
+        return int(value) if _INT_MIN <= value <= _INT_MAX else safe_repr(value)
+    if depth < MAX_DEPTH:
+        if isinstance(value, dict):
+            return {key if isinstance(key, str) else safe_repr(key): plain(item, depth + 1)
+                    for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(item, depth + 1) for item in value]
+    return safe_repr(value)
+
+
+def safe_repr(value: Any) -> str:
+    """repr(), or a placeholder when the object's own __repr__ raises."""
+    try:
+        return repr(value)
+    except Exception:  # a broken __repr__ must not cost the record
+        return f"<unrepresentable {type(value).__qualname__}>"
+
+
+def plain_str(value: Any) -> str:
+    """`value` if it is a str, else its str() (or repr() should str() raise)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except Exception:  # as safe_repr: the record is kept, with what can be said of it
+        return safe_repr(value)
