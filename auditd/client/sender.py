@@ -23,6 +23,8 @@ import threading
 import time
 import weakref
 from collections import deque
+from types import TracebackType
+from typing import Self
 
 import msgspec
 
@@ -103,6 +105,13 @@ class BufferedSender:
         self._abandoned = False  # close() gave up on what was left
         self._connected = False
         self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     # -- the caller's side ---------------------------------------------------------
 
@@ -259,13 +268,17 @@ class BufferedSender:
                 if self._closing:
                     return None
                 self._work.wait()
-            batch: list[bytes] = []
-            size = 0
-            while self._queue and len(batch) < self.batch_events and (
-                    not batch or size + len(self._queue[0]) <= self.batch_bytes):
-                body = self._queue.popleft()
-                batch.append(body)
-                size += len(body)
+            if len(self._queue) <= self.batch_events and self._queued_bytes <= self.batch_bytes:
+                # All of it: one swap, so callers never wait on a long loop of pops.
+                batch, size = list(self._queue), self._queued_bytes
+                self._queue.clear()
+            else:
+                batch, size = [], 0
+                while self._queue and len(batch) < self.batch_events and (
+                        not batch or size + len(self._queue[0]) <= self.batch_bytes):
+                    body = self._queue.popleft()
+                    batch.append(body)
+                    size += len(body)
             self._queued_bytes -= size
             self._in_flight, self._in_flight_bytes = len(batch), size
             return batch
