@@ -61,7 +61,9 @@ class BufferedSender:
     `max_bytes` bytes; every submitted event ends in exactly one of `delivered`
     (stored, or already stored: a duplicate), `rejected` (the daemon or the size limit
     refused it) or `dropped` (no room, or still undelivered when `close` gave up).
-    Counters are read under the lock, so they add up at any moment.
+    Counters are read under the lock, so they add up at any moment. What the sender
+    thread itself logs, and a drop warning, is counted as dropped if it comes back to
+    `submit` (through a handler of ours), never buffered.
     """
 
     def __init__(self, path: str | None = None, *, max_events: int = 10_000,
