@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from auditd.client.common import Event
-from auditd.client.plain import plain
+from auditd.client.plain import plain, plain_str
 from auditd.client.sender import BufferedSender
 from auditd.schema import uuid7
 
@@ -106,10 +106,10 @@ class AuditBlock:
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"audit {name}: expected str or None, "
                                 f"got {type(value).__name__}")
-        self.type = event_type
-        self.actor = actor
-        self.target = target
-        self.correlation_id = correlation_id
+        self.type = plain_str(event_type)
+        self.actor = None if actor is None else plain_str(actor)
+        self.target = None if target is None else plain_str(target)
+        self.correlation_id = None if correlation_id is None else plain_str(correlation_id)
         self.tags = tags
         self.sender = sender
         self.data = data

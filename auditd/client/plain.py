@@ -16,11 +16,26 @@ MAX_DEPTH = 32
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what MessagePack can carry
 
 
+_SCALARS = frozenset({str, float, bool, type(None)})
+
+
 def plain(value: Any, depth: int = 0) -> Any:
     """`value` if it is None, bool, int (64-bit), float or str; lists, tuples and dicts
     made plain item by item (dict keys as str); anything else as its repr()."""
-    if value is None or isinstance(value, bool | float | str):
+    kind = type(value)
+    # Exact types first: this runs on every log call, and a set lookup is about half
+    # the cost of isinstance() with a union; subclasses take the longer way below.
+    if kind in _SCALARS:
         return value
+    if kind is dict and depth < MAX_DEPTH:
+        return {key if type(key) is str else safe_repr(key): plain(item, depth + 1)
+                for key, item in value.items()}
+    # Subclasses (StrEnum, a str or float of a library's own) as their base type's value:
+    # msgspec refuses a plain subclass, and its own __str__ may say something else.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, int):
         return int(value) if _INT_MIN <= value <= _INT_MAX else safe_repr(value)
     if depth < MAX_DEPTH:
@@ -43,7 +58,7 @@ def safe_repr(value: Any) -> str:
 def plain_str(value: Any) -> str:
     """`value` if it is a str, else its str() (or repr() should str() raise)."""
     if isinstance(value, str):
-        return value
+        return str.__str__(value)  # an exact str: msgspec refuses subclasses
     try:
         return str(value)
     except Exception:  # as safe_repr: the record is kept, with what can be said of it

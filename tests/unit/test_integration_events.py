@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import http
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,26 @@ def test_plain_keeps_json_values_and_reprs_the_rest() -> None:
     assert depth == MAX_DEPTH - 1 and inner == "[[...]]"
     msgspec.msgpack.encode(value)  # what plain() returns always encodes
     msgspec.json.encode(value)
+
+
+class Color(enum.StrEnum):
+    RED = "red"
+
+
+class Meters(float):
+    pass
+
+
+class Word(str):
+    def __str__(self) -> str:
+        return "not the value"
+
+
+def test_plain_makes_subclasses_of_str_float_and_int_their_base_values() -> None:
+    value = plain([Color.RED, Meters(2.5), Word("w"), http.HTTPStatus.OK, True])
+    assert value == ["red", 2.5, "w", 200, True]
+    assert [type(item) for item in value] == [str, float, str, int, bool]
+    msgspec.msgpack.encode(value)
 
 
 def record(**kwargs: Any) -> logging.LogRecord:
