@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from auditd.client.common import Event
-from auditd.client.plain import plain, plain_str
+from auditd.client.plain import checked_tags, plain, plain_str
 from auditd.client.sender import BufferedSender
 from auditd.schema import uuid7
 
@@ -110,7 +110,7 @@ class AuditBlock:
         self.actor = None if actor is None else plain_str(actor)
         self.target = None if target is None else plain_str(target)
         self.correlation_id = None if correlation_id is None else plain_str(correlation_id)
-        self.tags = tags
+        self.tags = checked_tags(tags, "audit")
         self.sender = sender
         self.data = data
         self._entered: list[tuple[AuditScope, contextvars.Token[AuditScope | None], int]] = []

@@ -18,7 +18,7 @@ from typing import Any
 
 from auditd.client.audit import MAX_TYPE, current_scope, default_sender
 from auditd.client.common import Event
-from auditd.client.plain import plain, plain_str
+from auditd.client.plain import checked_tags, plain, plain_str
 from auditd.client.sender import BufferedSender
 
 # The attributes every LogRecord has; any other attribute came from `extra`.
@@ -57,7 +57,7 @@ class AuditHandler(logging.Handler):
         self.type_prefix = type_prefix
         self.actor = actor
         self.target = target
-        self.tags = tags
+        self.tags = checked_tags(tags, "AuditHandler")
         self.close_timeout = close_timeout
         self._formatter = logging.Formatter()  # formats exceptions when no formatter is set
 

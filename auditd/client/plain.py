@@ -63,3 +63,19 @@ def plain_str(value: Any) -> str:
         return str(value)
     except Exception:  # as safe_repr: the record is kept, with what can be said of it
         return safe_repr(value)
+
+
+def checked_tags(tags: dict[str, str] | None, owner: str) -> dict[str, str] | None:
+    """`tags` as the daemon accepts them (protocol.md), else ValueError naming `owner`:
+    at most 32, keys of 1..64 and values of at most 256 characters, all str."""
+    if tags is None:
+        return None
+    if not isinstance(tags, dict) or len(tags) > 32:
+        raise ValueError(f"{owner} tags: expected a dict of at most 32 str -> str")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            raise ValueError(f"{owner} tags: key {key!r} is not a str of 1..64 characters")
+        if not isinstance(value, str) or len(value) > 256:
+            raise ValueError(f"{owner} tags[{key!r}]: expected a str of at most 256 "
+                             "characters")
+    return {str.__str__(key): str.__str__(value) for key, value in tags.items()}

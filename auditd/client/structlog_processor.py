@@ -26,7 +26,7 @@ from structlog.typing import EventDict, WrappedLogger
 
 from auditd.client.audit import MAX_TYPE, current_scope, default_sender
 from auditd.client.common import Event
-from auditd.client.plain import plain, plain_str
+from auditd.client.plain import checked_tags, plain, plain_str
 from auditd.client.sender import BufferedSender
 
 _EVENT_KEYS = ("actor", "target")
@@ -61,7 +61,7 @@ class AuditProcessor:
         self.type_prefix = type_prefix
         self.actor = actor
         self.target = target
-        self.tags = tags
+        self.tags = checked_tags(tags, "AuditProcessor")
         self.drop = drop
 
     @property

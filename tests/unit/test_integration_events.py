@@ -88,6 +88,10 @@ def test_handler_and_processor_settings_are_checked(sender: BufferedSender) -> N
         AuditHandler(sender=sender, max_events=3)
     with pytest.raises(ValueError, match="event_as"):
         AuditProcessor(sender=sender, event_as="name")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"AuditHandler tags\['env'\]: expected a str"):
+        AuditHandler(sender=sender, tags={"env": 3})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="audit tags: key '' is not a str"):
+        audit("ok", sender=sender, tags={"": "x"})
     with pytest.raises(ValueError, match="max_events must be at least 1"):
         BufferedSender("/x", max_events=0)
 
