@@ -102,6 +102,7 @@ class BufferedSender:
         self._delivered = self._duplicates = self._rejected = self._dropped = 0
         self._dropping = False
         self._warned_rejected = False
+        self._warned_failure = False
         self._hurry = False  # flush() asked: cut a backoff short
         self._closing = False
         self._abandoned = False  # close() gave up on what was left
@@ -304,6 +305,9 @@ class BufferedSender:
             except OverloadedError:
                 backoff = self._back_off(backoff)
             except FrameError as exc:
+                if exc.fatal and client is not None:  # the daemon closes this connection
+                    client.close()
+                    client, self._connected = None, False
                 parts.pop(0)
                 if len(part) > 1:
                     half = len(part) // 2
@@ -312,7 +316,13 @@ class BufferedSender:
                         self.batch_events = max(1, half)
                 else:
                     self._settle(part, None, f"{exc.code}: {exc.message}")
-            except (DisconnectedError, OSError):
+            except Exception as exc:
+                # Disconnected (the usual case), or anything else the connection raised:
+                # either way this thread must live on, or every later event is dropped.
+                if not isinstance(exc, DisconnectedError | OSError) and not self._warned_failure:
+                    self._warned_failure = True
+                    log.error("auditd_sender_failed: %r; reconnecting (logged once)", exc,
+                              exc_info=exc)
                 if client is not None:
                     client.close()
                 client, self._connected = None, False

@@ -220,6 +220,24 @@ def test_records_sent_across_a_daemon_crash_are_stored_exactly_once(
     assert len({event["id"] for event in stored}) == 3000
 
 
+def test_a_batch_over_the_daemons_limit_is_split_and_a_refused_record_counted(
+        make_daemon: MakeDaemon, app_logger: logging.Logger,
+        caplog: pytest.LogCaptureFixture) -> None:
+    daemon = make_daemon({"ingest": {"max_batch_events": 4}}, start=False)
+    handler = AuditHandler(socket_path=daemon.ingest_socket)
+    app_logger.addHandler(handler)
+    for n in range(50):  # buffered while the daemon is down: sent as one batch of 50
+        app_logger.info("queued %d", n, extra={"actor": "x" * 300} if n == 7 else None)
+    daemon.start()
+    handler.flush(60)
+    assert (handler.pending, handler.dropped, handler.rejected) == (0, 0, 1)
+    stored = wait_stored(daemon, 49)
+    assert [event["data"]["message"] for event in stored] == [
+        f"queued {n}" for n in range(50) if n != 7]
+    (refused,) = [r for r in caplog.records if "auditd_event_refused" in r.msg]
+    assert "actor" in refused.getMessage()
+
+
 # -- structlog processor ---------------------------------------------------------------
 
 
