@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import http
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from auditd.client import AuditHandler, AuditProcessor, BufferedSender, audit
+from auditd.client import AuditHandler, AuditProcessor, BufferedSender, audit, current_scope
 from auditd.client.plain import MAX_DEPTH, plain
 
 
@@ -132,3 +134,27 @@ def test_a_closed_sender_drops_what_is_submitted_and_what_it_held(
     sender.close(0)
     assert not sender.submit({"type": "late"})
     assert (sender.dropped, sender.pending) == (2, 0)
+
+
+def test_audit_scope_follows_tasks_not_plain_threads(sender: BufferedSender) -> None:
+    seen: dict[str, Any] = {}
+
+    async def child() -> None:
+        seen["task"] = current_scope()
+        with audit("inner", sender=sender) as inner:
+            seen["inner"] = inner
+
+    async def main() -> None:
+        async with audit("outer", sender=sender) as outer:
+            seen["outer"] = outer
+            await asyncio.gather(child())
+            thread = threading.Thread(target=lambda: seen.update(thread=current_scope()))
+            thread.start()
+            thread.join()
+            seen["after"] = current_scope()
+        seen["end"] = current_scope()
+
+    asyncio.run(main())
+    assert seen["task"] is seen["outer"] is seen["after"]
+    assert seen["inner"].correlation_id == seen["outer"].correlation_id == seen["outer"].id
+    assert seen["thread"] is None and seen["end"] is None
