@@ -91,9 +91,9 @@ def audit(event_type: str, *, actor: str | None = None, target: str | None = Non
 
 
 class AuditBlock:
-    """What audit() returns. Re-entrant: each entry keeps its own scope on a stack, and
-    each call of a decorated function enters a fresh copy (concurrent calls and tasks
-    never share one)."""
+    """What audit() returns. Re-entrant, and safe to share between threads and tasks:
+    each entry keeps its own scope, found again on exit through the context; each call
+    of a decorated function enters a fresh copy."""
 
     def __init__(self, event_type: str, *, actor: str | None, target: str | None,
                  correlation_id: str | None, tags: dict[str, str] | None,
@@ -127,7 +127,11 @@ class AuditBlock:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        scope, token, started = self._entered.pop()
+        # The scope this thread or task entered (a block object may be shared by several,
+        # e.g. one made at module level); the last entered when the context was switched.
+        current = _current.get()
+        at = next((i for i, entry in enumerate(self._entered) if entry[0] is current), -1)
+        scope, token, started = self._entered.pop(at)
         try:
             _current.reset(token)
         except ValueError:  # exited in another context than entered (a moved generator)

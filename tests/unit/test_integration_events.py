@@ -158,3 +158,48 @@ def test_audit_scope_follows_tasks_not_plain_threads(sender: BufferedSender) -> 
     assert seen["task"] is seen["outer"] is seen["after"]
     assert seen["inner"].correlation_id == seen["outer"].correlation_id == seen["outer"].id
     assert seen["thread"] is None and seen["end"] is None
+
+
+class RecordingSender(BufferedSender):
+    """Keeps what audit() submits, in order, instead of sending it."""
+
+    def __init__(self) -> None:
+        super().__init__("/nonexistent")
+        self.events: list[dict[str, Any]] = []
+
+    def submit(self, event: dict[str, Any]) -> bool:
+        self.events.append(event)
+        return True
+
+
+def test_one_audit_block_shared_by_threads_exits_each_threads_own_scope() -> None:
+    shared = audit("shared", sender=(sender := RecordingSender()))
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with shared as scope:
+            scope.data["who"] = "first"
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait()
+        with shared as scope:
+            scope.data["who"] = "second"
+            second_in.set()
+            first_out.wait()  # the first thread exits while this one is inside
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    events = sender.events
+    starts = {event["id"]: event for event in events if event["type"] == "shared.started"}
+    outcomes = [event for event in events if event["type"] == "shared.succeeded"]
+    assert len(starts) == len(outcomes) == 2 and not shared._entered
+    # Each outcome is caused by its own thread's start: the first thread's outcome (sent
+    # first) links to the first start, not to the start entered last.
+    assert [starts[event["causation_id"]]["id"] for event in outcomes] == list(starts)
+    assert [event["data"]["who"] for event in outcomes] == ["first", "second"]
