@@ -79,3 +79,15 @@ def checked_tags(tags: dict[str, str] | None, owner: str) -> dict[str, str] | No
             raise ValueError(f"{owner} tags[{key!r}]: expected a str of at most 256 "
                              "characters")
     return {str.__str__(key): str.__str__(value) for key, value in tags.items()}
+
+
+def without_surrogates(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings (a file name decoded with
+    surrogateescape, say) written as a backslash escape: UTF-8 cannot carry them."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {without_surrogates(key): without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_surrogates(item) for item in value]
+    return value

@@ -30,6 +30,7 @@ import msgspec
 
 from auditd.client.blocking import Client
 from auditd.client.common import DisconnectedError, Event, FrameError, OverloadedError, Reply
+from auditd.client.plain import without_surrogates
 from auditd.ingest.framing import encode_frame
 from auditd.schema import uuid7
 
@@ -127,7 +128,10 @@ class BufferedSender:
         if event.get("id") is None:
             event["id"] = uuid7()
         try:
-            body = _encoder.encode(event)
+            try:
+                body = _encoder.encode(event)
+            except UnicodeEncodeError:  # rare: the slower, escaping way only then
+                body = _encoder.encode(without_surrogates(event))
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return self._refuse(f"cannot encode the event: {exc}")
         if len(body) > self.max_event_bytes:

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from auditd.client import AuditHandler, AuditProcessor, BufferedSender, audit, current_scope
-from auditd.client.plain import MAX_DEPTH, plain
+from auditd.client.plain import MAX_DEPTH, plain, without_surrogates
 
 
 @pytest.fixture
@@ -203,3 +203,9 @@ def test_one_audit_block_shared_by_threads_exits_each_threads_own_scope() -> Non
     # first) links to the first start, not to the start entered last.
     assert [starts[event["causation_id"]]["id"] for event in outcomes] == list(starts)
     assert [event["data"]["who"] for event in outcomes] == ["first", "second"]
+
+
+def test_a_lone_surrogate_is_escaped_not_a_refused_event(sender: BufferedSender) -> None:
+    assert sender.submit({"type": "log.info", "data": {"file": "caf\udce9", "\udcff": 1}})
+    assert (sender.rejected, sender.pending) == (0, 1)
+    assert without_surrogates({"k\udcff": ["caf\udce9", 2]}) == {"k\\udcff": ["caf\\udce9", 2]}
