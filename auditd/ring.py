@@ -12,6 +12,7 @@ slot of position p is p % capacity.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
@@ -130,6 +131,22 @@ class RingBuffer(Generic[T]):
     def by_correlation(self, correlation_id: str) -> list[T]:
         """Every retained entry (committed or pending) of one correlation, in seq order."""
         return [self._at(p) for p in self._by_correlation.get(correlation_id, ())]
+
+    def committed_by_seq(self, seqs: Iterable[int]) -> dict[int, T]:
+        """The entries of the committed window that hold these seqs (queries read
+        recent events from here rather than from the database)."""
+        low, high = self._start, self._committed
+        if low == high:
+            return {}
+        first, last = self._at(low).seq, self._at(high - 1).seq
+        found: dict[int, T] = {}
+        for seq in seqs:
+            if first <= seq <= last:
+                position = bisect_left(range(low, high), seq, key=lambda p: self._at(p).seq)
+                entry = self._at(position)
+                if entry.seq == seq:
+                    found[seq] = entry
+        return found
 
     def oldest_retained_seq(self) -> int | None:
         if self._start == self._end:

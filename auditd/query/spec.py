@@ -232,13 +232,15 @@ _tags_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _data_decoder = msgspec.msgpack.Decoder()
 
 
-def event_tags(event: StoredEvent) -> dict[str, str]:
-    if event.tags is None:
-        return {}
+def decode_tags(raw: bytes) -> dict[str, str]:
     try:
-        return _tags_decoder.decode(event.tags)
+        return _tags_decoder.decode(raw)
     except msgspec.DecodeError:
         return {}
+
+
+def event_tags(event: StoredEvent) -> dict[str, str]:
+    return {} if event.tags is None else decode_tags(event.tags)
 
 
 def _strings(value: Any) -> Iterator[str]:

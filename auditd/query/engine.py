@@ -1,0 +1,198 @@
+"""QueryEngine: runs a QuerySpec over the hot index and the sealed partitions.
+
+Plan: the newest partition open for reads fixes S (its last seq); seqs above S come
+from the hot index (hot_search), seqs at or below it from the sealed partitions, each
+with its own read-only connection on this engine's thread. Descending: hot, then
+partitions newest first; ascending: partitions oldest first, then hot; either stops
+at `limit`. Candidates of the hot index are rechecked against their rows, read from
+the ring's committed window when it still holds them (on the loop), else from the
+hot table by rowid (on the thread), else (released by a seal since) from the
+partition now holding them. The hot index is trimmed only after its partition is
+open for reads, so taking the columns before S never leaves a gap.
+
+Keyset pagination: `next` is the last event's seq when the page is full. Never an
+OFFSET, so a page is the same while events arrive. Dead letters never match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from auditd.query.hot_index import NAME_FIELDS, Columns, HotIndex
+from auditd.query.hot_search import candidate_slots
+from auditd.query.rows import connect_reader, hot_rows, name_ids
+from auditd.query.sealed_read import SealedReader
+from auditd.query.spec import QuerySpec, matches
+from auditd.schema import StoredEvent
+
+log = structlog.get_logger("auditd.query.engine")
+_T = TypeVar("_T")
+_FIRST_CHUNK = 32
+_MAX_CHUNK = 4096
+_SLOW_MS = 100.0
+
+
+@dataclass(slots=True)
+class Page:
+    events: list[StoredEvent]
+    next: int | None
+    ms: float = 0.0  # time spent answering, inside the daemon
+
+
+class RecentEvents(Protocol):
+    """The ring's committed window (read on the event loop only)."""
+
+    def committed_by_seq(self, seqs: Sequence[int]) -> dict[int, Any]: ...
+
+
+class SealedFiles(Protocol):
+    def files(self) -> list[tuple[int, int, Path]]: ...
+
+
+class QueryEngine:
+    def __init__(self, db_path: Path, hot: HotIndex, sealed: SealedFiles,
+                 recent: RecentEvents) -> None:
+        self.db_path, self.hot, self.sealed, self.recent = db_path, hot, sealed, recent
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-query")
+        self._conn: sqlite3.Connection | None = None  # only on _thread
+        self.partitions = SealedReader()  # only on _thread
+
+    def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect_reader(self.db_path)
+        return self._conn
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            self.partitions.close()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        await self._call(close)
+        self._thread.shutdown(wait=True)
+
+    # -- queries -------------------------------------------------------------------
+
+    async def query(self, spec: QuerySpec) -> Page:
+        started = time.perf_counter()
+        found: list[StoredEvent] = []
+        if not spec.empty:
+            columns = self.hot.columns  # first: see the module's docstring
+            files = self.sealed.files()
+            through = files[-1][1] if files else 0
+            for tier in ("hot", "sealed") if spec.descending else ("sealed", "hot"):
+                wanted = spec.limit - len(found)
+                if wanted <= 0:
+                    break
+                if tier == "hot":
+                    found.extend(await self._hot(spec, columns, through, wanted))
+                else:
+                    found.extend(await self._call(self.partitions.query, files, spec,
+                                                  through, wanted))
+        ms = (time.perf_counter() - started) * 1000
+        if ms > _SLOW_MS:
+            log.info("query_slow", ms=round(ms, 2), filters=sorted(spec.values),
+                     words=len(spec.words) + len(spec.prefixes), found=len(found))
+        following = found[-1].seq if len(found) == spec.limit else None
+        return Page(found, following, ms)
+
+    async def _hot(self, spec: QuerySpec, columns: Columns, through: int,
+                   wanted: int) -> list[StoredEvent]:
+        scan = await self._call(self._hot_scan, spec, columns, through)
+        out: list[StoredEvent] = []
+        chunk = max(_FIRST_CHUNK, wanted)
+        while len(out) < wanted:
+            seqs = await self._call(_take, scan, min(chunk, _MAX_CHUNK))
+            if not seqs:
+                break
+            chunk *= 2
+            events = await self.events(seqs)
+            for seq in seqs:
+                event = events.get(seq)
+                if event is not None and matches(event, spec):
+                    out.append(event)
+                    if len(out) == wanted:
+                        break
+        return _merge(out, [e for e in self.hot.stragglers
+                            if e.seq > through and matches(e, spec)], spec, wanted)
+
+    def _hot_scan(self, spec: QuerySpec, columns: Columns, through: int) -> Iterator[int]:
+        lo = columns.slot_of(max(through, spec.after or 0))
+        hi = columns.count if spec.before is None else bisect_left(
+            columns.seqs, spec.before, 0, columns.count)
+        names = [v for name in NAME_FIELDS for v in spec.values.get(name, ())]
+        ids = name_ids(self.conn, names)
+        seqs = columns.seqs
+        return (seqs[slot] for slot in candidate_slots(columns, spec, ids, lo, hi))
+
+    async def events(self, seqs: Sequence[int]) -> dict[int, StoredEvent]:
+        """The events of these seqs (absent ones and dead letters left out): from the
+        ring's window, else the hot table, else the sealed partitions."""
+        found = {seq: e for seq, e in self.recent.committed_by_seq(seqs).items()
+                 if isinstance(e, StoredEvent)}
+        missing = [seq for seq in seqs if seq not in found]
+        if missing:
+            found.update(await self._call(self._stored, missing))
+        return found
+
+    def _stored(self, seqs: list[int]) -> dict[int, StoredEvent]:
+        found = hot_rows(self.conn, seqs)
+        rest = [seq for seq in seqs if seq not in found]
+        if rest:
+            found.update(self.partitions.events(self.sealed.files(), rest))
+        return found
+
+    async def event(self, seq: int) -> StoredEvent | None:
+        return (await self.events([seq])).get(seq)
+
+    async def stream(self, stream: str, first: int, last: int, limit: int,
+                     uid: int | None) -> list[StoredEvent]:
+        """The stream's events with first <= stream_seq <= last, by stream_seq."""
+        spec = QuerySpec(values={"stream": (stream,)}, limit=limit).restricted_to(uid)
+        files = self.sealed.files()
+        through = files[-1][1] if files else 0
+        found = await self._call(self.partitions.stream, files, spec, first, last)
+        after = max([through, *(e.seq for e in found)])
+        while len(found) < limit and not spec.empty:
+            page = await self.query(spec.replace(after=after, limit=min(1000, limit)))
+            for event in page.events:
+                if event.stream_seq is not None and first <= event.stream_seq <= last:
+                    found.append(event)
+                if event.stream_seq is not None and event.stream_seq > last:
+                    page.next = None
+                    break
+            if page.next is None:
+                break
+            after = page.next
+        return found[:limit]
+
+
+def _take(scan: Iterator[int], count: int) -> list[int]:
+    out = []
+    for seq in scan:
+        out.append(seq)
+        if len(out) == count:
+            break
+    return out
+
+
+def _merge(found: list[StoredEvent], extra: list[StoredEvent], spec: QuerySpec,
+           wanted: int) -> list[StoredEvent]:
+    if not extra:
+        return found
+    merged = sorted([*found, *extra], key=lambda e: e.seq, reverse=spec.descending)
+    return merged[:wanted]
