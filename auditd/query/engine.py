@@ -20,7 +20,7 @@ import asyncio
 import sqlite3
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from auditd.query.hot_search import candidate_slots
 from auditd.query.rows import connect_reader, hot_rows, name_ids
 from auditd.query.sealed_read import SealedReader
 from auditd.query.spec import QuerySpec, matches
-from auditd.schema import StoredEvent
+from auditd.schema import StoredEvent, id_hash
 
 log = structlog.get_logger("auditd.query.engine")
 _T = TypeVar("_T")
@@ -49,10 +49,8 @@ class Page:
     ms: float = 0.0  # time spent answering, inside the daemon
 
 
-class RecentEvents(Protocol):
-    """The ring's committed window (read on the event loop only)."""
-
-    def committed_by_seq(self, seqs: Sequence[int]) -> dict[int, Any]: ...
+# The ring's committed window by seq (RingBuffer.committed_by_seq), on the loop only.
+RecentEvents = Callable[[Sequence[int]], Mapping[int, Any]]
 
 
 class SealedFiles(Protocol):
@@ -142,7 +140,7 @@ class QueryEngine:
     async def events(self, seqs: Sequence[int]) -> dict[int, StoredEvent]:
         """The events of these seqs (absent ones and dead letters left out): from the
         ring's window, else the hot table, else the sealed partitions."""
-        found = {seq: e for seq, e in self.recent.committed_by_seq(seqs).items()
+        found = {seq: e for seq, e in self.recent(seqs).items()
                  if isinstance(e, StoredEvent)}
         missing = [seq for seq in seqs if seq not in found]
         if missing:
@@ -150,7 +148,11 @@ class QueryEngine:
         return found
 
     def _stored(self, seqs: list[int]) -> dict[int, StoredEvent]:
-        found = hot_rows(self.conn, seqs)
+        """Hot rows above the sealed range (those below may be being released), then
+        sealed records for the rest (a seal may have released some hot ones since)."""
+        files = self.sealed.files()
+        through = files[-1][1] if files else 0
+        found = hot_rows(self.conn, [seq for seq in seqs if seq > through])
         rest = [seq for seq in seqs if seq not in found]
         if rest:
             found.update(self.partitions.events(self.sealed.files(), rest))
@@ -158,6 +160,19 @@ class QueryEngine:
 
     async def event(self, seq: int) -> StoredEvent | None:
         return (await self.events([seq])).get(seq)
+
+    async def event_by_id(self, event_id: str) -> StoredEvent | None:
+        """The event stored under this id: the hot table's id index, else the sealed
+        partitions' id terms, newest first."""
+        seq = await self._call(self._seq_of_id, event_id)
+        return None if seq is None else await self.event(seq)
+
+    def _seq_of_id(self, event_id: str) -> int | None:
+        row = self.conn.execute("SELECT seq FROM events WHERE id_hash = ? AND id = ?",
+                                (id_hash(event_id), event_id)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return self.partitions.seq_of_id(self.sealed.files(), event_id)
 
     async def stream(self, stream: str, first: int, last: int, limit: int,
                      uid: int | None) -> list[StoredEvent]:

@@ -165,7 +165,9 @@ def seekers(columns: Columns, spec: QuerySpec, name_ids: Mapping[str, int], lo: 
     """One seeker per filter; None when a filter cannot match any hot slot."""
     descending = spec.descending
     found: list[Seeker] = []
-    for name, values in spec.values.items():
+    groups = [(name, values) for name, values in spec.values.items() if name != "tag"]
+    groups += [("tag", values) for values in spec.tag_groups.values()]
+    for name, values in groups:
         if name in NAME_FIELDS:
             keys = [name_ids[v] for v in values if v in name_ids]
         elif name in HASH_FIELDS:

@@ -61,8 +61,8 @@ class SealedReader:
             low, high = after, before
             while len(out) < wanted:
                 need = wanted - len(out)
-                # Prefixes are not indexed: ask for more, since some will not match.
-                ask = need if not spec.prefixes else min(4 * need + 64, 10_000)
+                # Not all indexed (spec.rechecked): ask for more, some will not match.
+                ask = need if not spec.rechecked else min(4 * need + 64, 10_000)
                 seqs = part.query(filters, since_ns=spec.since_ns, until_ns=spec.until_ns,
                                   after_seq=low, before_seq=high, limit=ask,
                                   descending=spec.descending)
@@ -94,6 +94,13 @@ class SealedReader:
             if record is not None and not is_dead_letter(record):
                 found[seq] = event_from_record(record)
         return found
+
+    def seq_of_id(self, files: Files, event_id: str) -> int | None:
+        for _, _, path in reversed(files):
+            seq = self._part(path).lookup_id(event_id)
+            if seq is not None:
+                return seq
+        return None
 
     def stream(self, files: Files, spec: QuerySpec, first_ss: int,
                last_ss: int) -> list[StoredEvent]:
