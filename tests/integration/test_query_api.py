@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 from as_other_uid import can_run_as_other_uid, run_as
 from conftest import DaemonProcess, UnixHTTPConnection, wait_committed, wait_sealed_through
 
+from auditd.cli.query import table_lines, tree_lines
 from auditd.client import Client
 from auditd.store.partition.layout import words
 
@@ -294,3 +297,55 @@ def test_a_non_reader_sees_only_its_own_events(make_daemon: Any) -> None:
     assert status == 200 and body["id"] == "other-0"
     status, body = get(store, "/events?q=needle&limit=10000")  # root: everyone's
     assert [e["id"] for e in body["events"]] == ["ev-7", "other-0", "other-1", "other-2"]
+
+
+# -- auditd query -----------------------------------------------------------------------
+
+
+def cli(store: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "auditd.cli", "query", "--status-socket",
+                           store.status_socket, *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_query_prints_the_newest_matches_newest_last(store: DaemonProcess) -> None:
+    done = cli(store, "--type", "file.read", "--type", "db.query", "--tag", "env=dev",
+               "--limit", "20", "--jsonl")
+    assert done.returncode == 0, done.stderr
+    seqs = [json.loads(line)["seq"] for line in done.stdout.splitlines()]
+    pairs = [("type", "file.read"), ("type", "db.query"), ("tag.env", "dev")]
+    assert seqs == brute([*pairs, ("order", "desc"), ("limit", "20")])[::-1]
+    after = cli(store, "--grep", "needle", "--after", "500", "--json")
+    assert [e["seq"] for e in json.loads(after.stdout)["events"]] == \
+        brute([("q", "needle"), ("after", "500")])
+    since = cli(store, "--since", str(START // 10**9 + 1740), "--jsonl")
+    assert [json.loads(line)["seq"] for line in since.stdout.splitlines()] == \
+        list(range(1741, 1751))
+
+
+def test_cli_query_tree_and_usage_errors(store: DaemonProcess) -> None:
+    done = cli(store, "--correlation", "op-3", "--tree")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("└─ user.login by user2@corp.example on /srv/t4  (seq 31, ")
+    assert [line.index("└─") for line in lines] == [3 * i for i in range(10)]  # a chain
+    for bad in (["--since", "yesterday"], ["--limit", "10001"], ["--tree"],
+                ["--tag", "novalue"]):
+        failed = cli(store, *bad)
+        assert failed.returncode == 2 and failed.stderr.count("\n") == 1, (bad, failed.stderr)
+
+
+def test_tree_and_table_drawing() -> None:
+    events = [{"seq": i + 1, "id": f"e{i}", "ts": "2026-01-01T00:00:00.000000000Z",
+               "type": f"step.{i}", "actor": "alice", "target": None, "uid": 0,
+               "comm": "sh", "causation_id": {0: None, 1: "e0", 2: "e0", 3: "e2"}[i]}
+              for i in range(4)]
+    assert tree_lines(events) == [
+        "└─ step.0 by alice  (seq 1, 2026-01-01T00:00:00.000000000Z)",
+        "   ├─ step.1 by alice  (seq 2, 2026-01-01T00:00:00.000000000Z)",
+        "   └─ step.2 by alice  (seq 3, 2026-01-01T00:00:00.000000000Z)",
+        "      └─ step.3 by alice  (seq 4, 2026-01-01T00:00:00.000000000Z)"]
+    table = table_lines(events)
+    assert table[0].split() == ["TIME", "SEQ", "TYPE", "ACTOR", "TARGET", "UID", "COMM"]
+    assert table[1].split() == ["2026-01-01", "00:00:00.000", "1", "step.0", "alice", "0",
+                                "sh"]
