@@ -5,10 +5,11 @@ from the hot index (hot_search), seqs at or below it from the sealed partitions,
 with its own read-only connection on this engine's thread. Descending: hot, then
 partitions newest first; ascending: partitions oldest first, then hot; either stops
 at `limit`. Candidates of the hot index are rechecked against their rows, read from
-the ring's committed window when it still holds them (on the loop), else from the
-hot table by rowid (on the thread), else (released by a seal since) from the
-partition now holding them. The hot index is trimmed only after its partition is
-open for reads, so taking the columns before S never leaves a gap.
+the ring's committed window when it still holds them, else from the hot table by
+rowid, else (released by a seal since) from the partition now holding them: all of
+it on the engine's thread, one hop from the loop per tier. The hot index is trimmed
+only after its partition is open for reads, so taking the columns before S never
+leaves a gap.
 
 Keyset pagination: `next` is the last event's seq when the page is full. Never an
 OFFSET, so a page is the same while events arrive. Dead letters never match.
@@ -47,9 +48,10 @@ class Page:
     events: list[StoredEvent]
     next: int | None
     ms: float = 0.0  # time spent answering, inside the daemon
+    cpu_ms: float = 0.0  # of which the engine's thread ran (the rest: waiting for a core)
 
 
-# The ring's committed window by seq (RingBuffer.committed_by_seq), on the loop only.
+# The ring's committed window by seq (RingBuffer.committed_by_seq: any thread).
 RecentEvents = Callable[[Sequence[int]], Mapping[int, Any]]
 
 
@@ -88,6 +90,7 @@ class QueryEngine:
     async def query(self, spec: QuerySpec) -> Page:
         started = time.perf_counter()
         found: list[StoredEvent] = []
+        cpu_ms = 0.0
         if not spec.empty:
             columns = self.hot.columns  # first: see the module's docstring
             files = self.sealed.files()
@@ -97,28 +100,33 @@ class QueryEngine:
                 if wanted <= 0:
                     break
                 if tier == "hot":
-                    found.extend(await self._hot(spec, columns, through, wanted))
+                    events, cpu = await self._call(_timed, self._hot_sync, spec, columns,
+                                                   through, wanted)
                 else:
-                    found.extend(await self._call(self.partitions.query, files, spec,
-                                                  through, wanted))
+                    events, cpu = await self._call(_timed, self.partitions.query, files, spec,
+                                                   through, wanted)
+                found.extend(events)
+                cpu_ms += cpu
         ms = (time.perf_counter() - started) * 1000
         if ms > _SLOW_MS:
             log.info("query_slow", ms=round(ms, 2), filters=sorted(spec.values),
                      words=len(spec.words) + len(spec.prefixes), found=len(found))
         following = found[-1].seq if len(found) == spec.limit else None
-        return Page(found, following, ms)
+        return Page(found, following, ms, cpu_ms)
 
-    async def _hot(self, spec: QuerySpec, columns: Columns, through: int,
-                   wanted: int) -> list[StoredEvent]:
-        scan = await self._call(self._hot_scan, spec, columns, through)
+    def _hot_sync(self, spec: QuerySpec, columns: Columns, through: int,
+                  wanted: int) -> list[StoredEvent]:
+        """On the thread, in one go: each hop to the loop and back costs a scheduling
+        delay, which under load was most of a query's time."""
+        scan = self._hot_scan(spec, columns, through)
         out: list[StoredEvent] = []
         chunk = max(_FIRST_CHUNK, wanted)
         while len(out) < wanted:
-            seqs = await self._call(_take, scan, min(chunk, _MAX_CHUNK))
+            seqs = _take(scan, min(chunk, _MAX_CHUNK))
             if not seqs:
                 break
             chunk *= 2
-            events = await self.events(seqs)
+            events = self._events_sync(seqs)
             for seq in seqs:
                 event = events.get(seq)
                 if event is not None and matches(event, spec):
@@ -140,11 +148,13 @@ class QueryEngine:
     async def events(self, seqs: Sequence[int]) -> dict[int, StoredEvent]:
         """The events of these seqs (absent ones and dead letters left out): from the
         ring's window, else the hot table, else the sealed partitions."""
-        found = {seq: e for seq, e in self.recent(seqs).items()
-                 if isinstance(e, StoredEvent)}
+        return await self._call(self._events_sync, seqs)
+
+    def _events_sync(self, seqs: Sequence[int]) -> dict[int, StoredEvent]:
+        found = {seq: e for seq, e in self.recent(seqs).items() if isinstance(e, StoredEvent)}
         missing = [seq for seq in seqs if seq not in found]
         if missing:
-            found.update(await self._call(self._stored, missing))
+            found.update(self._stored(missing))
         return found
 
     def _stored(self, seqs: list[int]) -> dict[int, StoredEvent]:
@@ -155,7 +165,7 @@ class QueryEngine:
         found = hot_rows(self.conn, [seq for seq in seqs if seq > through])
         rest = [seq for seq in seqs if seq not in found]
         if rest:
-            found.update(self.partitions.events(self.sealed.files(), rest))
+            found.update(self.partitions.events(files, rest))
         return found
 
     async def event(self, seq: int) -> StoredEvent | None:
@@ -194,6 +204,13 @@ class QueryEngine:
                 break
             after = page.next
         return found[:limit]
+
+
+def _timed(function: Callable[..., list[StoredEvent]], *args: Any
+           ) -> tuple[list[StoredEvent], float]:
+    started = time.thread_time()
+    found = function(*args)
+    return found, (time.thread_time() - started) * 1000
 
 
 def _take(scan: Iterator[int], count: int) -> list[int]:
