@@ -14,6 +14,7 @@ import argparse
 import http.client
 import json
 import socket
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -122,7 +123,8 @@ def run_query_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     built: dict[str, float] = {}
 
     def prepare(lib: Path) -> None:
-        built.update(build_store(lib, count, partition))
+        built.update(build_store(lib, count, partition,
+                                 say=lambda line: print(line, file=sys.stderr)))
 
     results: dict[str, Any] = {}
     with ThrowawayDaemon(config, "write", None, prepare=prepare) as daemon:
