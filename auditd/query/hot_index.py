@@ -117,20 +117,27 @@ class HotIndex:
             self._stragglers(events, rows, last)
             return
         count = columns.count
-        columns.seqs.extend(map(_SEQ, rows))
-        stamps = list(map(_TS, rows))
-        columns.ts.extend(stamps)
-        self._zones(columns, count, stamps)
-        keys = columns.keys
-        for name, get in _ALWAYS:
-            keys[name] += array("I", map(get, rows))
+        # Everything made first, then appended: a failure (a name id past 32 bits) must
+        # not leave one column longer than the others.
+        seqs = array("q", map(_SEQ, rows))
+        stamps = array("q", map(_TS, rows))
+        made = {name: array("I", map(get, rows)) for name, get in _ALWAYS}
         for name, get in _OPTIONAL:
-            keys[name] += array("I", [x or 0 for x in map(get, rows)])
+            made[name] = array("I", [x or 0 for x in map(get, rows)])
         for name, get in _HASHED:
-            keys[name] += array("I", [0 if v is None else hash(v) & _MASK
-                                      for v in map(get, rows)])
-        self._tags(columns, count, list(map(_TAGS, rows)))
-        self._text(columns, events)
+            made[name] = array("I", [0 if v is None else hash(v) & _MASK
+                                     for v in map(get, rows)])
+        tag_keys, tag_slots = self._tags(columns.base + count, list(map(_TAGS, rows)))
+        text, ends = self._text(columns.text_base + len(columns.text), events)
+        columns.seqs += seqs
+        columns.ts += stamps
+        self._zones(columns, count, list(stamps))
+        for name, column in made.items():
+            columns.keys[name] += column
+        columns.tag_keys += tag_keys
+        columns.tag_slots += tag_slots
+        columns.text += text
+        columns.text_ends += ends
         columns.count = count + len(rows)  # last: readers see complete slots only
 
     def _stragglers(self, events: Sequence[StoredEvent], rows: Sequence[tuple[Any, ...]],
@@ -157,11 +164,12 @@ class HotIndex:
                 columns.zone_max.append(high)
             slot += len(part)
 
-    def _tags(self, columns: Columns, first: int, tags: list[bytes | None]) -> None:
+    def _tags(self, first: int, tags: list[bytes | None]) -> tuple[array[int], array[int]]:
+        """The tag keys of slots from ordinal `first` on, and the ordinal of each."""
         cache = self._tag_cache
         keys: list[int] = []
         slots: list[int] = []
-        for slot, raw in enumerate(tags, columns.base + first):
+        for slot, raw in enumerate(tags, first):
             if raw is None:
                 continue
             found = cache.get(raw)
@@ -171,20 +179,18 @@ class HotIndex:
                 found = cache[raw] = tag_keys(raw)
             keys.extend(found)
             slots.extend([slot] * len(found))
-        columns.tag_keys += array("I", keys)
-        columns.tag_slots.extend(slots)
+        return array("I", keys), array("q", slots)
 
     @staticmethod
-    def _text(columns: Columns, events: Sequence[StoredEvent]) -> None:
+    def _text(end: int, events: Sequence[StoredEvent]) -> tuple[bytes, array[int]]:
+        """The lowered text of the events, and each one's end (absolute, from `end`)."""
         pieces = [b"".join((f"\x00{e.type}\x00{e.actor or ''}\x00{e.target or ''}\x00"
                             .encode(), e.tags or b"", e.data or b"")) for e in events]
-        end = columns.text_base + len(columns.text)
         ends = array("q")
         for piece in pieces:
             end += len(piece)
             ends.append(end)
-        columns.text += b"".join(pieces).lower()
-        columns.text_ends.extend(ends)
+        return b"".join(pieces).lower(), ends
 
     def trim(self, through_seq: int) -> None:
         """Forget slots at or below `through_seq` (sealed: read from the partition)."""

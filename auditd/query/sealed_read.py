@@ -22,6 +22,7 @@ from auditd.store.records import event_from_record, is_dead_letter
 
 Files = list[tuple[int, int, Path]]
 _CACHE_KB = 2048
+_CACHED_BLOCKS = 128
 
 
 class SealedReader:
@@ -38,6 +39,9 @@ class SealedReader:
         if part is None:
             part = self._open[path] = SealedPartition(path)
             part.conn.execute(f"PRAGMA cache_size=-{_CACHE_KB}")
+            # A query decodes a candidate's block to recheck it, then again to read its
+            # record: keep enough blocks for one page (~40 KB each).
+            part.cached_blocks = _CACHED_BLOCKS
         return part
 
     def forget_missing(self, files: Files) -> None:
@@ -49,6 +53,7 @@ class SealedReader:
     def query(self, files: Files, spec: QuerySpec, through: int,
               wanted: int) -> list[StoredEvent]:
         """Up to `wanted` matching events with seq <= through, in the spec's order."""
+        self.forget_missing(files)
         filters = spec.partition_filters()
         after = spec.after
         before = through + 1 if spec.before is None else min(spec.before, through + 1)
