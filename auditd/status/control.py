@@ -26,6 +26,7 @@ from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
+from auditd.query.engine import QueryEngine
 from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
@@ -86,6 +87,8 @@ class DaemonView(Protocol):
     @property
     def sealer(self) -> Sealer: ...
     @property
+    def query_engine(self) -> QueryEngine: ...
+    @property
     def ingest(self) -> IngestServer: ...
     @property
     def dead_letters(self) -> DeadLetterStore: ...
@@ -114,6 +117,10 @@ class DaemonControl:
     @property
     def stats(self) -> Stats:
         return self.daemon.stats
+
+    @property
+    def events(self) -> QueryEngine:
+        return self.daemon.query_engine
 
     def gauges(self) -> Gauges:
         daemon = self.daemon
