@@ -30,7 +30,11 @@ from auditd.store.sealing import catalog
 from auditd.store.store import Store
 
 log = structlog.get_logger("auditd.projections.rebuild")
-CHUNK = 16_384
+# Hot rows are read and counted on the store's thread: 4,096 of them take a few ms
+# there, which a batch may wait. A sealed step reads one partition (at most
+# SEALED_CHUNK seqs of it) on a worker thread; the store's thread only adds its sums.
+CHUNK = 4096
+SEALED_CHUNK = 65_536
 _LOG_EVERY_S = 2.0
 _RETRY_S = 1.0
 
@@ -130,8 +134,7 @@ class Rebuilds:
                 if state.position >= through:
                     position = await self.store.on_writer(self.projector.finish_rebuild, name)
                     break
-                await self._step(projection, state.position + 1,
-                                 min(state.position + self.chunk, through))
+                await self._step(projection, state.position + 1, through)
             except (StoreError, OSError) as exc:
                 fault.failed(exc)
                 progress.error = str(exc)
@@ -147,17 +150,20 @@ class Rebuilds:
         log.info("projection_rebuilt", name=name, position=position,
                  seconds=round(progress.finished_at - progress.started_at, 3))
 
-    async def _step(self, projection: Projection, first: int, last: int) -> None:
+    async def _step(self, projection: Projection, first: int, through: int) -> None:
+        """Count from `first` on: a hot chunk, or (part of) the partition holding it."""
         sealed = await self.store.on_writer(self.projector.sealed_through)
         if first > sealed:
             if await self.store.on_writer(self.projector.count_hot, projection.name,
-                                          first, last):
+                                          first, min(through, first + self.chunk - 1)):
                 return
             sealed = await self.store.on_writer(self.projector.sealed_through)
-        last = min(last, sealed)
+        last = min(through, sealed, first + SEALED_CHUNK - 1)
         entries = await self.store.on_writer(catalog.entries)
         files = [(e.first_seq, e.last_seq, e.file) for e in entries
-                 if e.last_seq >= first and e.first_seq <= last]
+                 if e.last_seq >= first and e.first_seq <= last][:1]
+        if files:
+            last = min(last, files[0][1])
         aggregates = await asyncio.to_thread(
             read_sealed, self.store.partitions_dir, files, first, last, projection)
         await self.store.on_writer(self.projector.count_sealed, projection.name, last,
