@@ -10,13 +10,13 @@ non-reader's is its own uid's rows. A day is the sum of its 24 hours, folded her
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from auditd.projections.aggregate import NO_ACTOR
 from auditd.projections.definitions import COUNTS_BY_FIELD, HOUR_NS, NAMED_FIELDS
 from auditd.projections.params import CountsQuery, rfc3339
 from auditd.store.records import event_from_record
@@ -74,67 +74,72 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def counts_in(db: sqlite3.Connection, query: CountsQuery) -> list[list[Any]]:
+    """The buckets, grouped, named and ordered by SQLite (a few thousand rows sorted in
+    C); Python only formats each bucket's start, once per distinct start."""
     projection = COUNTS_BY_FIELD[query.by]
     column = query.by
     where: list[str] = []
     params: list[Any] = []
     if query.since_ns is not None:
-        where.append("hour >= ?")
+        where.append("c.hour >= ?")
         params.append(query.since_ns // HOUR_NS)
     if query.until_ns is not None:
-        where.append("hour < ?")
+        where.append("c.hour < ?")
         params.append(-(-query.until_ns // HOUR_NS))  # the hour holding `until` is in
     if query.uids is not None:
         if not query.uids:
             return []
-        where.append(f"uid {_IN}")
+        where.append(f"c.uid {_IN}")
         params.append(json_list(query.uids))
     named = column in NAMED_FIELDS
     if query.values is not None:
         ids = _ids_of(db, query.values) if named else {}
         if not ids:
             return []
-        where.append(f"{column} {_IN}")
+        where.append(f"c.{column} {_IN}")
         params.append(json_list(ids))
-    if column == "uid":
-        sql = f"SELECT hour, uid, sum(n) FROM {projection.table}"
-        group = "GROUP BY hour, uid"
-    else:
-        sql = f"SELECT hour, {column}, sum(n) FROM {projection.table}"
-        group = f"GROUP BY hour, {column}"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    rows = db.execute(f"{sql} {group}", params).fetchall()
     step = query.hours_per_bucket
-    if step > 1:
-        folded: dict[tuple[int, Any], int] = {}
-        for hour, value, n in rows:
-            key = (hour - hour % step, value)
-            folded[key] = folded.get(key, 0) + n
-        rows = [(hour, value, n) for (hour, value), n in folded.items()]
-    names = _values_of(db, {value for _, value, _ in rows}) if named else {}
-    buckets = [[hour, _shown(value, names) if named else value, int(n)]
-               for hour, value, n in rows]
-    buckets.sort(key=lambda b: (b[0], -b[2], "" if b[1] is None else str(b[1])))
+    # Floor to the bucket, negative hours (before 1970) included: SQLite's % truncates.
+    start = "c.hour" if step == 1 else f"(c.hour - ((c.hour % {step}) + {step}) % {step})"
+    shown = "v.value" if named else f"c.{column}"
+    join = f" LEFT JOIN names v ON v.id = c.{column}" if named else ""
+    grouped = (f"SELECT {start} AS start, {shown} AS value, sum(c.n) AS n"
+               f" FROM {projection.table} c{join}"
+               f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+               f" GROUP BY start, c.{column} ORDER BY start, n DESC, value")
+    # One row holding every bucket: sqlite3 gives the GIL up for each row it steps and
+    # waits to get it back from a busy event loop (store.py measured 630 ms that way).
+    (document,) = db.execute(
+        f"SELECT json_group_array(json_array(start, value, n)) FROM ({grouped})",
+        params).fetchone()
+    buckets: list[list[Any]] = json.loads(document)
+    starts: dict[int, str] = {}
     for bucket in buckets:
-        bucket[0] = rfc3339(bucket[0] * HOUR_NS)
+        hour = bucket[0]
+        label = starts.get(hour)
+        if label is None:
+            label = starts[hour] = _hour_start(hour)
+        bucket[0] = label
     return buckets
 
 
-def _shown(value: int, names: dict[int, str]) -> str | None:
-    return None if value == NO_ACTOR else names.get(value)
+_DAYS: dict[int, str] = {}
+
+
+def _hour_start(hour: int) -> str:
+    """RFC 3339 of an hour's start: the date formatted once per day."""
+    day, within = divmod(hour, 24)
+    date = _DAYS.get(day)
+    if date is None:
+        date = rfc3339(day * 24 * HOUR_NS)[:10]
+        if len(_DAYS) < 100_000:
+            _DAYS[day] = date
+    return f"{date}T{within:02d}:00:00Z"
 
 
 def _ids_of(db: sqlite3.Connection, values: tuple[str, ...]) -> dict[int, str]:
     return {int(i): str(v) for i, v in db.execute(
         f"SELECT id, value FROM names WHERE value {_IN}", (json_list(values),))}
-
-
-def _values_of(db: sqlite3.Connection, ids: set[int]) -> dict[int, str]:
-    if not ids:
-        return {}
-    return {int(i): str(v) for i, v in db.execute(
-        f"SELECT id, value FROM names WHERE id {_IN}", (json_list(ids),))}
 
 
 def actor_in(db: sqlite3.Connection, actor: str, uid: int | None) -> dict[str, Any] | None:

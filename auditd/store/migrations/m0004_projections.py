@@ -67,6 +67,9 @@ UP: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ) WITHOUT ROWID""",
     _counts_table("counts_by_type", "type"),
     _counts_table("counts_by_actor", "actor"),
+    # Actors are many (a row per active actor per hour): `actor=A` must not scan them
+    # all. Types and comms are few; their filters scan a few rows per hour.
+    "CREATE INDEX counts_by_actor_actor ON counts_by_actor (actor, hour)",
     _counts_table("counts_by_comm", "comm"),
     """CREATE TABLE counts_by_uid (hour INTEGER NOT NULL, uid INTEGER NOT NULL,
         n INTEGER NOT NULL, PRIMARY KEY (hour, uid)) WITHOUT ROWID""",
