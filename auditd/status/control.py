@@ -287,7 +287,14 @@ class DaemonControl:
             streams[stream] = max(streams.get(stream, 0), version)
         log.info("database_recovered", source=path, copied=result.copied,
                  already_present=result.already_present, unreadable=result.unreadable)
-        return result.document(str(daemon.store.path))
+        document = result.document(str(daemon.store.path))
+        if result.copied:
+            # The copied events went in beside the writer: the projections count them
+            # only from the events, so they are rebuilt.
+            for name in PROJECTION_NAMES:
+                await daemon.projections.rebuild(name)
+            document["projections"] = "rebuilding"
+        return document
 
     # -- projections -----------------------------------------------------------------
 
