@@ -8,6 +8,7 @@ is added by appending `Route`s whose handlers read `call.caller.uid_filter`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -93,7 +94,13 @@ async def get_counts(call: Call) -> web.StreamResponse:
         query = parse_counts(call.request.query.items())
     except BadParameter as exc:
         raise Problem(400, "bad_request", str(exc)) from None
-    return reply(await call.source.projection_counts(query, _uid_filter(call)))
+    document = await call.source.projection_counts(query, _uid_filter(call))
+    buckets = document.pop("buckets_json")
+    # The buckets come as JSON text from SQLite: spliced in, never decoded and encoded
+    # again (thousands of them for a month by the hour).
+    head = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    return web.Response(text=f'{head[:-1]},"buckets":{buckets}}}',
+                        content_type="application/json")
 
 
 async def get_actor(call: Call) -> web.StreamResponse:

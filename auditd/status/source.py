@@ -136,8 +136,9 @@ class StatusSource(Protocol):
 
     async def projection_counts(self, query: CountsQuery,
                                 uid: int | None) -> dict[str, Any]:
-        """The /counts document: {"by", "interval", "buckets": [[start, value, count]],
-        "projection", "complete"}; only `uid`'s events unless uid is None."""
+        """The /counts document: {"by", "interval", "projection", "complete",
+        "buckets_json"}, the buckets ([[start, value, count], ...]) as JSON text that
+        the server splices in as "buckets"; only `uid`'s events unless uid is None."""
         ...
 
     async def actor_summary(self, actor: str, uid: int | None) -> dict[str, Any] | None:

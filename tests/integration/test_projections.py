@@ -10,7 +10,14 @@ import sys
 import threading
 from typing import Any
 
-from conftest import DaemonProcess, RawConnection, wait_committed, wait_for, wait_sealed_through
+from conftest import (
+    DaemonProcess,
+    RawConnection,
+    UnixHTTPConnection,
+    wait_committed,
+    wait_for,
+    wait_sealed_through,
+)
 from projection_truth import (
     actor_truth,
     assert_counts_match,
@@ -209,3 +216,14 @@ def test_the_stats_section_shows_position_and_lag(daemon: DaemonProcess) -> None
     wait_for(lambda: daemon.stats()["projections"]["counts_by_uid"]["position"] == 100)
     assert {p["lag"] for p in daemon.stats()["projections"].values()} == {0}
     assert stored_rows(daemon.db_path)[-1][0] == 100
+    conn = UnixHTTPConnection(daemon.status_socket)
+    try:
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    assert 'auditd_projection_position_seq{projection="counts_by_type"} 100.0' in metrics
+    assert 'auditd_projection_lag_events{projection="actor_summary"} 0.0' in metrics
+    assert 'auditd_projection_rebuilding{projection="counts_by_uid"} 0.0' in metrics
+    shown = cli(daemon, "status")
+    assert "projections:  5 of 5 live, lag 0 events" in shown.stdout, shown.stdout
