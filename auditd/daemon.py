@@ -30,6 +30,7 @@ from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
 from auditd.logs import RecurringFault
+from auditd.query.feed import CommitFeed
 from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
 from auditd.stats import Stats
@@ -74,6 +75,7 @@ class Daemon:
         self._signals = 0
         self.failed = False
         self.dead_letters = DeadLetterStore(self.store.path)
+        self.feed = CommitFeed()  # committed events for /tail?follow=1
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)
         self.notifier = Notifier()
@@ -158,13 +160,13 @@ class Daemon:
             batch_delay_ms=config.writer.batch_delay_ms,
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
-            on_committed=self._committed)
+            on_committed=self._committed, on_batch=self.feed.publish)
         self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
                                     self.sequencer, self.stats, progress)
         await self.dead_letters.open()
-        self.stats.last_committed_seq = state.committed_seq
+        self.stats.last_committed_seq = self.feed.last_seq = state.committed_seq
         self.ingest = IngestServer(
             IngestLimits(config.size("ingest", "max_frame_bytes"),
                          config.ingest.max_batch_events,
@@ -283,6 +285,7 @@ class Daemon:
         failed = await self._close_steps([
             ("ingest_server", self.ingest.aclose),
             ("tasks", self._cancel_tasks),
+            ("followers", self.feed.aclose),  # a final line each, before the server goes
             ("status_server", self.status.aclose),
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),

@@ -26,8 +26,11 @@ from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
+from auditd.query.feed import CommitFeed
+from auditd.query.hot_scan import HotScan
+from auditd.query.spec import QuerySpec
 from auditd.ring import RingBuffer
-from auditd.schema import WireEvent, encoder, stored_decoder
+from auditd.schema import StoredEvent, WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
 from auditd.status.source import ActionRefused, Gauges, admin_actor
 from auditd.store.deadletters import DeadLetterStore
@@ -100,6 +103,9 @@ class DaemonView(Protocol):
 
     def status_line(self) -> str: ...
 
+    @property
+    def feed(self) -> CommitFeed: ...
+
 
 class DaemonControl:
     def __init__(self, daemon: DaemonView) -> None:
@@ -114,6 +120,13 @@ class DaemonControl:
     @property
     def stats(self) -> Stats:
         return self.daemon.stats
+
+    @property
+    def feed(self) -> CommitFeed:
+        return self.daemon.feed
+
+    async def read_events(self, spec: QuerySpec) -> list[StoredEvent]:
+        return await HotScan(self.daemon.store.path).read(spec)
 
     def gauges(self) -> Gauges:
         daemon = self.daemon

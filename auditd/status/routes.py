@@ -17,6 +17,9 @@ import msgspec
 from aiohttp import web
 
 from auditd.ingest import depth
+from auditd.query.feed import FeedRefused
+from auditd.query.follow import FollowSession, parse_tail
+from auditd.query.spec import BadQuery
 from auditd.status.access import Caller
 from auditd.status.figures import RateSampler, stats_document
 from auditd.status.health import evaluate, inputs_from
@@ -84,6 +87,21 @@ async def get_dlq(call: Call) -> web.StreamResponse:
     entries = await call.source.dlq_list(limit, after, call.caller.uid_filter)
     following = entries[-1].get("id") if len(entries) == limit else None
     return reply({"dead_letters": entries, "next": following})
+
+
+async def get_tail(call: Call) -> web.StreamResponse:
+    """The last N events (or those after a seq), then, with follow=1, each new one."""
+    if call.caller is None:
+        raise Problem(403, "forbidden", "events are served only on the status socket")
+    try:
+        tail = parse_tail(call.request.query, call.caller.uid_filter)
+    except BadQuery as exc:
+        raise Problem(400, "bad_request", str(exc)) from None
+    session = FollowSession(call.request, tail, call.source.feed, call.source.read_events)
+    try:
+        return await session.run()
+    except FeedRefused as exc:  # before the response began
+        raise Problem(503, "unavailable", str(exc)) from None
 
 
 # -- admin actions -------------------------------------------------------------------
@@ -196,6 +214,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/stats", read=get_stats),
     Route("GET", "/metrics", read=get_metrics),
     Route("GET", "/dlq", read=get_dlq),
+    Route("GET", "/tail", read=get_tail),
     Route("POST", "/dlq/retry", admin=post_dlq_retry, action="dlq.retry"),
     Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),
     Route("POST", "/reload", admin=post_reload, action="reload"),

@@ -12,6 +12,9 @@ from typing import Any, Protocol
 
 from auditd.config import Config
 from auditd.errors import AuditdError
+from auditd.query.feed import CommitFeed
+from auditd.query.spec import QuerySpec
+from auditd.schema import StoredEvent
 from auditd.stats import Stats
 
 
@@ -142,4 +145,16 @@ class StatusSource(Protocol):
         that queue is full (counted in an auditd.admin.suppressed event, logged whole).
         Raises only for an unexpected failure.
         """
+        ...
+
+    # -- follow (GET /tail) ----------------------------------------------------------
+
+    @property
+    def feed(self) -> CommitFeed:
+        """Committed events offered to followers as each batch commits."""
+        ...
+
+    async def read_events(self, spec: QuerySpec) -> list[StoredEvent]:
+        """Up to spec.limit stored events matching `spec` in (after, before), ascending
+        or (spec.descending) newest first: a /tail catch-up page."""
         ...

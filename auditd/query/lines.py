@@ -1,0 +1,74 @@
+"""A committed event as one line of newline-delimited JSON, as /tail sends it.
+
+The fields interfaces.md fixes: every protocol field plus `seq`, `stream_seq`,
+`received_at`, `pid`, `uid`, `gid`, `comm`; bytes values as `{"$bytes": base64}`;
+timestamps as RFC 3339 strings with nanoseconds. Fields an event does not have are
+null, except `tags` and `data`, which are left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+from typing import Any
+
+import msgspec
+
+from auditd.schema import StoredEvent
+
+_json = msgspec.json.Encoder()
+_msgpack_any = msgspec.msgpack.Decoder()
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def rfc3339_ns(ns: int) -> str:
+    """`2026-12-02T10:00:00.123456789Z` (UTC) from nanoseconds since the epoch."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    moment = _EPOCH + datetime.timedelta(seconds=seconds)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{fraction:09d}Z"
+
+
+def _jsonable(value: Any) -> Any:
+    """MessagePack values as JSON can hold them: bytes wrapped, map keys as strings."""
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, msgspec.msgpack.Ext):
+        return {"$ext": value.code, "$bytes": base64.b64encode(value.data).decode("ascii")}
+    return value
+
+
+def _decoded(raw: bytes) -> Any:
+    try:
+        return _jsonable(_msgpack_any.decode(raw))
+    except msgspec.DecodeError:  # never stored so, but a line must still be written
+        return {"$bytes": base64.b64encode(raw).decode("ascii")}
+
+
+def event_document(event: StoredEvent) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "seq": event.seq, "id": event.id, "ts": rfc3339_ns(event.ts),
+        "received_at": rfc3339_ns(event.received_at), "type": event.type,
+        "actor": event.actor, "target": event.target, "stream": event.stream,
+        "stream_seq": event.stream_seq, "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id, "pid": event.pid, "uid": event.uid,
+        "gid": event.gid, "comm": event.comm,
+    }
+    if event.tags is not None:
+        document["tags"] = _decoded(event.tags)
+    if event.data is not None:
+        document["data"] = _decoded(event.data)
+    return document
+
+
+def event_line(event: StoredEvent) -> bytes:
+    """The event's JSON document and a newline."""
+    return _json.encode(event_document(event)) + b"\n"
+
+
+def control_line(document: dict[str, Any]) -> bytes:
+    """A heartbeat or a final line, JSON and a newline."""
+    return _json.encode(document) + b"\n"
