@@ -117,6 +117,12 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     return operator.backup(_status_socket(args, config), args.dest, args.json)
 
 
+def cmd_tail(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import tail
+
+    return tail.run(args, _status_socket(args, config))
+
+
 def cmd_recover(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import storage
 
@@ -138,7 +144,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
 COMMANDS: dict[str, Command] = {
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
-    "bench": cmd_bench,
+    "bench": cmd_bench, "tail": cmd_tail,
 }
 
 
