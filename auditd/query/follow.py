@@ -70,6 +70,10 @@ def parse_tail(params: Mapping[str, str], uid_filter: int | None) -> TailRequest
         if name in params:
             raise BadQuery(name, f"{name}: not a /tail parameter; /tail takes n=N or "
                            "after=SEQ (use /events to page)")
+    names = [name for name, _ in params.items()]
+    for name in _OWN:
+        if names.count(name) > 1:
+            raise BadQuery(name, f"{name}: given twice; expected one value")
     follow = _flag("follow", params.get("follow", "0"))
     spec = parse_query(params, allow=_OWN).restricted_to(uid_filter)
     n: int | None = None

@@ -1,0 +1,156 @@
+"""CommitFeed: seq order, shared matching, the lag bounds and the trimmed log."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from auditd.query.feed import DAEMON_STOPPING, SLOW_READER, CommitFeed, FeedRefused
+from auditd.query.lines import event_document, event_line, rfc3339_ns
+from auditd.schema import StoredEvent, encoder
+from auditd.store.store import DeadLetter
+from auditd.store.writer import Gap
+
+
+def event(seq: int, type_: str = "t", data: Any = None) -> StoredEvent:
+    return StoredEvent(seq, f"id-{seq}", 1_700_000_000_123_456_789, 1_700_000_000_000_000_001,
+                       type_, "alice", None, None, None, None, None,
+                       encoder.encode({"k": "v"}), None if data is None else encoder.encode(data),
+                       1, 1000, 1000, "sh", 0)
+
+
+def gap(seq: int) -> Gap:
+    return Gap(seq, DeadLetter("writer", "commit_failed", "poison", b"", seq, 0))
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+def test_subscription_carries_every_seq_after_its_start_and_skips_gaps() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        feed.publish([event(1), event(2)])  # before: not carried
+        sub = feed.subscribe("all", None)
+        assert sub.start_seq == 2
+        feed.publish([event(3), gap(4), event(5)])
+        feed.publish([event(6)])
+        taken = sub.take(1 << 20)
+        assert [seq for seq, _ in taken] == [3, 5, 6]
+        assert sub.covered_seq == 6 and not sub.ready
+        assert taken[0][1] == event_line(event(3))
+    run(body)
+
+
+def test_same_key_matches_once_and_lines_are_shared() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        calls: list[int] = []
+
+        def only_b(e: StoredEvent) -> bool:
+            calls.append(e.seq)
+            return e.type == "b"
+
+        first, second = feed.subscribe("b", only_b), feed.subscribe("b", only_b)
+        feed.publish([event(1, "a"), event(2, "b"), event(3, "b")])
+        one, two = first.take(1 << 20), second.take(1 << 20)
+        assert [s for s, _ in one] == [s for s, _ in two] == [2, 3]
+        assert calls == [1, 2, 3]  # one match per event for both
+        assert one[0][1] is two[0][1]  # one encoding
+        assert first.covered_seq == 3
+    run(body)
+
+
+def test_take_stops_at_max_bytes_and_resumes_mid_batch() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        sub = feed.subscribe("all", None)
+        feed.publish([event(seq) for seq in range(1, 11)])
+        line = len(event_line(event(1)))
+        got = []
+        while sub.ready:
+            chunk = sub.take(3 * line)
+            assert 1 <= len(chunk) <= 3
+            got += [seq for seq, _ in chunk]
+        assert got == list(range(1, 11))
+    run(body)
+
+
+def test_a_follower_over_the_lag_bound_is_cut_and_the_log_let_go() -> None:
+    async def body() -> None:
+        feed = CommitFeed(max_lag_events=100)
+        slow, fast = feed.subscribe("all", None), feed.subscribe("all", None)
+        for start in range(1, 500, 10):
+            feed.publish([event(seq) for seq in range(start, start + 10)])
+            fast.take(1 << 30)
+            assert feed.figures()["held_events"] <= 110
+        assert slow.ended.done() and slow.ended.result() == SLOW_READER
+        assert slow.take(1 << 20) == []
+        assert feed.cut[SLOW_READER] == 1 and feed.figures()["live"] == 1
+        assert not fast.ended.done()
+        assert feed.figures()["held_events"] <= 10  # the last batch, until the next publish
+    run(body)
+
+
+def test_the_byte_bound_cuts_too() -> None:
+    async def body() -> None:
+        feed = CommitFeed(max_lag_bytes=100_000)
+        sub = feed.subscribe("all", None)
+        for seq in range(1, 200):
+            feed.publish([event(seq, data={"blob": "x" * 2000})])
+        assert sub.ended.result() == SLOW_READER
+    run(body)
+
+
+def test_no_subscriber_keeps_nothing() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        for seq in range(1, 1000):
+            feed.publish([event(seq)])
+        assert feed.figures()["held_events"] == 0 and feed.last_seq == 999
+        sub = feed.subscribe("all", None)
+        assert sub.start_seq == 999 and not sub.ready
+    run(body)
+
+
+def test_wait_wakes_on_publish_and_close_ends_with_daemon_stopping() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        feed.open_session()
+        sub = feed.subscribe("all", None)
+        waiter = asyncio.ensure_future(sub.wait(30))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        feed.publish([event(1)])
+        await asyncio.wait_for(waiter, 5)
+        assert sub.ready
+        closing = asyncio.ensure_future(feed.aclose(5))
+        await asyncio.sleep(0)
+        assert sub.ended.result() == DAEMON_STOPPING and feed.stopped().done()
+        with pytest.raises(FeedRefused):
+            feed.open_session()
+        feed.close_session()
+        await asyncio.wait_for(closing, 5)
+    run(body)
+
+
+def test_max_followers() -> None:
+    feed = CommitFeed(max_followers=2)
+    feed.open_session()
+    feed.open_session()
+    with pytest.raises(FeedRefused, match="2 followers"):
+        feed.open_session()
+    feed.close_session()
+    feed.open_session()
+
+
+def test_event_document_fields() -> None:
+    document = event_document(event(7, data={"b": b"\x00\x01", "n": [1, "x"]}))
+    assert document["seq"] == 7 and document["ts"] == "2023-11-14T22:13:20.123456789Z"
+    assert document["received_at"] == rfc3339_ns(1_700_000_000_000_000_001)
+    assert document["tags"] == {"k": "v"}
+    assert document["data"] == {"b": {"$bytes": "AAE="}, "n": [1, "x"]}
+    assert "data" not in event_document(event(8))
