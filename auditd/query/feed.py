@@ -22,14 +22,17 @@ and drops any seq it has already written.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
+import operator
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from auditd.query.lines import event_line
 from auditd.schema import StoredEvent
+from auditd.stats import LATENCY_BUCKETS_MS, Histogram
 
 Predicate = Callable[[StoredEvent], bool]
 SLOW_READER = "slow_reader"
@@ -37,6 +40,11 @@ DAEMON_STOPPING = "daemon_stopping"
 # What an event is assumed to take beyond its data and tags, for the byte bound: the
 # Python object, its strings and its JSON line.
 _EVENT_OVERHEAD = 600
+# Between two writes to one follower, at least this long per follower connected (at
+# most _GAP_MOST_S): with many followers each batch would wake every one of them, and
+# the loop's time would go to wake-ups; this keeps them to about 5,000/s in all.
+_GAP_PER_FOLLOWER_S = 0.0002
+_GAP_MOST_S = 0.02
 
 
 class FeedRefused(Exception):
@@ -47,11 +55,42 @@ def event_bytes(event: StoredEvent) -> int:
     return _EVENT_OVERHEAD + len(event.data or b"") + len(event.tags or b"")
 
 
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which events a follower wants: every field in `equal` has one of its values (an
+    index per field and batch answers these, shared by all followers), and `predicate`
+    (None: no more conditions) holds. `key` is equal for equal selectors."""
+
+    key: Hashable
+    equal: tuple[tuple[str, frozenset[Any]], ...] = ()
+    predicate: Predicate | None = None
+
+
+EVERY_EVENT = Selector("every event")
+
+
+class Selection:
+    """A selector's events in one batch: their encoded lines and how many bytes."""
+
+    __slots__ = ("_blob", "lines", "size")
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+        self.size = sum(map(len, lines))
+        self._blob: bytes | None = None
+
+    def blob(self) -> bytes:
+        """Every line joined: one object shared by every follower of this selector."""
+        if self._blob is None:
+            self._blob = b"".join(self.lines)
+        return self._blob
+
+
 class CommittedBatch:
     """One commit's events, as followers read them; lines are encoded on first read."""
 
-    __slots__ = ("_lines", "_selections", "bytes_before", "events", "first_index",
-                 "last_seq", "size")
+    __slots__ = ("_indexes", "_lines", "_selections", "bytes_before", "events",
+                 "first_index", "last_seq", "published_at", "size")
 
     def __init__(self, events: list[StoredEvent], last_seq: int, first_index: int,
                  bytes_before: int) -> None:
@@ -59,42 +98,65 @@ class CommittedBatch:
         self.last_seq = last_seq  # covered through here, dead letters included
         self.first_index = first_index  # events published before this batch
         self.bytes_before = bytes_before
+        self.published_at = time.monotonic()
         self.size = sum(event_bytes(event) for event in events)
-        self._lines: list[bytes | None] | None = None
-        self._selections: dict[Hashable, list[int]] = {}
+        self._lines: list[bytes | None] = [None] * len(events)
+        self._indexes: dict[str, dict[Any, list[int]]] = {}
+        self._selections: dict[Hashable, Selection] = {}
 
-    def line(self, offset: int) -> bytes:
-        lines = self._lines
-        if lines is None:
-            lines = self._lines = [None] * len(self.events)
-        line = lines[offset]
-        if line is None:
-            line = lines[offset] = event_line(self.events[offset])
-        return line
-
-    def selection(self, key: Hashable, predicate: Predicate | None) -> Sequence[int]:
-        """Offsets of the events `predicate` selects (every one when None), cached."""
-        if predicate is None:
-            return range(len(self.events))
-        chosen = self._selections.get(key)
+    def selection(self, selector: Selector) -> Selection:
+        chosen = self._selections.get(selector.key)
         if chosen is None:
-            chosen = self._selections[key] = [
-                offset for offset, event in enumerate(self.events) if predicate(event)]
+            offsets = self._offsets(selector)
+            lines, events = self._lines, self.events
+            for offset in offsets:
+                if lines[offset] is None:
+                    lines[offset] = event_line(events[offset])
+            chosen = self._selections[selector.key] = Selection(
+                cast(list[bytes], [lines[offset] for offset in offsets]))
         return chosen
+
+    def _offsets(self, selector: Selector) -> list[int]:
+        offsets: list[int] | None = None
+        for field, values in selector.equal:
+            index = self._index(field)
+            found = sorted(o for value in values for o in index.get(value, ()))
+            if offsets is not None:
+                keep = set(found)
+                found = [o for o in offsets if o in keep]
+            offsets = found
+            if not offsets:
+                return []
+        if offsets is None:
+            offsets = list(range(len(self.events)))
+        if selector.predicate is not None:
+            events, predicate = self.events, selector.predicate
+            offsets = [o for o in offsets if predicate(events[o])]
+        return offsets
+
+    def _index(self, field: str) -> dict[Any, list[int]]:
+        index = self._indexes.get(field)
+        if index is None:
+            index = self._indexes[field] = {}
+            for offset, value in enumerate(map(operator.attrgetter(field), self.events)):
+                index.setdefault(value, []).append(offset)
+        return index
 
 
 class Subscription:
     """One follower's cursor into the feed. Made by CommitFeed.subscribe."""
 
-    def __init__(self, feed: CommitFeed, key: Hashable, predicate: Predicate | None) -> None:
+    def __init__(self, feed: CommitFeed, selector: Selector) -> None:
         self.feed = feed
-        self.key = key
-        self.predicate = predicate
+        self.selector = selector
         self.start_seq = feed.last_seq
         self.covered_seq = feed.last_seq  # every seq up to here has been taken or skipped
         self._ordinal = feed.next_ordinal  # the batch read next
-        self._offset = 0  # within it
+        # When the oldest batch of the last take() was published (time.monotonic()):
+        # the follower observes commit -> write with it, then clears it.
+        self.oldest_taken: float | None = None
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def ordinal(self) -> int:
@@ -107,7 +169,7 @@ class Subscription:
         batch = feed.batch_at(self._ordinal)
         if batch is None:
             return 0
-        return feed.events_total - batch.first_index - self._offset
+        return feed.events_total - batch.first_index
 
     @property
     def lag_bytes(self) -> int:
@@ -120,41 +182,50 @@ class Subscription:
         """Whether take() has something (or the subscription has ended)."""
         return self._ordinal < self.feed.next_ordinal or self.ended.done()
 
-    def take(self, max_bytes: int) -> list[tuple[int, bytes]]:
-        """The next selected events' (seq, line), up to about `max_bytes` (at least one
-        line when there is one); advances the cursor and covered_seq past them."""
-        feed, taken, size = self.feed, [], 0
-        while size < max_bytes and not self.ended.done():
+    def take(self, max_bytes: int) -> list[bytes]:
+        """The selected lines of the next batches, a piece per batch (one bytes object
+        shared by every follower of the selector), until about `max_bytes` are taken;
+        covered_seq moves past those batches. A batch is never split: a follower's
+        buffer may hold one batch beyond `max_bytes`."""
+        feed, pieces, room = self.feed, [], max_bytes
+        while room > 0 and not self.ended.done():
             batch = feed.batch_at(self._ordinal)
             if batch is None:
                 break
-            chosen = batch.selection(self.key, self.predicate)
-            at = bisect.bisect_left(chosen, self._offset)
-            while at < len(chosen) and size < max_bytes:
-                offset = chosen[at]
-                line = batch.line(offset)
-                taken.append((batch.events[offset].seq, line))
-                size += len(line)
-                at += 1
-                self._offset = offset + 1
-            if at < len(chosen):
-                self.covered_seq = taken[-1][0]
-                break
+            chosen = batch.selection(self.selector)
+            if chosen.size:
+                pieces.append(chosen.blob())
+                room -= chosen.size
+                if self.oldest_taken is None:
+                    self.oldest_taken = batch.published_at
             self._ordinal += 1
-            self._offset = 0
             self.covered_seq = batch.last_seq
-        return taken
+        return pieces
 
     async def wait(self, seconds: float) -> None:
         """Until take() has something, the subscription ends, or `seconds` pass."""
         if self.ready:
             return
-        arrived = self.feed.arrival()
-        await asyncio.wait((arrived, self.ended), timeout=seconds,
-                           return_when=asyncio.FIRST_COMPLETED)
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def wake(self) -> None:
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     def close(self) -> None:
         self.feed.unsubscribe(self)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class CommitFeed:
@@ -170,10 +241,11 @@ class CommitFeed:
         self._log: deque[CommittedBatch] = deque()
         self._first_ordinal = 0  # ordinal of _log[0]
         self._subscriptions: set[Subscription] = set()
-        self._arrived: asyncio.Future[None] | None = None
         self.sessions = 0  # followers connected, live or still reading the store
         self.cut: dict[str, int] = {SLOW_READER: 0, DAEMON_STOPPING: 0}
         self.served = 0  # followers served since start
+        # commit -> lines handed to the follower's socket, per write
+        self.delivery_ms = Histogram(LATENCY_BUCKETS_MS)
         self.closed = False
         self._stopped: asyncio.Future[str] | None = None
         self._idle: asyncio.Event | None = None
@@ -196,14 +268,18 @@ class CommitFeed:
         self.next_ordinal += 1
         self.events_total += len(events)
         self.bytes_total += batch.size
-        for subscription in [s for s in self._subscriptions
-                             if s.lag_events > self.max_lag_events
-                             or s.lag_bytes > self.max_lag_bytes]:
+        # Only a cursor behind the previous batch can be over the bound: a cursor at the
+        # new batch lags by that batch alone, and is cut only if the batch is too big.
+        behind = self.next_ordinal - 2
+        over = [s for s in self._subscriptions
+                if (s.ordinal <= behind or len(events) > self.max_lag_events
+                    or batch.size > self.max_lag_bytes)
+                and (s.lag_events > self.max_lag_events or s.lag_bytes > self.max_lag_bytes)]
+        for subscription in over:
             self._end(subscription, SLOW_READER)
         self._trim()
-        arrived, self._arrived = self._arrived, None
-        if arrived is not None and not arrived.done():
-            arrived.set_result(None)
+        for subscription in self._subscriptions:
+            subscription.wake()
 
     # -- the followers' side -------------------------------------------------------
 
@@ -221,10 +297,10 @@ class CommitFeed:
         if self.sessions == 0 and self._idle is not None:
             self._idle.set()
 
-    def subscribe(self, key: Hashable, predicate: Predicate | None) -> Subscription:
+    def subscribe(self, selector: Selector = EVERY_EVENT) -> Subscription:
         if self.closed:
             raise FeedRefused("the daemon is stopping")
-        subscription = Subscription(self, key, predicate)
+        subscription = Subscription(self, selector)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -234,16 +310,15 @@ class CommitFeed:
             self._trim()
         if not subscription.ended.done():
             subscription.ended.set_result("closed")
+        subscription.wake()
 
     def batch_at(self, ordinal: int) -> CommittedBatch | None:
         index = ordinal - self._first_ordinal
         return self._log[index] if 0 <= index < len(self._log) else None
 
-    def arrival(self) -> asyncio.Future[None]:
-        """Done at the next publish: shared by every follower that waits."""
-        if self._arrived is None:
-            self._arrived = asyncio.get_running_loop().create_future()
-        return self._arrived
+    def write_gap(self) -> float:
+        """The least time between two writes to one follower, now."""
+        return min(_GAP_MOST_S, self.sessions * _GAP_PER_FOLLOWER_S)
 
     def stopped(self) -> asyncio.Future[str]:
         """Done (with DAEMON_STOPPING) once aclose() begins."""
@@ -263,9 +338,6 @@ class CommitFeed:
             self._stopped.set_result(DAEMON_STOPPING)
         for subscription in list(self._subscriptions):
             self._end(subscription, DAEMON_STOPPING)
-        arrived, self._arrived = self._arrived, None
-        if arrived is not None and not arrived.done():
-            arrived.set_result(None)
         if self.sessions:
             self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -278,6 +350,8 @@ class CommitFeed:
         return {"followers": self.sessions, "live": len(self._subscriptions),
                 "served": self.served, "cut": dict(self.cut),
                 "max_lag_events": max(lags, default=0),
+                "delivery_ms": dict(self.delivery_ms.percentiles(),
+                                    count=self.delivery_ms.count),
                 "held_events": sum(len(b.events) for b in self._log),
                 "held_bytes": sum(b.size for b in self._log),
                 "bounds": {"lag_events": self.max_lag_events,
@@ -291,6 +365,7 @@ class CommitFeed:
         if not subscription.ended.done():
             subscription.ended.set_result(reason)
             self.cut[reason] = self.cut.get(reason, 0) + 1
+        subscription.wake()
 
     def _trim(self) -> None:
         """Let go of the batches every subscription has read."""

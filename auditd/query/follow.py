@@ -20,20 +20,29 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
 
 from auditd.query.feed import (
     DAEMON_STOPPING,
+    EVERY_EVENT,
     SLOW_READER,
     CommitFeed,
     FeedRefused,
+    Selector,
     Subscription,
 )
 from auditd.query.lines import control_line, event_line
-from auditd.query.spec import MAX_LIMIT, BadQuery, QuerySpec, matches, parse_query
+from auditd.query.spec import (
+    MAX_LIMIT,
+    TEXT_FILTERS,
+    BadQuery,
+    QuerySpec,
+    matches,
+    parse_query,
+)
 from auditd.schema import StoredEvent
 
 log = structlog.get_logger("auditd.query.follow")
@@ -119,9 +128,20 @@ def feed_key(spec: QuerySpec) -> Hashable:
             spec.since_ns, spec.until_ns)
 
 
-def selects_all(spec: QuerySpec) -> bool:
-    return not spec.values and spec.uids is None and not spec.words \
-        and not spec.prefixes and spec.since_ns is None and spec.until_ns is None
+def selector_of(spec: QuerySpec) -> Selector:
+    """The feed's selector for a spec's filters (its seq range aside): equality on the
+    indexed fields, and `matches` only for what those cannot say (tags, words, time)."""
+    equal: list[tuple[str, frozenset[Any]]] = [
+        (name, frozenset(spec.values[name])) for name in TEXT_FILTERS if name in spec.values]
+    if spec.uids is not None:
+        equal.append(("uid", frozenset(spec.uids)))
+    rest = "tag" in spec.values or spec.words or spec.prefixes \
+        or spec.since_ns is not None or spec.until_ns is not None
+    if not equal and not rest:
+        return EVERY_EVENT
+    filters = spec.replace(after=None, before=None)
+    predicate = (lambda event: matches(event, filters)) if rest else None
+    return Selector(feed_key(spec), tuple(equal), predicate)
 
 
 class _Ended(Exception):
@@ -183,11 +203,11 @@ class FollowSession:
             await self._pages(through=None if tail.follow else feed.last_seq)
             if not tail.follow:
                 return
-            self._subscription = feed.subscribe(feed_key(self.filters), self._predicate())
+            self._subscription = feed.subscribe(selector_of(self.filters))
             await self._pages(through=self._subscription.start_seq)
         else:
             if tail.follow:
-                self._subscription = feed.subscribe(feed_key(self.filters), self._predicate())
+                self._subscription = feed.subscribe(selector_of(self.filters))
                 through = self._subscription.start_seq
             else:
                 through = feed.last_seq
@@ -195,12 +215,6 @@ class FollowSession:
             if not tail.follow:
                 return
         await self._live()
-
-    def _predicate(self) -> Callable[[StoredEvent], bool] | None:
-        if selects_all(self.filters):
-            return None
-        filters = self.filters
-        return lambda event: matches(event, filters)
 
     async def _last(self, n: int, through: int) -> None:
         """The last `n` matching events up to `through`, oldest first."""
@@ -227,19 +241,27 @@ class FollowSession:
     async def _live(self) -> None:
         subscription = self._subscription
         assert subscription is not None
-        heartbeat = self.tail.heartbeat_s
+        # From here the feed carries exactly the seqs after the position: the catch-up
+        # stopped at the subscription's start_seq, and the feed begins after it.
+        heartbeat, feed = self.tail.heartbeat_s, self.feed
         while True:
+            gap = self._last_line + feed.write_gap() - time.monotonic()
+            if gap > 0.001:  # many followers: let batches gather rather than wake often
+                await asyncio.sleep(gap)
             wait = self._last_line + heartbeat - time.monotonic()
             if wait > 0:
                 await subscription.wait(wait)
             if subscription.ended.done():
                 raise _Ended(subscription.ended.result())
             self._check_connected()
-            taken = subscription.take(CHUNK_BYTES)
-            lines = [line for seq, line in taken if seq > self.position]
+            pieces = subscription.take(CHUNK_BYTES)
             self.position = max(self.position, subscription.covered_seq)
-            if lines:
-                await self._write(b"".join(lines))
+            if pieces:
+                await self._write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                if subscription.oldest_taken is not None:
+                    feed.delivery_ms.observe(
+                        (time.monotonic() - subscription.oldest_taken) * 1000)
+                    subscription.oldest_taken = None
             elif time.monotonic() - self._last_line >= heartbeat:
                 await self._write(control_line({"heartbeat": int(time.time())}))
 

@@ -9,7 +9,8 @@ null, except `tags` and `data`, which are left out.
 from __future__ import annotations
 
 import base64
-import datetime
+import re
+import time
 from typing import Any
 
 import msgspec
@@ -18,14 +19,22 @@ from auditd.schema import StoredEvent
 
 _json = msgspec.json.Encoder()
 _msgpack_any = msgspec.msgpack.Decoder()
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+# MessagePack's bin and ext formats. Without any of these bytes a value holds no bytes
+# and can go to JSON as decoded (UTF-8 text may have them too: then the slow path).
+_MAYBE_BYTES = re.compile(rb"[\xc4-\xc9\xd4-\xd8]")
+_SECONDS: dict[int, str] = {}  # "2026-12-02T10:00:00" by unix second: followers' events
+_SECONDS_HELD = 4096  # are recent, so a handful of entries serve nearly every line
 
 
 def rfc3339_ns(ns: int) -> str:
     """`2026-12-02T10:00:00.123456789Z` (UTC) from nanoseconds since the epoch."""
     seconds, fraction = divmod(ns, 1_000_000_000)
-    moment = _EPOCH + datetime.timedelta(seconds=seconds)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{fraction:09d}Z"
+    text = _SECONDS.get(seconds)
+    if text is None:
+        if len(_SECONDS) >= _SECONDS_HELD:
+            _SECONDS.clear()
+        text = _SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{fraction:09d}Z"
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,7 +52,8 @@ def _jsonable(value: Any) -> Any:
 
 def _decoded(raw: bytes) -> Any:
     try:
-        return _jsonable(_msgpack_any.decode(raw))
+        value = _msgpack_any.decode(raw)
+        return _jsonable(value) if _MAYBE_BYTES.search(raw) else value
     except msgspec.DecodeError:  # never stored so, but a line must still be written
         return {"$bytes": base64.b64encode(raw).decode("ascii")}
 

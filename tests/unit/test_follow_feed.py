@@ -8,8 +8,16 @@ from typing import Any
 
 import pytest
 
-from auditd.query.feed import DAEMON_STOPPING, SLOW_READER, CommitFeed, FeedRefused
+from auditd.query.feed import (
+    DAEMON_STOPPING,
+    SLOW_READER,
+    CommitFeed,
+    FeedRefused,
+    Selector,
+)
+from auditd.query.follow import selector_of
 from auditd.query.lines import event_document, event_line, rfc3339_ns
+from auditd.query.spec import matches, parse_query
 from auditd.schema import StoredEvent, encoder
 from auditd.store.store import DeadLetter
 from auditd.store.writer import Gap
@@ -34,14 +42,13 @@ def test_subscription_carries_every_seq_after_its_start_and_skips_gaps() -> None
     async def body() -> None:
         feed = CommitFeed()
         feed.publish([event(1), event(2)])  # before: not carried
-        sub = feed.subscribe("all", None)
+        sub = feed.subscribe()
         assert sub.start_seq == 2
         feed.publish([event(3), gap(4), event(5)])
         feed.publish([event(6)])
         taken = sub.take(1 << 20)
-        assert [seq for seq, _ in taken] == [3, 5, 6]
+        assert b"".join(taken) == b"".join(event_line(event(s)) for s in (3, 5, 6))
         assert sub.covered_seq == 6 and not sub.ready
-        assert taken[0][1] == event_line(event(3))
     run(body)
 
 
@@ -54,35 +61,39 @@ def test_same_key_matches_once_and_lines_are_shared() -> None:
             calls.append(e.seq)
             return e.type == "b"
 
-        first, second = feed.subscribe("b", only_b), feed.subscribe("b", only_b)
+        selector = Selector("b", predicate=only_b)
+        first, second = feed.subscribe(selector), feed.subscribe(selector)
         feed.publish([event(1, "a"), event(2, "b"), event(3, "b")])
         one, two = first.take(1 << 20), second.take(1 << 20)
-        assert [s for s, _ in one] == [s for s, _ in two] == [2, 3]
+        assert one == two == [event_line(event(2, "b")) + event_line(event(3, "b"))]
         assert calls == [1, 2, 3]  # one match per event for both
-        assert one[0][1] is two[0][1]  # one encoding
+        assert one[0] is two[0]  # one encoding, one joined piece
         assert first.covered_seq == 3
     run(body)
 
 
-def test_take_stops_at_max_bytes_and_resumes_mid_batch() -> None:
+def test_take_stops_at_max_bytes_between_batches() -> None:
     async def body() -> None:
         feed = CommitFeed()
-        sub = feed.subscribe("all", None)
-        feed.publish([event(seq) for seq in range(1, 11)])
+        sub = feed.subscribe()
+        for seq in range(1, 11):
+            feed.publish([event(seq)])
+        feed.publish([event(seq) for seq in range(11, 21)])  # one batch: never split
         line = len(event_line(event(1)))
-        got = []
+        got, takes = b"", []
         while sub.ready:
-            chunk = sub.take(3 * line)
-            assert 1 <= len(chunk) <= 3
-            got += [seq for seq, _ in chunk]
-        assert got == list(range(1, 11))
+            pieces = sub.take(3 * line)
+            takes.append(len(pieces))
+            got += b"".join(pieces)
+        assert got == b"".join(event_line(event(seq)) for seq in range(1, 21))
+        assert takes == [3, 3, 3, 2] and sub.covered_seq == 20
     run(body)
 
 
 def test_a_follower_over_the_lag_bound_is_cut_and_the_log_let_go() -> None:
     async def body() -> None:
         feed = CommitFeed(max_lag_events=100)
-        slow, fast = feed.subscribe("all", None), feed.subscribe("all", None)
+        slow, fast = feed.subscribe(), feed.subscribe()
         for start in range(1, 500, 10):
             feed.publish([event(seq) for seq in range(start, start + 10)])
             fast.take(1 << 30)
@@ -98,7 +109,7 @@ def test_a_follower_over_the_lag_bound_is_cut_and_the_log_let_go() -> None:
 def test_the_byte_bound_cuts_too() -> None:
     async def body() -> None:
         feed = CommitFeed(max_lag_bytes=100_000)
-        sub = feed.subscribe("all", None)
+        sub = feed.subscribe()
         for seq in range(1, 200):
             feed.publish([event(seq, data={"blob": "x" * 2000})])
         assert sub.ended.result() == SLOW_READER
@@ -111,7 +122,7 @@ def test_no_subscriber_keeps_nothing() -> None:
         for seq in range(1, 1000):
             feed.publish([event(seq)])
         assert feed.figures()["held_events"] == 0 and feed.last_seq == 999
-        sub = feed.subscribe("all", None)
+        sub = feed.subscribe()
         assert sub.start_seq == 999 and not sub.ready
     run(body)
 
@@ -120,7 +131,7 @@ def test_wait_wakes_on_publish_and_close_ends_with_daemon_stopping() -> None:
     async def body() -> None:
         feed = CommitFeed()
         feed.open_session()
-        sub = feed.subscribe("all", None)
+        sub = feed.subscribe()
         waiter = asyncio.ensure_future(sub.wait(30))
         await asyncio.sleep(0)
         assert not waiter.done()
@@ -134,6 +145,22 @@ def test_wait_wakes_on_publish_and_close_ends_with_daemon_stopping() -> None:
             feed.open_session()
         feed.close_session()
         await asyncio.wait_for(closing, 5)
+    run(body)
+
+
+def test_indexed_fields_and_predicates_select_the_same_events_as_matches() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        queries = [{"type": "b"}, {"type": "a", "actor": "alice"}, {"uid": "1000"},
+                   {"uid": "7"}, {"tag": "k=v", "type": "b"}, {"q": "alice"},
+                   {"type": "a", "since": "1700000000"}]
+        specs = [parse_query(q) for q in queries]
+        subs = [feed.subscribe(selector_of(spec)) for spec in specs]
+        events = [event(seq, "ab"[seq % 2]) for seq in range(1, 40)]
+        feed.publish(events)
+        for spec, sub in zip(specs, subs, strict=True):
+            want = b"".join(event_line(e) for e in events if matches(e, spec))
+            assert b"".join(sub.take(1 << 20)) == want, spec
     run(body)
 
 
