@@ -30,7 +30,10 @@ from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
 from auditd.logs import RecurringFault
+from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
+from auditd.query.hot_index import HotIndex
+from auditd.query.rebuild import rebuild_hot_index
 from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
 from auditd.stats import Stats
@@ -75,6 +78,9 @@ class Daemon:
         self._signals = 0
         self.failed = False
         self.dead_letters = DeadLetterStore(self.store.path)
+        self.hot_index = HotIndex()
+        self.query_engine = QueryEngine(self.store.path, self.hot_index, self.store.sealed,
+                                        lambda seqs: self.ring.committed_by_seq(seqs))
         self.feed = CommitFeed()  # committed events for /tail?follow=1
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)
@@ -141,6 +147,10 @@ class Daemon:
         progress.begin("opening the database (migrations)")
         await self.store.open(progress.tick)
         state = await self.store.load_state()
+        progress.begin("indexing the hot events")
+        await rebuild_hot_index(self.hot_index, self.store.path, await self.store.sealed_through())
+        self.store.after_commit = self.hot_index.append
+        self.store.after_seal = self.hot_index.trim
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)
@@ -186,6 +196,7 @@ class Daemon:
             ("tasks", self._cancel_tasks),
             ("status_server", self.status.aclose),
             ("dead_letter_store", self.dead_letters.close),
+            ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
         ])
 
@@ -290,6 +301,7 @@ class Daemon:
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),
             ("dead_letter_store", self.dead_letters.close),
+            ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
         ])
         log.info("daemon_stopped", last_seq=self.sequencer.last_seq,

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from auditd.bench import fair, soak, stalls
+from auditd.bench import fair, query_bench, soak, stalls
 from auditd.bench import follow as follow_bench
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fair.add_arguments(parser)
     soak.add_arguments(parser)
     stalls.add_arguments(parser)
+    query_bench.add_arguments(parser)
     follow_bench.add_arguments(parser)
 
 
@@ -171,6 +172,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         if not args.json:
             soak.print_report(doc["soak"])
             return 0
+    elif args.query is not None:
+        doc = {"query": query_bench.run_query_bench(args, config)}
     elif args.ring:
         doc = {"ring": run_ring()}
     elif args.replay:

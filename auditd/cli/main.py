@@ -111,6 +111,13 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
                         args.json, args.limit)
 
 
+def cmd_query(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import operator
+    from auditd.cli import query as query_command
+
+    return query_command.run(args, _status_socket(args, config), operator.call)
+
+
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import operator
 
@@ -143,6 +150,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
 
 COMMANDS: dict[str, Command] = {
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
+    "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
     "bench": cmd_bench, "tail": cmd_tail,
 }

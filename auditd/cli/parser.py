@@ -60,6 +60,10 @@ def build_parser() -> Parser:
     _operator(command("status", "health, throughput, backlog, latencies, disk use, dead "
                                 "letters; exit 1 unless healthy"))
     _dlq(_operator(command("dlq", "the dead-letter store: list, retry or drop entries")))
+    from auditd.cli.query import add_query_arguments
+
+    add_query_arguments(command("query", "filtered events from the running daemon, newest "
+                                         "last; repeat a filter to OR it"))
     backup = _operator(command("backup", "a consistent online copy of the database, "
                                          "written by the running daemon"))
     backup.add_argument("dest", metavar="DEST",

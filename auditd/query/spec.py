@@ -71,6 +71,21 @@ class QuerySpec:
         return tuple(_split_tag(value) for value in self.values.get("tag", ()))
 
     @property
+    def tag_groups(self) -> dict[str, tuple[str, ...]]:
+        """The `k=v` values by key: tags of one key OR, of different keys AND (each
+        key is a filter of its own, as journalctl's fields are)."""
+        groups: dict[str, list[str]] = {}
+        for value in self.values.get("tag", ()):
+            groups.setdefault(_split_tag(value)[0], []).append(value)
+        return {key: tuple(values) for key, values in groups.items()}
+
+    @property
+    def rechecked(self) -> bool:
+        """Whether a sealed partition's answer is only a superset (it indexes neither
+        prefixes nor more than one tag key: those are checked against the records)."""
+        return bool(self.prefixes) or len(self.tag_groups) > 1
+
+    @property
     def empty(self) -> bool:
         """Whether no event can match (a filter with no value, an empty range)."""
         if any(not values for values in self.values.values()) or self.uids == ():
@@ -93,6 +108,8 @@ class QuerySpec:
         """The filters as SealedPartition.query takes them (prefixes are rechecked by
         the caller: a sealed partition indexes whole words only)."""
         filters = {name: list(values) for name, values in self.values.items()}
+        if "tag" in filters:  # the first key's; the others are rechecked
+            filters["tag"] = list(next(iter(self.tag_groups.values())))
         if self.uids is not None:
             filters["uid"] = [str(uid) for uid in self.uids]
         if self.words:
@@ -232,13 +249,15 @@ _tags_decoder = msgspec.msgpack.Decoder(dict[str, str])
 _data_decoder = msgspec.msgpack.Decoder()
 
 
-def event_tags(event: StoredEvent) -> dict[str, str]:
-    if event.tags is None:
-        return {}
+def decode_tags(raw: bytes) -> dict[str, str]:
     try:
-        return _tags_decoder.decode(event.tags)
+        return _tags_decoder.decode(raw)
     except msgspec.DecodeError:
         return {}
+
+
+def event_tags(event: StoredEvent) -> dict[str, str]:
+    return {} if event.tags is None else decode_tags(event.tags)
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -294,8 +313,9 @@ def matches_filters(event: StoredEvent, spec: QuerySpec) -> bool:
     for name, values in spec.values.items():
         if name == "tag":
             tags = event_tags(event)
-            if not any(tags.get(key) == value for key, value in spec.tags):
-                return False
+            for group in spec.tag_groups.values():
+                if not any(tags.get(key) == value for key, value in map(_split_tag, group)):
+                    return False
         elif getattr(event, name) not in values:
             return False
     if spec.words or spec.prefixes:

@@ -26,11 +26,10 @@ from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
+from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
-from auditd.query.hot_scan import HotScan
-from auditd.query.spec import QuerySpec
 from auditd.ring import RingBuffer
-from auditd.schema import StoredEvent, WireEvent, encoder, stored_decoder
+from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
 from auditd.status.source import ActionRefused, Gauges, admin_actor
 from auditd.store.deadletters import DeadLetterStore
@@ -89,6 +88,8 @@ class DaemonView(Protocol):
     @property
     def sealer(self) -> Sealer: ...
     @property
+    def query_engine(self) -> QueryEngine: ...
+    @property
     def ingest(self) -> IngestServer: ...
     @property
     def dead_letters(self) -> DeadLetterStore: ...
@@ -122,11 +123,12 @@ class DaemonControl:
         return self.daemon.stats
 
     @property
+    def events(self) -> QueryEngine:
+        return self.daemon.query_engine
+
+    @property
     def feed(self) -> CommitFeed:
         return self.daemon.feed
-
-    async def read_events(self, spec: QuerySpec) -> list[StoredEvent]:
-        return await HotScan(self.daemon.store.path).read(spec)
 
     def gauges(self) -> Gauges:
         daemon = self.daemon

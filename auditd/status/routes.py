@@ -19,8 +19,10 @@ from aiohttp import web
 from auditd.ingest import depth
 from auditd.query.feed import FeedRefused
 from auditd.query.follow import FollowSession, parse_tail
-from auditd.query.spec import BadQuery
+from auditd.query.spec import BadQuery, QuerySpec
+from auditd.schema import StoredEvent
 from auditd.status.access import Caller
+from auditd.status.events import get_correlation, get_event, get_events, get_stream
 from auditd.status.figures import RateSampler, stats_document
 from auditd.status.health import evaluate, inputs_from
 from auditd.status.metrics import MetricsExposition
@@ -97,7 +99,12 @@ async def get_tail(call: Call) -> web.StreamResponse:
         tail = parse_tail(call.request.query, call.caller.uid_filter)
     except BadQuery as exc:
         raise Problem(400, "bad_request", str(exc)) from None
-    session = FollowSession(call.request, tail, call.source.feed, call.source.read_events)
+    engine = call.source.events
+
+    async def read(spec: QuerySpec) -> list[StoredEvent]:
+        return (await engine.query(spec)).events
+
+    session = FollowSession(call.request, tail, call.source.feed, read)
     try:
         return await session.run()
     except FeedRefused as exc:  # before the response began
@@ -214,6 +221,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/stats", read=get_stats),
     Route("GET", "/metrics", read=get_metrics),
     Route("GET", "/dlq", read=get_dlq),
+    Route("GET", "/events", read=get_events),
+    Route("GET", "/events/{key}", read=get_event),
+    Route("GET", "/streams/{stream}", read=get_stream),
+    Route("GET", "/correlations/{correlation}", read=get_correlation),
     Route("GET", "/tail", read=get_tail),
     Route("POST", "/dlq/retry", admin=post_dlq_retry, action="dlq.retry"),
     Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),

@@ -12,9 +12,8 @@ from typing import Any, Protocol
 
 from auditd.config import Config
 from auditd.errors import AuditdError
+from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
-from auditd.query.spec import QuerySpec
-from auditd.schema import StoredEvent
 from auditd.stats import Stats
 
 
@@ -87,6 +86,11 @@ class StatusSource(Protocol):
         """A fresh snapshot of the figures `Gauges` lists."""
         ...
 
+    @property
+    def events(self) -> QueryEngine:
+        """Queries over the stored events (/events, /streams, /correlations)."""
+        ...
+
     async def dlq_list(self, limit: int, after: int | None,
                        uid: int | None) -> list[dict[str, Any]]:
         """Up to `limit` dead letters with dlq_id > `after`, oldest first.
@@ -152,9 +156,4 @@ class StatusSource(Protocol):
     @property
     def feed(self) -> CommitFeed:
         """Committed events offered to followers as each batch commits."""
-        ...
-
-    async def read_events(self, spec: QuerySpec) -> list[StoredEvent]:
-        """Up to spec.limit stored events matching `spec` in (after, before), ascending
-        or (spec.descending) newest first: a /tail catch-up page."""
         ...

@@ -142,6 +142,12 @@ class Store:
         # that then completed (with synchronous=NORMAL a commit is durable only then).
         self.durable_seq = 0
         self.on_durable: Callable[[int], None] | None = None  # told when durable_seq grows
+        # Told on the store's thread, after each COMMIT, of the batch's events and their
+        # events-table rows (the query package's hot index), and after a partition is
+        # open for reads, of its last seq.
+        self.after_commit: Callable[[list[StoredEvent], list[tuple[Any, ...]]], None] | None \
+            = None
+        self.after_seal: Callable[[int], None] | None = None
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -264,6 +270,8 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, f"cataloguing partition {entry.file}") from exc
         await self.sealed.add([entry])
+        if self.after_seal is not None:
+            await self._call(self.after_seal, entry.last_seq)
 
     async def release_hot(self) -> int:
         """Delete the hot rows that sealed partitions hold, a chunk per transaction."""
@@ -311,7 +319,8 @@ class Store:
                     fresh = _resolve_names(db, missing)
                 lookup = self._names | fresh if fresh else self._names
                 name_id = lookup.__getitem__
-                insert_rows(db, EVENTS, [event_row(e, name_id) for e in events])
+                rows = [event_row(e, name_id) for e in events]
+                insert_rows(db, EVENTS, rows)
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
                 insert_rows(db, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
                 insert_rows(db, DEAD_LETTERS, [_dead_row(d) for d in dead])
@@ -333,10 +342,20 @@ class Store:
             raise error from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
         self.commits += 1
+        if self.after_commit is not None and events:
+            self._tell_after_commit(events, rows)
         if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()
             self._names.update(fresh)
+
+    def _tell_after_commit(self, events: list[StoredEvent], rows: list[tuple[Any, ...]]) -> None:
+        assert self.after_commit is not None
+        try:
+            self.after_commit(events, rows)
+        except Exception as exc:  # the batch is committed: a hook must not undo that
+            log.error("after_commit_failed", first_seq=events[0].seq, n=len(events),
+                      error=repr(exc))
 
     def _missing_names(self, events: list[StoredEvent]) -> set[str]:
         names = self._names

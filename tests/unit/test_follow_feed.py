@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,6 +19,7 @@ from auditd.query.feed import (
 )
 from auditd.query.follow import selector_of
 from auditd.query.lines import event_document, event_line, rfc3339_ns
+from auditd.query.rows import event_json
 from auditd.query.spec import matches, parse_query
 from auditd.schema import StoredEvent, encoder
 from auditd.store.store import DeadLetter
@@ -174,10 +177,15 @@ def test_max_followers() -> None:
     feed.open_session()
 
 
-def test_event_document_fields() -> None:
+def test_event_document_fields_as_events_answers_them() -> None:
     document = event_document(event(7, data={"b": b"\x00\x01", "n": [1, "x"]}))
     assert document["seq"] == 7 and document["ts"] == "2023-11-14T22:13:20.123456789Z"
     assert document["received_at"] == rfc3339_ns(1_700_000_000_000_000_001)
     assert document["tags"] == {"k": "v"}
     assert document["data"] == {"b": {"$bytes": "AAE="}, "n": [1, "x"]}
-    assert "data" not in event_document(event(8))
+    assert event_document(event(8))["data"] is None
+    moment = datetime.datetime(2026, 12, 2, 10, 0, 0, 250000, tzinfo=datetime.UTC)
+    for data in (None, {"s": "ą text", "n": 1.5, "deep": [{"x": None}]}, {"b": b"\xff"},
+                 {"at": moment}, {1: "int key"}, ["list", True]):
+        one = event(9, data=data)
+        assert json.loads(event_line(one)) == json.loads(json.dumps(event_json(one))), data

@@ -102,7 +102,7 @@ FILTER_CASES: list[list[tuple[str, str]]] = [
     [("correlation_id", "op-4")],
     [("uid", "1000"), ("type", "db.query")],
     [("tag.note", "a=b")],
-    [("tag.env", "prod"), ("tag.region", "ap")],
+    [("tag.region", "us-east-1"), ("tag.region", "ap")],
     [("q", "gamma")],
     [("q", "grüße omega")],
     [("q", "ÉCOLE"), ("type", "admin.grant")],
@@ -117,6 +117,17 @@ def test_matches_agrees_with_brute_force(pairs: list[tuple[str, str]]) -> None:
     found = [e.seq for e in events if matches(e, spec)]
     assert found == [e.seq for e in events if event_matches(e, filters)]
     assert found  # the cases are chosen to match something
+
+
+def test_tags_of_different_keys_and() -> None:
+    spec = parse(("tag.env", "prod"), ("tag.region", "ap"), ("tag.region", "us-east-1"))
+    assert spec.tag_groups == {"env": ("env=prod",),
+                               "region": ("region=ap", "region=us-east-1")}
+    assert spec.rechecked and spec.partition_filters()["tag"] == ["env=prod"]
+    events = [event for _, _, event in varied_items(600) if event is not None]
+    both = [e.seq for e in events if event_matches(e, {"tag": ["env=prod"]})
+            and event_matches(e, {"tag": ["region=ap", "region=us-east-1"]})]
+    assert [e.seq for e in events if matches(e, spec)] == both and both
 
 
 def test_matches_prefix_ranges_and_gaps() -> None:
