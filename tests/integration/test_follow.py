@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from as_other_uid import can_run_as_other_uid, run_as
-from conftest import DaemonProcess, wait_committed, wait_for
+from conftest import DaemonProcess, wait_committed, wait_for, wait_sealed_through
 from follow_helpers import TailReader, rss_kb, send
 
 from auditd.query.feed import CommitFeed
@@ -72,6 +72,20 @@ def test_catch_up_then_live_while_a_writer_commits(daemon: DaemonProcess) -> Non
     finally:
         sender.join()
     assert seqs_of(lines) == sorted(first + sent)
+
+
+def test_catch_up_reads_sealed_partitions_then_the_hot_tail(make_daemon: Any) -> None:
+    daemon: DaemonProcess = make_daemon({"storage": {"partition_events": 100}})
+    sealed = send(daemon.ingest_socket, 450)
+    wait_sealed_through(daemon, 400)
+    hot = send(daemon.ingest_socket, 30)
+    wait_committed(daemon, hot[-1])
+    with TailReader(daemon.status_socket, "follow=1&after=0&type=test.follow") as tail:
+        assert seqs_of(tail.events(480)) == sealed + hot
+        live = send(daemon.ingest_socket, 5)
+        assert seqs_of(tail.events(5)) == live
+    with TailReader(daemon.status_socket, "n=3&type=test.follow") as tail:
+        assert seqs_of(tail.rest()) == live[-3:]
 
 
 def test_filters_or_repeated_and_across_names(daemon: DaemonProcess) -> None:
