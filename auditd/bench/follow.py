@@ -13,7 +13,7 @@ Phases, on one throw-away daemon (so each comparison is within the same run):
    followers, each of one actor's events (distinct filters: no shared matching).
 
 Phases 2 and 3 alternate none / followers `--follow-runs` times; medians are printed.
-The followers run in one separate process on raw sockets (HTTP/1.0, so the body is
+The followers run in separate processes (50 each) on raw sockets (HTTP/1.0, so the body is
 the bare lines), reading as fast as they can.
 """
 
@@ -175,30 +175,40 @@ def follower_process(path: str, queries: list[str], db_path: str | None, ready: 
         results.put({"failed": repr(exc)})
 
 
+_PER_PROCESS = 50  # followers one reader process serves
+
+
 class FollowerGroup:
-    """Followers in a child process: started (connected) on enter, figures on exit."""
+    """Followers in child processes (50 each): connected on enter, figures on exit."""
 
     def __init__(self, path: str, queries: list[str], db_path: Path | None = None) -> None:
         context = mp.get_context("spawn")
-        self.ready, self.stop, self.results = context.Event(), context.Event(), context.Queue()
-        self.proc = context.Process(target=follower_process, daemon=True, args=(
-            path, queries, None if db_path is None else str(db_path), self.ready,
-            self.stop, self.results))
+        self.stop, self.results = context.Event(), context.Queue()
+        shares = [queries[at:at + _PER_PROCESS] for at in range(0, len(queries), _PER_PROCESS)]
+        self.ready = [context.Event() for _ in shares]
+        self.procs = [context.Process(target=follower_process, daemon=True, args=(
+            path, share, None if db_path is None else str(db_path), ready, self.stop,
+            self.results)) for share, ready in zip(shares, self.ready, strict=True)]
         self.figures: dict[str, Any] = {}
 
     def __enter__(self) -> FollowerGroup:
-        self.proc.start()
-        if not self.ready.wait(60):
+        for proc in self.procs:
+            proc.start()
+        if not all(ready.wait(60) for ready in self.ready):
             raise AuditdError("the bench followers did not connect")
         return self
 
     def __exit__(self, *exc: object) -> None:
         time.sleep(0.5)  # the last commits' lines are on their way
         self.stop.set()
-        self.figures = self.results.get(timeout=60)
-        self.proc.join(10)
-        if "failed" in self.figures:
-            raise AuditdError(f"bench followers: {self.figures['failed']}")
+        parts = [self.results.get(timeout=60) for _ in self.procs]
+        for proc in self.procs:
+            proc.join(10)
+        for part in parts:
+            if "failed" in part:
+                raise AuditdError(f"bench followers: {part['failed']}")
+        self.figures = {key: sum((part[key] for part in parts), start=type(parts[0][key])())
+                        for key in parts[0]}
 
 
 def _wait_live(status: str, count: int) -> None:
@@ -267,7 +277,8 @@ def run_follow(args: argparse.Namespace, config: Config) -> dict[str, Any]:
             "commit_to_read_p99_ms": statistics.median(commit_to_read)}}
         fan: dict[str, list[Any]] = {"none": [], "with": [], "p99": [], "cut": [],
                                      "cpu_us_none": [], "cpu_us_with": []}
-        flood: dict[str, list[Any]] = {"none": [], "with": [], "cut": []}
+        flood: dict[str, list[Any]] = {"none": [], "with": [], "cut": [], "cpu_us_none": [],
+                                       "cpu_us_with": []}
         every = ["follow=1&n=0"] * args.followers
         by_actor = [f"follow=1&n=0&actor=user{k}" for k in range(args.followers)]
         for _ in range(args.follow_runs):
@@ -281,10 +292,14 @@ def run_follow(args: argparse.Namespace, config: Config) -> dict[str, Any]:
             fan["cpu_us_with"].append(_cpu_us(watched))
             fan["p99"].append(_latency(group.figures["samples"])["p99"])
             fan["cut"].append(group.figures["cut"])
-            flood["none"].append(_load(args, None, args.events, *run)["events_per_s"])
+            alone = _load(args, None, args.events, *run)
+            flood["none"].append(alone["events_per_s"])
+            flood["cpu_us_none"].append(_cpu_us(alone))
             with FollowerGroup(status, by_actor) as group:
                 _wait_live(status, args.followers)
-                flood["with"].append(_load(args, None, args.events, *run)["events_per_s"])
+                watched = _load(args, None, args.events, *run)
+            flood["with"].append(watched["events_per_s"])
+            flood["cpu_us_with"].append(_cpu_us(watched))
             flood["cut"].append(group.figures["cut"])
     median = statistics.median
     doc["fan_out"] = {"followers": args.followers, "runs": fan,
@@ -297,5 +312,7 @@ def run_follow(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     doc["flood"] = {"followers": args.followers, "runs": flood,
                     "events_per_s_none": median(flood["none"]),
                     "events_per_s_with": median(flood["with"]),
-                    "ratio": round(median(flood["with"]) / median(flood["none"]), 3)}
+                    "ratio": round(median(flood["with"]) / median(flood["none"]), 3),
+                    "daemon_cpu_us_per_event_none": median(_known(flood["cpu_us_none"])),
+                    "daemon_cpu_us_per_event_with": median(_known(flood["cpu_us_with"]))}
     return doc

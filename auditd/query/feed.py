@@ -42,9 +42,10 @@ DAEMON_STOPPING = "daemon_stopping"
 _EVENT_OVERHEAD = 600
 # Between two writes to one follower, at least this long per follower connected (at
 # most _GAP_MOST_S): with many followers each batch would wake every one of them, and
-# the loop's time would go to wake-ups; this keeps them to about 5,000/s in all.
-_GAP_PER_FOLLOWER_S = 0.0002
-_GAP_MOST_S = 0.02
+# the loop's time would go to wake-ups; this keeps them to about 2,000/s in all. One
+# follower (tail -f) is never held back (a gap under a millisecond is not slept).
+_GAP_PER_FOLLOWER_S = 0.0005
+_GAP_MOST_S = 0.05
 
 
 class FeedRefused(Exception):
