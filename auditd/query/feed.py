@@ -90,8 +90,8 @@ class Selection:
 class CommittedBatch:
     """One commit's events, as followers read them; lines are encoded on first read."""
 
-    __slots__ = ("_indexes", "_lines", "_selections", "bytes_before", "events",
-                 "first_index", "last_seq", "published_at", "size")
+    __slots__ = ("_indexes", "_lines", "_offsets_by_key", "_selections", "bytes_before",
+                 "events", "first_index", "last_seq", "published_at", "size")
 
     def __init__(self, events: list[StoredEvent], last_seq: int, first_index: int,
                  bytes_before: int) -> None:
@@ -104,6 +104,16 @@ class CommittedBatch:
         self._lines: list[bytes | None] = [None] * len(events)
         self._indexes: dict[str, dict[Any, list[int]]] = {}
         self._selections: dict[Hashable, Selection] = {}
+        self._offsets_by_key: dict[Hashable, list[int]] = {}
+
+    def selects_none(self, selector: Selector) -> bool | None:
+        """Whether `selector` selects nothing here; None when that would take running
+        its predicate (which the follower does, not the writer's callback)."""
+        if selector.predicate is not None:
+            return None
+        if not selector.equal:
+            return not self.events
+        return not self._offsets(selector)
 
     def selection(self, selector: Selector) -> Selection:
         chosen = self._selections.get(selector.key)
@@ -118,6 +128,12 @@ class CommittedBatch:
         return chosen
 
     def _offsets(self, selector: Selector) -> list[int]:
+        found = self._offsets_by_key.get(selector.key)
+        if found is None:
+            found = self._offsets_by_key[selector.key] = self._select(selector)
+        return found
+
+    def _select(self, selector: Selector) -> list[int]:
         offsets: list[int] | None = None
         for field, values in selector.equal:
             index = self._index(field)
@@ -216,6 +232,15 @@ class Subscription:
             timer.cancel()
             self._waiter = None
 
+    @property
+    def waiting(self) -> bool:
+        return self._waiter is not None
+
+    def passed(self, batch: CommittedBatch) -> None:
+        """The feed skipped `batch` for this follower: nothing in it is selected."""
+        self._ordinal += 1
+        self.covered_seq = batch.last_seq
+
     def wake(self) -> None:
         if self._waiter is not None:
             _wake(self._waiter)
@@ -279,8 +304,15 @@ class CommitFeed:
         for subscription in over:
             self._end(subscription, SLOW_READER)
         self._trim()
+        newest = self.next_ordinal - 1
         for subscription in self._subscriptions:
-            subscription.wake()
+            # An idle follower with nothing in this batch is moved past it here rather
+            # than woken for nothing: a hundred followers of rare events sleep on.
+            if subscription.waiting and subscription.ordinal == newest \
+                    and batch.selects_none(subscription.selector):
+                subscription.passed(batch)
+            else:
+                subscription.wake()
 
     # -- the followers' side -------------------------------------------------------
 

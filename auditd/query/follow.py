@@ -251,6 +251,7 @@ class FollowSession:
             wait = self._last_line + heartbeat - time.monotonic()
             if wait > 0:
                 await subscription.wait(wait)
+            self.position = max(self.position, subscription.covered_seq)
             if subscription.ended.done():
                 raise _Ended(subscription.ended.result())
             self._check_connected()

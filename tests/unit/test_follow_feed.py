@@ -167,6 +167,21 @@ def test_indexed_fields_and_predicates_select_the_same_events_as_matches() -> No
     run(body)
 
 
+def test_an_idle_follower_is_moved_past_batches_it_selects_nothing_of() -> None:
+    async def body() -> None:
+        feed = CommitFeed()
+        sub = feed.subscribe(selector_of(parse_query({"type": "rare"})))
+        waiter = asyncio.ensure_future(sub.wait(30))
+        await asyncio.sleep(0)
+        feed.publish([event(1), event(2)])
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and sub.covered_seq == 2 and not sub.ready
+        feed.publish([event(3, "rare")])
+        await asyncio.wait_for(waiter, 5)
+        assert b"".join(sub.take(1 << 20)) == event_line(event(3, "rare"))
+    run(body)
+
+
 def test_max_followers() -> None:
     feed = CommitFeed(max_followers=2)
     feed.open_session()
