@@ -154,9 +154,10 @@ class Tail:
                     json.dump({"events": self.events, "last_seq": self.last_seq}, self.out)
                     self.out.write("\n")
                 return EXIT_OK
-            print(f"auditd tail: {ended}; reconnecting"
-                  + (f" after seq {self.last_seq}" if self.last_seq is not None else ""),
-                  file=sys.stderr)
+            if delay == _BACKOFF_FIRST_S:  # once an outage, not at every retry
+                print(f"auditd tail: {ended}; reconnecting"
+                      + (f" after seq {self.last_seq}" if self.last_seq is not None else ""),
+                      file=sys.stderr, flush=True)
             await asyncio.sleep(delay)
             delay = min(_BACKOFF_MOST_S, delay * 2)
 

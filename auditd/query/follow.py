@@ -25,13 +25,12 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
+from auditd.query.batches import EVERY_EVENT, Selector
 from auditd.query.feed import (
     DAEMON_STOPPING,
-    EVERY_EVENT,
     SLOW_READER,
     CommitFeed,
     FeedRefused,
-    Selector,
     Subscription,
 )
 from auditd.query.lines import control_line, event_line

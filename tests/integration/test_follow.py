@@ -38,7 +38,9 @@ def test_follow_sees_new_events_as_they_commit(daemon: DaemonProcess) -> None:
         wait_for(lambda: daemon.stats()["follow"]["live"] == 1, what="a live follower")
         seqs = send(daemon.ingest_socket, 50)
         lines = tail.events(50)
+        delivery = daemon.stats()["follow"]["delivery_ms"]
     assert seqs_of(lines) == seqs
+    assert delivery["count"] >= 1 and {"p50", "p99"} <= delivery.keys()
     assert [line["data"] for line in lines] == [{"i": i} for i in range(50)]
     first = lines[0]
     assert first["type"] == "test.follow" and first["ts"].endswith("Z") and first["comm"]

@@ -10,13 +10,8 @@ from typing import Any
 
 import pytest
 
-from auditd.query.feed import (
-    DAEMON_STOPPING,
-    SLOW_READER,
-    CommitFeed,
-    FeedRefused,
-    Selector,
-)
+from auditd.query.batches import Selector
+from auditd.query.feed import DAEMON_STOPPING, SLOW_READER, CommitFeed, FeedRefused
 from auditd.query.follow import selector_of
 from auditd.query.lines import event_document, event_line, rfc3339_ns
 from auditd.query.rows import event_json
