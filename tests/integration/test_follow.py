@@ -8,6 +8,7 @@ with nothing repeated.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from as_other_uid import can_run_as_other_uid, run_as
 from conftest import DaemonProcess, wait_committed, wait_for, wait_sealed_through
 from follow_helpers import TailReader, rss_kb, send
 
+from auditd.client import Client
 from auditd.query.feed import CommitFeed
 
 OTHER_UID = 65533
@@ -88,6 +90,38 @@ def test_catch_up_reads_sealed_partitions_then_the_hot_tail(make_daemon: Any) ->
         assert seqs_of(tail.events(5)) == live
     with TailReader(daemon.status_socket, "n=3&type=test.follow") as tail:
         assert seqs_of(tail.rest()) == live[-3:]
+
+
+def test_dead_lettered_events_are_never_followed(daemon: DaemonProcess) -> None:
+    """A trigger makes one type's inserts fail: the writer dead-letters those events
+    while isolating them, and followers never see them (nor a gap in what they see)."""
+    wait_committed(daemon, send(daemon.ingest_socket, 5)[-1])  # names cached
+    conn = sqlite3.connect(daemon.db_path, isolation_level=None, timeout=10)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO names (value) VALUES ('poison') ON CONFLICT DO NOTHING")
+        conn.execute("CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.type = "
+                     "(SELECT id FROM names WHERE value = 'poison') "
+                     "BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    events = [{"type": "poison" if i % 7 == 3 else "test.follow", "data": {"i": i}}
+              for i in range(60)]
+    with TailReader(daemon.status_socket, "follow=1&n=0") as tail, \
+            Client(daemon.ingest_socket) as client:
+        wait_for(lambda: daemon.stats()["follow"]["live"] == 1, what="a live follower")
+        reply = client.send_batch(events)
+        assert reply.first is not None
+        seqs = list(range(reply.first, reply.first + len(events)))
+        good = [seq for seq, e in zip(seqs, events, strict=True) if e["type"] != "poison"]
+        lines = tail.events(len(good))
+        wait_committed(daemon, seqs[-1])
+        marker = send(daemon.ingest_socket, 1, "test.marker")
+        lines += tail.events(1)
+    assert seqs_of(lines) == good + marker
+    stored = {row[0] for row in daemon.query("SELECT seq FROM dead_letters")}
+    assert stored == set(seqs) - set(good)
 
 
 def test_filters_or_repeated_and_across_names(daemon: DaemonProcess) -> None:
