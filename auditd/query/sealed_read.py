@@ -38,11 +38,20 @@ class SealedReader:
         part = self._open.get(path)
         if part is None:
             part = self._open[path] = SealedPartition(path)
+            # As SealedSet: no mmap (mapped pages of every partition read would count
+            # in the daemon's RSS), a page cache of its own per partition.
+            part.conn.execute("PRAGMA mmap_size=0")
             part.conn.execute(f"PRAGMA cache_size=-{_CACHE_KB}")
             # A query decodes a candidate's block to recheck it, then again to read its
             # record: keep enough blocks for one page (~40 KB each).
             part.cached_blocks = _CACHED_BLOCKS
         return part
+
+    def warm(self, files: Files) -> int:
+        """Open every partition and read its zone map ahead of the first query."""
+        for _, _, path in files:
+            self._part(path).zones()
+        return len(files)
 
     def forget_missing(self, files: Files) -> None:
         """Close partitions no longer catalogued (retention dropped them)."""
