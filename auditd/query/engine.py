@@ -114,7 +114,7 @@ class QueryEngine:
                     events, cpu = await self._call(_timed, self._hot_sync, spec, columns,
                                                    through, wanted)
                 else:
-                    events, cpu = await self._call(_timed, self.partitions.query, files, spec,
+                    events, cpu = await self._call(_timed, self._sealed_sync, files, spec,
                                                    through, wanted)
                 found.extend(events)
                 cpu_ms += cpu
@@ -146,6 +146,13 @@ class QueryEngine:
                         break
         return _merge(out, [e for e in self.hot.stragglers
                             if e.seq > through and matches(e, spec)], spec, wanted)
+
+    def _sealed_sync(self, files: list[tuple[int, int, Path]], spec: QuerySpec, through: int,
+                     wanted: int) -> list[StoredEvent]:
+        try:
+            return self.partitions.query(files, spec, through, wanted)
+        finally:
+            self.partitions.rest()
 
     def _hot_scan(self, spec: QuerySpec, columns: Columns, through: int) -> Iterator[int]:
         lo = columns.slot_of(max(through, spec.after or 0))
