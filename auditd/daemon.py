@@ -119,6 +119,7 @@ class Daemon:
             await self._abandon_start()
             raise
         self.ready = True
+        self._spawn(self.query_engine.warm(), "query_warm")
         self._cancel_task(_EXTENDER)  # READY=1 below ends the start timeout
         # Start-up objects (modules, config, replayed state) never die: keep full
         # collections from walking them, which showed up as 15-30 ms loop pauses.

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import socket
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -44,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "page after a cursor, a 100-event correlation, a rare word; ms per query")
     add("--query-repeat", type=int, default=50, metavar="R",
         help="runs of each query in --query (default 50)")
+    add("--query-store", metavar="DIR",
+        help="with --query: build the store in DIR once (kept), and copy it into each "
+             "run's throw-away daemon (default: build it afresh in the daemon's temp dir)")
 
 
 class _Conn(http.client.HTTPConnection):
@@ -121,8 +126,21 @@ def run_query_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     partition = config.storage.partition_events
     built: dict[str, float] = {}
 
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
     def prepare(lib: Path) -> None:
-        built.update(build_store(lib, count, partition))
+        if args.query_store is None:
+            built.update(build_store(lib, count, partition, say=say))
+            return
+        kept = Path(args.query_store)
+        marker = kept / f"built-{count}-{partition}"
+        if not marker.exists():
+            shutil.rmtree(kept, ignore_errors=True)
+            built.update(build_store(kept, count, partition, say=say))
+            marker.write_text(json.dumps(built))
+        built.update(json.loads(marker.read_text()))
+        shutil.copytree(kept, lib, ignore=shutil.ignore_patterns("built-*"))
 
     results: dict[str, Any] = {}
     with ThrowawayDaemon(config, "write", None, prepare=prepare) as daemon:

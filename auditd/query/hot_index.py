@@ -4,10 +4,11 @@ One slot per committed hot event, in seq order. Each filter field is a `bytearra
 4-byte keys, searched newest-first with C-speed `rfind` (hot_search.py): the interned
 `names` id for type, actor, target, stream and comm (the writer has them in hand), the
 uid itself, and 32 bits of the string hash of correlation and causation ids (a hit
-off a 4-byte boundary is skipped by the search). `tags` has one key per `k=v` with the
-slot it belongs to. `ts` is an `array('q')` with min/max per ZONE slots. Text for `q`
-is the event's type, actor, target and raw tags and data bytes, ASCII-lower-cased, end
-to end (substring candidates, rechecked against the rows).
+off a 4-byte boundary is skipped by the search). `tags` holds each slot's keys of its `k=v`s
+(Spans: bytes per slot end to end, and where each slot ends). `ts` is an `array('q')`
+with min/max per ZONE slots. Text for `q` (`text`): type, actor, target and the raw
+MessagePack of tags and data, ASCII-lower-cased (substring candidates, rechecked
+against the rows).
 
 Threads: append() and trim() run on the store's thread only (after a commit; after a
 seal is opened for reads); readers on any thread take `columns` once and read slots
@@ -18,9 +19,10 @@ reference, so a reader keeps a consistent (older) view.
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from operator import itemgetter
 from typing import Any
 
@@ -38,7 +40,8 @@ _ROW = {"seq": 0, "ts": 3, "type": 5, "actor": 6, "target": 7, "stream": 8,
         "correlation_id": 10, "causation_id": 11, "tags": 12, "data": 13, "uid": 15,
         "comm": 17}
 _TAG_CACHE_MAX = 4096
-_SEQ, _TS, _TAGS = itemgetter(_ROW["seq"]), itemgetter(_ROW["ts"]), itemgetter(_ROW["tags"])
+_SEQ, _TS = itemgetter(_ROW["seq"]), itemgetter(_ROW["ts"])
+_TAGS, _DATA = itemgetter(_ROW["tags"]), itemgetter(_ROW["data"])
 # Name ids and uids are stored as they are (a hit off a key boundary is skipped);
 # None is 0, which no name id is.
 _ALWAYS = [(name, itemgetter(_ROW[name])) for name in ("type", "comm", "uid")]
@@ -57,6 +60,45 @@ def key_bytes(key: int) -> bytes:
 
 
 @dataclass(slots=True)
+class Spans:
+    """Bytes of varying length per slot, end to end: slot s holds `data` from
+    ends[s - 1] to ends[s], less `base` (the absolute offset of data[0]: a trim slices
+    `data` and moves `base` rather than rewriting every end)."""
+
+    data: bytearray = field(default_factory=bytearray)
+    ends: array[int] = field(default_factory=lambda: array("q"))
+    base: int = 0
+
+    def span(self, slot: int) -> tuple[int, int]:
+        """Where slot's bytes lie in `data`."""
+        start = self.ends[slot - 1] - self.base if slot else 0
+        return start, self.ends[slot] - self.base
+
+    def slot_at(self, position: int, hi: int) -> int:
+        """The slot (below hi) whose bytes hold data[position]."""
+        return bisect_right(self.ends, position + self.base, 0, hi)
+
+    @staticmethod
+    def made(end: int, blob: bytes, lengths: Iterable[int]) -> tuple[bytes, array[int]]:
+        """`blob` (pieces end to end) and the absolute end of each piece."""
+        ends = array("q", accumulate(lengths, initial=end))
+        del ends[0]
+        return blob, ends
+
+    def extend(self, made: tuple[bytes, array[int]]) -> None:
+        self.data += made[0]
+        self.ends += made[1]
+
+    def after(self, cut: int, count: int) -> Spans:
+        """These spans without the first `cut` slots."""
+        base = self.ends[cut - 1]
+        return Spans(self.data[base - self.base:], self.ends[cut:count], base)
+
+    def memory_bytes(self) -> int:
+        return len(self.data) + self.ends.itemsize * len(self.ends)
+
+
+@dataclass(slots=True)
 class Columns:
     """One consistent set of columns; slots below `count` are complete."""
 
@@ -67,29 +109,17 @@ class Columns:
     zone_max: array[int] = field(default_factory=lambda: array("q"))
     keys: dict[str, bytearray] = field(
         default_factory=lambda: {name: bytearray() for name in KEY_FIELDS})
-    tag_keys: bytearray = field(default_factory=bytearray)
-    tag_slots: array[int] = field(default_factory=lambda: array("q"))  # ordinals
-    text: bytearray = field(default_factory=bytearray)
-    text_ends: array[int] = field(default_factory=lambda: array("q"))  # absolute
-    # Slot 0's ordinal, and text[0]'s absolute offset: a trim slices the arrays and
-    # moves these, rather than rewriting every tag's slot and text end.
-    base: int = 0
-    text_base: int = 0
+    tags: Spans = field(default_factory=Spans)  # 4-byte keys of each slot's k=v
+    text: Spans = field(default_factory=Spans)  # type, actor, target, raw tags and data
 
     def slot_of(self, seq: int) -> int:
         """The slot of the first seq above `seq`."""
         return bisect_right(self.seqs, seq, 0, self.count)
 
-    def text_span(self, slot: int) -> tuple[int, int]:
-        """Where slot's text lies in `text`."""
-        start = self.text_ends[slot - 1] - self.text_base if slot else 0
-        return start, self.text_ends[slot] - self.text_base
-
     def memory_bytes(self) -> int:
-        arrays: list[array[int]] = [self.seqs, self.ts, self.zone_min, self.zone_max,
-                                    self.tag_slots, self.text_ends]
+        arrays: list[array[int]] = [self.seqs, self.ts, self.zone_min, self.zone_max]
         return (sum(a.itemsize * len(a) for a in arrays) + sum(map(len, self.keys.values()))
-                + len(self.tag_keys) + len(self.text))
+                + self.tags.memory_bytes() + self.text.memory_bytes())
 
 
 class HotIndex:
@@ -98,7 +128,7 @@ class HotIndex:
         # Events committed out of seq order (a dead letter restored under its seq):
         # few, matched one by one.
         self.stragglers: list[StoredEvent] = []
-        self._tag_cache: dict[bytes, tuple[int, ...]] = {}
+        self._tag_cache: dict[bytes | None, bytes] = {None: b""}
 
     def last_seq(self) -> int:
         columns = self.columns
@@ -117,20 +147,28 @@ class HotIndex:
             self._stragglers(events, rows, last)
             return
         count = columns.count
-        columns.seqs.extend(map(_SEQ, rows))
-        stamps = list(map(_TS, rows))
-        columns.ts.extend(stamps)
-        self._zones(columns, count, stamps)
-        keys = columns.keys
-        for name, get in _ALWAYS:
-            keys[name] += array("I", map(get, rows))
+        # Everything made first, then appended: a failure (a name id past 32 bits) must
+        # not leave one column longer than the others.
+        seqs = array("q", map(_SEQ, rows))
+        stamps = array("q", map(_TS, rows))
+        made = {name: array("I", map(get, rows)) for name, get in _ALWAYS}
         for name, get in _OPTIONAL:
-            keys[name] += array("I", [x or 0 for x in map(get, rows)])
+            made[name] = array("I", [x or 0 for x in map(get, rows)])
         for name, get in _HASHED:
-            keys[name] += array("I", [0 if v is None else hash(v) & _MASK
-                                      for v in map(get, rows)])
-        self._tags(columns, count, list(map(_TAGS, rows)))
-        self._text(columns, events)
+            made[name] = array("I", [0 if v is None else hash(v) & _MASK
+                                     for v in map(get, rows)])
+        tags = [x or b"" for x in map(_TAGS, rows)]
+        tag_keys = self._tags(columns.tags, tags)
+        texts = _texts(events, tags, [x or b"" for x in map(_DATA, rows)])
+        text = Spans.made(columns.text.base + len(columns.text.data),
+                          b"".join(texts).lower(), map(len, texts))
+        columns.seqs += seqs
+        columns.ts += stamps
+        self._zones(columns, count, list(stamps))
+        for name, column in made.items():
+            columns.keys[name] += column
+        columns.tags.extend(tag_keys)
+        columns.text.extend(text)
         columns.count = count + len(rows)  # last: readers see complete slots only
 
     def _stragglers(self, events: Sequence[StoredEvent], rows: Sequence[tuple[Any, ...]],
@@ -157,34 +195,23 @@ class HotIndex:
                 columns.zone_max.append(high)
             slot += len(part)
 
-    def _tags(self, columns: Columns, first: int, tags: list[bytes | None]) -> None:
+    def _tags(self, spans: Spans, tags: list[bytes]) -> tuple[bytes, array[int]]:
+        """The packed tag keys of each slot (a map's keys made once: few distinct)."""
         cache = self._tag_cache
-        keys: list[int] = []
-        slots: list[int] = []
-        for slot, raw in enumerate(tags, columns.base + first):
-            if raw is None:
-                continue
-            found = cache.get(raw)
-            if found is None:
-                if len(cache) >= _TAG_CACHE_MAX:
-                    cache.clear()
-                found = cache[raw] = tag_keys(raw)
-            keys.extend(found)
-            slots.extend([slot] * len(found))
-        columns.tag_keys += array("I", keys)
-        columns.tag_slots.extend(slots)
-
-    @staticmethod
-    def _text(columns: Columns, events: Sequence[StoredEvent]) -> None:
-        pieces = [b"".join((f"\x00{e.type}\x00{e.actor or ''}\x00{e.target or ''}\x00"
-                            .encode(), e.tags or b"", e.data or b"")) for e in events]
-        end = columns.text_base + len(columns.text)
-        ends = array("q")
-        for piece in pieces:
-            end += len(piece)
-            ends.append(end)
-        columns.text += b"".join(pieces).lower()
-        columns.text_ends.extend(ends)
+        packed = list(map(cache.get, tags))
+        if None in packed:
+            if len(cache) >= _TAG_CACHE_MAX:
+                cache.clear()
+                cache[None] = b""
+            for at, found in enumerate(packed):
+                if found is None:
+                    raw = tags[at]
+                    found = cache.get(raw)  # made for an earlier slot of this batch?
+                    if found is None:
+                        found = cache[raw] = array("I", tag_keys(raw)).tobytes()
+                    packed[at] = found
+        blobs: list[bytes] = packed  # type: ignore[assignment]  # no None left
+        return Spans.made(spans.base + len(spans.data), b"".join(blobs), map(len, blobs))
 
     def trim(self, through_seq: int) -> None:
         """Forget slots at or below `through_seq` (sealed: read from the partition)."""
@@ -198,13 +225,8 @@ class HotIndex:
         fresh.ts = old.ts[cut:old.count]
         for name, column in old.keys.items():
             fresh.keys[name] = column[cut * KEY_BYTES:old.count * KEY_BYTES]
-        fresh.base = old.base + cut
-        tag_from = bisect_left(old.tag_slots, fresh.base)
-        fresh.tag_keys = old.tag_keys[tag_from * KEY_BYTES:]
-        fresh.tag_slots = old.tag_slots[tag_from:]
-        fresh.text_base = old.text_ends[cut - 1]
-        fresh.text = old.text[fresh.text_base - old.text_base:]
-        fresh.text_ends = old.text_ends[cut:old.count]
+        fresh.tags = old.tags.after(cut, old.count)
+        fresh.text = old.text.after(cut, old.count)
         self._zones(fresh, 0, list(fresh.ts))
         fresh.count = old.count - cut
         self.columns = fresh
@@ -215,6 +237,16 @@ class HotIndex:
         for events, rows in batches:
             self.append(events, rows)
         return self.columns.count
+
+
+def _texts(events: Sequence[StoredEvent], tags: list[bytes], datas: list[bytes]
+           ) -> list[bytes]:
+    """Each event's text, one piece a slot: type, actor and target, then the raw
+    MessagePack of its tags and data (one buffer: a word absent from the store is
+    searched for in one pass, not one per part)."""
+    heads = [f"\x00{e.type}\x00{e.actor or ''}\x00{e.target or ''}\x00".encode()
+             for e in events]
+    return list(map(bytes.__add__, map(bytes.__add__, heads, tags), datas))
 
 
 def tag_keys(raw: bytes) -> tuple[int, ...]:

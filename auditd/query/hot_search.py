@@ -10,7 +10,6 @@ are a superset (32-bit hashes, substrings for words): the caller rechecks each r
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Mapping
 
 from auditd.query.hot_index import (
@@ -19,6 +18,7 @@ from auditd.query.hot_index import (
     NAME_FIELDS,
     ZONE,
     Columns,
+    Spans,
     key_bytes,
     text_key,
 )
@@ -77,32 +77,30 @@ class KeySeeker(Seeker):
 
 
 class TagSeeker(Seeker):
-    """Slots holding one of the `k=v` keys: the tag column, mapped to its slots."""
+    """Slots holding one of the `k=v` keys: the tag keys' column, mapped to its slots."""
 
     def __init__(self, columns: Columns, keys: list[int], lo: int, hi: int,
                  descending: bool) -> None:
-        self.slots, self.base = columns.tag_slots, columns.base  # slots: ordinals
-        entries = bisect_left(self.slots, columns.base + hi)
-        self.keys = KeySeeker(columns.tag_keys, keys, bisect_left(self.slots, columns.base + lo),
-                              entries, descending)
-        self.descending = descending
+        self.spans, self.hi, self.descending = columns.tags, hi, descending
+        first = self.spans.span(lo)[0] // KEY_BYTES
+        last = self.spans.span(hi - 1)[1] // KEY_BYTES
+        self.keys = KeySeeker(self.spans.data, keys, first, last, descending)
 
     def seek(self, p: int) -> int:
-        ordinal = self.base + p
-        entry = (bisect_right(self.slots, ordinal) - 1) if self.descending else \
-            bisect_left(self.slots, ordinal)
-        if entry < 0 or entry >= self.keys.hi:
+        start, end = self.spans.span(p)
+        entry = end // KEY_BYTES - 1 if self.descending else start // KEY_BYTES
+        if entry < self.keys.lo or entry >= self.keys.hi:
             return NONE
         found = self.keys.seek(entry)
-        return NONE if found == NONE else self.slots[found] - self.base
+        return NONE if found == NONE else self.spans.slot_at(found * KEY_BYTES, self.hi)
 
 
 class TextSeeker(Seeker):
-    """Slots whose lowered text holds `needle` (a substring: a candidate)."""
+    """Slots whose lowered text in `spans` holds `needle` (a substring: a candidate)."""
 
-    def __init__(self, columns: Columns, needle: bytes, lo: int, hi: int,
+    def __init__(self, spans: Spans, needle: bytes, lo: int, hi: int,
                  descending: bool) -> None:
-        self.columns, self.needle, self.lo, self.hi = columns, needle, lo, hi
+        self.spans, self.needle, self.lo, self.hi = spans, needle, lo, hi
         self.descending = descending
         self.found: int | None = None
 
@@ -110,15 +108,12 @@ class TextSeeker(Seeker):
         at = self.found
         if at is not None and (at == NONE or (at <= p if self.descending else at >= p)):
             return at
-        columns = self.columns
-        text, span = columns.text, columns.text_span
+        spans = self.spans
         if self.descending:
-            pos = text.rfind(self.needle, span(self.lo)[0], span(p)[1])
+            pos = spans.data.rfind(self.needle, spans.span(self.lo)[0], spans.span(p)[1])
         else:
-            pos = text.find(self.needle, span(p)[0], span(self.hi - 1)[1])
-        slot = NONE if pos < 0 else bisect_right(columns.text_ends, pos + columns.text_base, 0,
-                                                 self.hi)
-        self.found = slot
+            pos = spans.data.find(self.needle, spans.span(p)[0], spans.span(self.hi - 1)[1])
+        self.found = slot = NONE if pos < 0 else spans.slot_at(pos, self.hi)
         return slot
 
 
@@ -186,7 +181,8 @@ def seekers(columns: Columns, spec: QuerySpec, name_ids: Mapping[str, int], lo: 
         found.append(KeySeeker(columns.keys["uid"], list(spec.uids), lo, hi,
                                descending))
     for word in (*spec.words, *spec.prefixes):
-        found.append(TextSeeker(columns, word_needle(word), lo, hi, descending))
+        needle = word_needle(word)
+        found.append(TextSeeker(columns.text, needle, lo, hi, descending))
     if spec.since_ns is not None or spec.until_ns is not None:
         found.append(TimeSeeker(columns, spec.since_ns, spec.until_ns, lo, hi, descending))
     return found

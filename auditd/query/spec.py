@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -319,10 +320,25 @@ def matches_filters(event: StoredEvent, spec: QuerySpec) -> bool:
         elif getattr(event, name) not in values:
             return False
     if spec.words or spec.prefixes:
-        found = event_words(event)
-        if not all(word in found for word in spec.words):
-            return False
-        for prefix in spec.prefixes:
-            if not any(word.startswith(prefix) for word in found):
+        texts = [text.lower() for text in event_texts(event)]
+        for word, prefix in ((w, False) for w in spec.words):
+            if not _has_word(texts, word, prefix):
+                return False
+        for word in spec.prefixes:
+            if not _has_word(texts, word, True):
                 return False
     return True
+
+
+def _has_word(texts: list[str], word: str, prefix: bool) -> bool:
+    """Whether a lower-cased text holds `word` whole (or as a word's start): a
+    substring test first, the boundaries only where it is there."""
+    pattern = _word_pattern(word, prefix)
+    return any(word in text and pattern.search(text) is not None for text in texts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _word_pattern(word: str, prefix: bool) -> re.Pattern[str]:
+    # A word is a run of letters and digits ([^\W_]): not preceded by one, and (unless
+    # a prefix) not followed by one.
+    return re.compile(r"(?<![^\W_])" + re.escape(word) + ("" if prefix else r"(?![^\W_])"))

@@ -222,9 +222,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", read=get_metrics),
     Route("GET", "/dlq", read=get_dlq),
     Route("GET", "/events", read=get_events),
-    Route("GET", "/events/{key}", read=get_event),
-    Route("GET", "/streams/{stream}", read=get_stream),
-    Route("GET", "/correlations/{correlation}", read=get_correlation),
+    # `.+`: ids, stream names and correlation ids may hold a "/" (sent as %2F).
+    Route("GET", "/events/{key:.+}", read=get_event),
+    Route("GET", "/streams/{stream:.+}", read=get_stream),
+    Route("GET", "/correlations/{correlation:.+}", read=get_correlation),
     Route("GET", "/tail", read=get_tail),
     Route("POST", "/dlq/retry", admin=post_dlq_retry, action="dlq.retry"),
     Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),

@@ -200,6 +200,17 @@ def _rfc3339(ns: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9:09d}Z"
 
 
+def test_names_with_a_slash(make_daemon: Any) -> None:
+    daemon = make_daemon()
+    with Client(daemon.ingest_socket) as client:
+        client.send_batch([{"type": "t", "id": "a/b", "stream": "s/1", "correlation_id": "c/d"}])
+    wait_committed(daemon, 1)
+    for url in ("/events/a%2Fb", "/streams/s%2F1", "/correlations/c%2Fd"):
+        status, body = get(daemon, url)
+        assert status == 200, (url, body)
+        assert (body if "id" in body else body["events"][0])["id"] == "a/b"
+
+
 def test_absent_events_are_404(store: DaemonProcess) -> None:
     for key in ("99999", "no-such-id", "0"):
         status, body = get(store, f"/events/{key}")
@@ -349,3 +360,58 @@ def test_tree_and_table_drawing() -> None:
     assert table[0].split() == ["TIME", "SEQ", "TYPE", "ACTOR", "TARGET", "UID", "COMM"]
     assert table[1].split() == ["2026-01-01", "00:00:00.000", "1", "step.0", "alice", "0",
                                 "sh"]
+
+
+# -- paging while a writer inserts --------------------------------------------------------
+
+
+def test_cursor_paging_while_a_writer_inserts(make_daemon: Any) -> None:
+    import threading
+
+    daemon = make_daemon({"storage": {"partition_events": 300}})  # seals while paging
+    total = COUNT
+    sending_done = threading.Event()
+
+    def send() -> None:
+        with Client(daemon.ingest_socket) as client:
+            for start in range(0, total, 50):
+                client.send_batch(SENT[start:start + 50])
+        sending_done.set()
+
+    writer = threading.Thread(target=send)
+    writer.start()
+    try:
+        seen: dict[str, list[int]] = {"all": [], "type": []}
+        cursors: dict[str, int] = {"all": 0, "type": 0}
+        filters = {"all": [], "type": [("type", "file.read")]}
+        desc_first: list[int] = []
+        caught_up = False
+        while not caught_up:
+            finished = sending_done.is_set()
+            for name, pairs in filters.items():
+                while True:  # asc pages from the cursor until nothing is left now
+                    status, body = get(daemon, url_of("/events", [
+                        *pairs, ("after", str(cursors[name])), ("limit", "37")]))
+                    assert status == 200, body
+                    seqs = [e["seq"] for e in body["events"]]
+                    seen[name] += seqs
+                    if seqs:
+                        cursors[name] = seqs[-1]
+                    if body["next"] is None:
+                        break
+            if not desc_first:  # a descending walk from a moment mid-flood
+                status, body = get(daemon, "/events?order=desc&limit=1")
+                if body["events"] and body["events"][0]["seq"] > 500:
+                    top = body["events"][0]["seq"] + 1
+                    cursor = top
+                    while cursor:
+                        status, body = get(daemon, f"/events?order=desc&limit=41&before={cursor}")
+                        desc_first += [e["seq"] for e in body["events"]]
+                        cursor = body["next"]
+                    assert desc_first == list(range(top - 1, 0, -1))
+            caught_up = finished and cursors["all"] == total
+    finally:
+        writer.join()
+    assert seen["all"] == list(range(1, total + 1))  # no gap, no repeat
+    assert seen["type"] == [i + 1 for i in range(total) if SENT[i]["type"] == "file.read"]
+    assert desc_first
