@@ -46,7 +46,9 @@ from auditd.schema import StoredEvent
 
 log = structlog.get_logger("auditd.query.follow")
 DEFAULT_N = 10
-PAGE = 1000  # events a catch-up read asks the store for
+# Events a catch-up read asks the store for: a session whose client stops reading
+# holds one page, so 256 stuck sessions hold about 256 x 200 events.
+PAGE = 200
 HEARTBEAT_S = 10.0
 CHUNK_BYTES = 64 * 1024  # lines written at once, at most (one line may be larger)
 CUT_GRACE_S = 10.0  # a cut follower has this long to read its final line

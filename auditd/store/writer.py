@@ -231,8 +231,8 @@ class Writer:
         stats.last_commit_at = time.monotonic()
         if batch:
             stats.last_committed_seq = batch[-1].seq
+            poisoned, self._poisoned = self._poisoned, set()
             if self.on_batch is not None:
-                poisoned, self._poisoned = self._poisoned, set()
                 self.on_batch([e for e in batch if e.seq not in poisoned] if poisoned
                               else batch)
         self.on_committed(stats.last_committed_seq)

@@ -234,6 +234,7 @@ def test_slow_reader_is_cut_with_a_final_line_and_memory_stays_bounded(
     assert len(got) < len(sent)
     # After the cut the feed holds nothing: more events cost no follower memory.
     assert rss_kb(daemon.proc.pid) - cut_rss < 100_000
+    wait_committed(daemon, sent[-1])
     with TailReader(daemon.status_socket, f"after={final['last_seq']}&type=test.follow") as rest:
         assert got + seqs_of(rest.rest()) == sent
 
