@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from auditd.query.batches import EVERY_EVENT, Selector
 from auditd.query.feed import (
@@ -145,6 +146,22 @@ def selector_of(spec: QuerySpec) -> Selector:
     return Selector(feed_key(spec), tuple(equal), predicate)
 
 
+class _LineStream(web.StreamResponse):
+    """A streamed body whose writes never wait for the client by themselves: the
+    session decides when to wait, and for what (a write that waited in aiohttp's drain
+    could not see a cut meanwhile; a task per write to race it cost the loop)."""
+
+    async def write_buffered(self, data: bytes) -> None:
+        writer = self._payload_writer
+        assert isinstance(writer, StreamWriter), "prepare() first"
+        await writer.write(data, drain=False)
+
+    async def drained(self) -> None:
+        """Until the transport's buffer is back under its low-water mark."""
+        assert self._payload_writer is not None, "prepare() first"
+        await self._payload_writer.drain()
+
+
 class _Ended(Exception):
     """The stream ends: `reason` is a final line's error, or None for a plain end."""
 
@@ -165,7 +182,7 @@ class FollowSession:
         # Filters alone: seqs are the session's business (its position), not the spec's.
         self.filters = tail.spec.replace(after=None, before=None, descending=False)
         self.position = 0  # every matching event through this seq has been written
-        self.response = web.StreamResponse(
+        self.response = _LineStream(
             headers={"Content-Type": "application/x-ndjson",
                      "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
         self._subscription: Subscription | None = None
@@ -284,23 +301,24 @@ class FollowSession:
             await self._write(b"".join(chunk))
 
     async def _write(self, data: bytes) -> None:
-        """Hand `data` to the connection; while the client does not read, wait for it
-        or for the end (a cut, the daemon stopping), whichever comes first. The data is
-        in the transport's buffer either way, ahead of any final line."""
+        """Hand `data` to the connection; while the client does not read (the buffer
+        over its high-water mark), wait for it or for the end (a cut, the daemon
+        stopping), whichever comes first. The data is in the transport's buffer either
+        way, ahead of any final line."""
         transport = self._check_connected()
         self._last_line = time.monotonic()
+        await self.response.write_buffered(data)  # the kernel usually takes it at once
         _, high = transport.get_write_buffer_limits()
-        if transport.get_write_buffer_size() + len(data) <= high:
-            await self.response.write(data)  # below the high-water mark: no wait
+        if transport.get_write_buffer_size() <= high:
             return
         ended = self._subscription.ended if self._subscription is not None \
             else self.feed.stopped()
-        write = asyncio.ensure_future(self.response.write(data))
-        await asyncio.wait((write, ended), return_when=asyncio.FIRST_COMPLETED)
-        if write.done():
-            write.result()
+        drained = asyncio.ensure_future(self.response.drained())
+        await asyncio.wait((drained, ended), return_when=asyncio.FIRST_COMPLETED)
+        if drained.done():
+            drained.result()
             return
-        self._stalled = write
+        self._stalled = drained
         raise _Ended(ended.result() if self._subscription is not None else DAEMON_STOPPING)
 
     def _check_connected(self) -> asyncio.WriteTransport:
