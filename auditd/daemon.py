@@ -30,6 +30,7 @@ from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
 from auditd.logs import RecurringFault
+from auditd.projections import Projections
 from auditd.query.engine import QueryEngine
 from auditd.query.hot_index import HotIndex
 from auditd.query.rebuild import rebuild_hot_index
@@ -71,6 +72,7 @@ class Daemon:
         self.storage = Path(config.storage.path)
         self.stats = Stats()
         self.store = Store(self.storage / DB_NAME)
+        self.projections = Projections(self.store)
         self.stop_requested = asyncio.Event()
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -150,6 +152,8 @@ class Daemon:
         await rebuild_hot_index(self.hot_index, self.store.path, await self.store.sealed_through())
         self.store.after_commit = self.hot_index.append
         self.store.after_seal = self.hot_index.trim
+        progress.begin("opening the projections")
+        await self.projections.open()
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)
@@ -194,6 +198,7 @@ class Daemon:
         await self._close_steps([
             ("tasks", self._cancel_tasks),
             ("status_server", self.status.aclose),
+            ("projections", self.projections.aclose),
             ("dead_letter_store", self.dead_letters.close),
             ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
@@ -296,6 +301,7 @@ class Daemon:
             ("ingest_server", self.ingest.aclose),
             ("tasks", self._cancel_tasks),
             ("status_server", self.status.aclose),
+            ("projections", self.projections.aclose),
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),
             ("dead_letter_store", self.dead_letters.close),

@@ -112,10 +112,23 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
-    from auditd.cli import operator
+    from auditd.cli import counts, operator
     from auditd.cli import query as query_command
 
-    return query_command.run(args, _status_socket(args, config), operator.call)
+    if not args.count_by:
+        return query_command.run(args, _status_socket(args, config), operator.call)
+    others = [f"--{name}" for name in ("target", "stream", "correlation", "causation",
+                                       "tag", "grep") if getattr(args, name)]
+    others += [f"--{name}" for name in ("after", "tree") if getattr(args, name)]
+    if others:
+        raise UsageError(f"--count-by counts from the projections: {', '.join(others)} "
+                         "cannot narrow it (--type, --actor, --comm, --uid, --since, "
+                         "--until can)")
+    filters = [(name, str(value)) for name in ("type", "actor", "comm", "uid")
+               for value in getattr(args, name)]
+    params = counts.count_params(args.count_by, args.interval, filters, args.since,
+                                 args.until)
+    return counts.run_counts(_status_socket(args, config), params, args.json)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
@@ -136,6 +149,19 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     return storage.cmd_migrate(args, config)
 
 
+def cmd_projections(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import projections
+
+    if args.action == "status":
+        if args.name:
+            raise UsageError("projections status takes no NAME")
+        return projections.status(_status_socket(args, config), args.json)
+    if not args.name:
+        raise UsageError("projections rebuild: name the projection to rebuild")
+    return projections.rebuild(_status_socket(args, config), args.name, args.json,
+                               not args.no_wait)
+
+
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     from auditd.bench import main as bench_main
 
@@ -146,7 +172,7 @@ COMMANDS: dict[str, Command] = {
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
-    "bench": cmd_bench,
+    "bench": cmd_bench, "projections": cmd_projections,
 }
 
 

@@ -60,10 +60,13 @@ def build_parser() -> Parser:
     _operator(command("status", "health, throughput, backlog, latencies, disk use, dead "
                                 "letters; exit 1 unless healthy"))
     _dlq(_operator(command("dlq", "the dead-letter store: list, retry or drop entries")))
+    from auditd.cli.counts import add_count_arguments
     from auditd.cli.query import add_query_arguments
 
-    add_query_arguments(command("query", "filtered events from the running daemon, newest "
-                                         "last; repeat a filter to OR it"))
+    query = command("query", "filtered events from the running daemon, newest last; repeat "
+                             "a filter to OR it; --count-by: counts per bucket instead")
+    add_query_arguments(query)
+    add_count_arguments(query)
     backup = _operator(command("backup", "a consistent online copy of the database, "
                                          "written by the running daemon"))
     backup.add_argument("dest", metavar="DEST",
@@ -73,6 +76,10 @@ def build_parser() -> Parser:
                                 "database into the live store (idempotent)"))
     _migrate(command("migrate", "apply or roll back schema migrations (daemon stopped; a "
                                 "backup is taken first)"))
+
+    _projections(_operator(command(
+        "projections", "read models (counts, actor summaries): position and lag, or "
+                       "rebuild one from the events, through the running daemon")))
 
     from auditd.bench import add_arguments as add_bench_arguments
 
@@ -147,6 +154,21 @@ def _migrate(migrate: argparse.ArgumentParser) -> None:
     migrate.add_argument("--yes-delete-events", action="store_true",
                          help="allow a roll-back that deletes stored events and dead "
                               "letters (e.g. --to 0); refused without it")
+
+
+def _projections(projections: argparse.ArgumentParser) -> None:
+    from auditd.projections.definitions import PROJECTIONS
+
+    projections.add_argument("action", choices=["status", "rebuild"],
+                             help="status: each projection's state, position and lag; "
+                                  "rebuild: drop NAME's rows and count them again from the "
+                                  "events (admin; waits, with progress)")
+    projections.add_argument("name", nargs="?", metavar="NAME",
+                             choices=[p.name for p in PROJECTIONS],
+                             help="the projection to rebuild: "
+                                  + ", ".join(p.name for p in PROJECTIONS))
+    projections.add_argument("--no-wait", action="store_true",
+                             help="rebuild: return once the rebuild has begun")
 
 
 def _positive(text: str) -> int:

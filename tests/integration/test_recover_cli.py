@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import DaemonProcess, committed_seq, wait_for, write_lock
+from projection_truth import assert_counts_match
 
 from auditd.store.recovery import move_aside, read_remnant
 
@@ -167,6 +168,10 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
     # the journal that also told the daemon.
     assert read_remnant(moved).max_seq == 30
     first = recover(daemon, moved)  # through the running daemon
+    # The copied events went in beside the writer: the projections are rebuilt and
+    # count them (and the admin event of the recover) like every other.
+    assert first["projections"] == "rebuilding", first
+    assert len(assert_counts_match(daemon)) == len(old_seqs) + 2
     assert daemon.stop() == 0
 
     seqs, letters = events_and_letters(daemon.db_path)
