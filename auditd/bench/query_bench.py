@@ -102,7 +102,8 @@ def queries(count: int) -> dict[str, str | Callable[[_Conn], str]]:
     def after_cursor(conn: _Conn) -> str:
         pairs = [("type", middle.type), ("order", "desc")]
         first, _, _, _ = _get(conn, _url(pairs))
-        return _url([*pairs, ("before", str(first["next"]))])
+        cursor = first["next"] or (first["events"][-1]["seq"] if first["events"] else None)
+        return _url(pairs if cursor is None else [*pairs, ("before", str(cursor))])
 
     made["page_after_cursor"] = after_cursor
     made["correlation_100"] = f"/correlations/op-long-{count // LONG_CORRELATION_EVERY // 2:06d}"

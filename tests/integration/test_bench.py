@@ -58,3 +58,19 @@ def test_replay_commits_every_journaled_event() -> None:
     doc = bench("--replay", "3000")["replay"]
     assert doc["events"] == 3000 and doc["journal_bytes"] > 3000 * 200
     assert 0 < doc["ready_s"] <= doc["all_committed_s"]
+
+
+def test_query_bench_reports_every_query(tmp_path: Any) -> None:
+    config = tmp_path / "auditd.toml"
+    config.write_text("[storage]\npartition_events = 1000\n")  # 3 sealed, 500 hot
+    doc = bench("--query", "3500", "--query-repeat", "2", "--config", str(config))["query"]
+    assert doc["events"] == 3500 and doc["sealed"] == 3000
+    assert doc["hot_index"]["events"] == 500
+    queries = doc["queries"]
+    assert {"type", "type+1h", "or_two_actors", "newest_100", "page_after_cursor",
+            "correlation_100", "rare_word_0.1%"} <= set(queries)
+    assert queries["newest_100"]["events"] == 100
+    assert queries["rare_word_0.1%"]["events"] == 3  # every 1,000th event, from 500
+    for figures in queries.values():
+        assert set(figures["server_ms"]) == {"p50", "p99"}
+        assert figures["server_cpu_ms"]["p50"] >= 0
