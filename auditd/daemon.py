@@ -31,6 +31,9 @@ from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
 from auditd.logs import RecurringFault
 from auditd.projections import Projections
+from auditd.query.engine import QueryEngine
+from auditd.query.hot_index import HotIndex
+from auditd.query.rebuild import rebuild_hot_index
 from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
 from auditd.stats import Stats
@@ -76,6 +79,9 @@ class Daemon:
         self._signals = 0
         self.failed = False
         self.dead_letters = DeadLetterStore(self.store.path)
+        self.hot_index = HotIndex()
+        self.query_engine = QueryEngine(self.store.path, self.hot_index, self.store.sealed,
+                                        lambda seqs: self.ring.committed_by_seq(seqs))
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)
         self.notifier = Notifier()
@@ -143,6 +149,10 @@ class Daemon:
         state = await self.store.load_state()
         progress.begin("opening the projections")
         await self.projections.open()
+        progress.begin("indexing the hot events")
+        await rebuild_hot_index(self.hot_index, self.store.path, await self.store.sealed_through())
+        self.store.after_commit = self.hot_index.append
+        self.store.after_seal = self.hot_index.trim
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)
@@ -189,6 +199,7 @@ class Daemon:
             ("status_server", self.status.aclose),
             ("projections", self.projections.aclose),
             ("dead_letter_store", self.dead_letters.close),
+            ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
         ])
 
@@ -293,6 +304,7 @@ class Daemon:
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),
             ("dead_letter_store", self.dead_letters.close),
+            ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
         ])
         log.info("daemon_stopped", last_seq=self.sequencer.last_seq,

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from auditd.bench import fair, soak, stalls
+from auditd.bench import fair, query_bench, soak, stalls
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fair.add_arguments(parser)
     soak.add_arguments(parser)
     stalls.add_arguments(parser)
+    query_bench.add_arguments(parser)
 
 
 
@@ -177,6 +178,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         from auditd.bench.projections import run_projections
 
         doc = {"projections": run_projections(args.projections, config)}
+    elif args.query is not None:
+        doc = {"query": query_bench.run_query_bench(args, config)}
     elif args.ring:
         doc = {"ring": run_ring()}
     elif args.replay:

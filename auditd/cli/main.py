@@ -111,6 +111,17 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
                         args.json, args.limit)
 
 
+def cmd_query(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import operator
+    from auditd.cli import query as query_command
+
+    if args.count_by:
+        from auditd.cli import counts
+
+        return counts.run_count_query(args, _status_socket(args, config))
+    return query_command.run(args, _status_socket(args, config), operator.call)
+
+
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import operator
 
@@ -142,18 +153,6 @@ def cmd_projections(args: argparse.Namespace, config: Config) -> int:
                                not args.no_wait)
 
 
-def cmd_query(args: argparse.Namespace, config: Config) -> int:
-    from auditd.cli import counts
-
-    if not args.count_by:
-        raise UsageError("query: only --count-by FIELD is served by this build")
-    filters = [(name, str(value)) for name in ("type", "actor", "comm", "uid")
-               for value in getattr(args, name)]
-    params = counts.count_params(args.count_by, args.interval, filters, args.since,
-                                 args.until)
-    return counts.run_counts(_status_socket(args, config), params, args.json)
-
-
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     from auditd.bench import main as bench_main
 
@@ -162,8 +161,9 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
 
 COMMANDS: dict[str, Command] = {
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
+    "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
-    "bench": cmd_bench, "projections": cmd_projections, "query": cmd_query,
+    "bench": cmd_bench, "projections": cmd_projections,
 }
 
 

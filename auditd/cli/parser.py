@@ -60,6 +60,14 @@ def build_parser() -> Parser:
     _operator(command("status", "health, throughput, backlog, latencies, disk use, dead "
                                 "letters; exit 1 unless healthy"))
     _dlq(_operator(command("dlq", "the dead-letter store: list, retry or drop entries")))
+    from auditd.cli.query import add_query_arguments
+
+    query = command("query", "filtered events from the running daemon, newest last; "
+                             "repeat a filter to OR it; --count-by counts them per bucket")
+    add_query_arguments(query)
+    from auditd.cli.counts import add_count_arguments
+
+    add_count_arguments(query)
     backup = _operator(command("backup", "a consistent online copy of the database, "
                                          "written by the running daemon"))
     backup.add_argument("dest", metavar="DEST",
@@ -73,10 +81,6 @@ def build_parser() -> Parser:
     _projections(_operator(command(
         "projections", "read models (counts, actor summaries): position and lag, or "
                        "rebuild one from the events, through the running daemon")))
-    _count_query(_operator(command(
-        "query", "counts per bucket from the projections (--count-by); event queries "
-                 "come with the query engine")))
-
     from auditd.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(command("bench", "load generator, storage baseline and replay "
@@ -165,24 +169,6 @@ def _projections(projections: argparse.ArgumentParser) -> None:
                                   + ", ".join(p.name for p in PROJECTIONS))
     projections.add_argument("--no-wait", action="store_true",
                              help="rebuild: return once the rebuild has begun")
-
-
-def _count_query(query: argparse.ArgumentParser) -> None:
-    """The count side of `auditd query` (cli/counts.py); the query engine's own
-    filters and formats join this command when it is merged."""
-    from auditd.cli.counts import add_count_arguments
-
-    add_count_arguments(query)
-    for name in ("type", "actor", "comm"):
-        query.add_argument(f"--{name}", action="append", default=[], metavar="VALUE",
-                           help=f"only events whose {name} is VALUE; repeat to OR")
-    query.add_argument("--uid", action="append", default=[], type=int, metavar="UID",
-                       help="only events written by UID; repeat to OR")
-    query.add_argument("--since", metavar="WHEN",
-                       help="from this event time: 1h, 30m, 7d (before now), RFC 3339 or "
-                            "unix seconds; a bucket is counted whole")
-    query.add_argument("--until", metavar="WHEN",
-                       help="up to this event time (same forms as --since)")
 
 
 def _positive(text: str) -> int:

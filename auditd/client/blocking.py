@@ -73,6 +73,13 @@ class Client(_ClientBase):
         replies = self._exchange([encode(chunk) for chunk in chunks])
         return check_rejected_many(replies, [len(c) for c in chunks], self.raise_on_reject)
 
+    def send_frames(self, frames: Sequence[bytes]) -> list[Reply]:
+        """Send frames already built with `encode` (ids set), pipelined; their replies.
+
+        Rejections are left in the replies: the caller built the frames and counts them.
+        """
+        return self._exchange(list(frames))
+
     def close(self) -> None:
         self._closed = True
         self._drop()

@@ -28,6 +28,20 @@ from auditd.schema import (
 _SAFE_LEVELS = 500
 _EVENT_LEVELS = depth.MAX_DEPTH + 1  # the event's own map, then `data`'s levels
 _TOO_DEEP = f"data: nested deeper than {depth.MAX_DEPTH} levels"
+_any_decoder = msgspec.msgpack.Decoder()
+
+
+def _undecodable(data: msgspec.Raw) -> str | None:
+    """Why `data` (kept as raw bytes) is not a value every reader can decode, if it is
+    not: a string that is not UTF-8 or a timestamp out of range (not MessagePack at
+    all), or a map used as a map key. Queries, text search and sealing decode it, and
+    one such payload accepted once failed its whole partition's seal (2026-12-02)."""
+    try:
+        _any_decoder.decode(data)
+    except msgspec.MsgspecError as exc:
+        text = str(exc).removeprefix("MessagePack data is malformed: ")
+        return text[:1].lower() + text[1:]
+    return None
 
 _MAP_FIRST = frozenset({*range(0x80, 0x90), 0xDE, 0xDF})
 _ARRAY_FIRST = frozenset({*range(0x90, 0xA0), 0xDC, 0xDD})
@@ -140,7 +154,12 @@ def _validate(frame: DecodedFrame, index: int, raw: bytes, max_event_bytes: int,
     except InvalidEvent as exc:
         frame.reject(index, "invalid", str(exc), raw)
         return
-    if event.data is not msgspec.UNSET and not depth.within(event.data, depth.MAX_DEPTH):
-        frame.reject(index, "invalid", _TOO_DEEP, raw)
-        return
+    if event.data is not msgspec.UNSET:
+        if not depth.within(event.data, depth.MAX_DEPTH):
+            frame.reject(index, "invalid", _TOO_DEEP, raw)
+            return
+        problem = _undecodable(event.data)
+        if problem is not None:
+            frame.reject(index, "invalid", f"data: {problem}", raw)
+            return
     frame.valid.append(ValidEvent(index, event, ts, raw))

@@ -28,6 +28,7 @@ from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
 from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
+from auditd.query.engine import QueryEngine
 from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
@@ -90,6 +91,8 @@ class DaemonView(Protocol):
     @property
     def projections(self) -> Projections: ...
     @property
+    def query_engine(self) -> QueryEngine: ...
+    @property
     def ingest(self) -> IngestServer: ...
     @property
     def dead_letters(self) -> DeadLetterStore: ...
@@ -118,6 +121,10 @@ class DaemonControl:
     @property
     def stats(self) -> Stats:
         return self.daemon.stats
+
+    @property
+    def events(self) -> QueryEngine:
+        return self.daemon.query_engine
 
     def gauges(self) -> Gauges:
         daemon = self.daemon

@@ -20,6 +20,7 @@ from aiohttp import web
 from auditd.ingest import depth
 from auditd.projections.params import BadParameter, parse_counts
 from auditd.status.access import Caller
+from auditd.status.events import get_correlation, get_event, get_events, get_stream
 from auditd.status.figures import RateSampler, stats_document
 from auditd.status.health import evaluate, inputs_from
 from auditd.status.metrics import MetricsExposition
@@ -247,6 +248,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/stats", read=get_stats),
     Route("GET", "/metrics", read=get_metrics),
     Route("GET", "/dlq", read=get_dlq),
+    Route("GET", "/events", read=get_events),
+    Route("GET", "/events/{key}", read=get_event),
+    Route("GET", "/streams/{stream}", read=get_stream),
+    Route("GET", "/correlations/{correlation}", read=get_correlation),
     Route("POST", "/dlq/retry", admin=post_dlq_retry, action="dlq.retry"),
     Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),
     Route("POST", "/reload", admin=post_reload, action="reload"),

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from auditd.config import Config
 from auditd.errors import AuditdError
 from auditd.projections.params import CountsQuery
+from auditd.query.engine import QueryEngine
 from auditd.stats import Stats
 
 
@@ -85,6 +86,11 @@ class StatusSource(Protocol):
 
     def gauges(self) -> Gauges:
         """A fresh snapshot of the figures `Gauges` lists."""
+        ...
+
+    @property
+    def events(self) -> QueryEngine:
+        """Queries over the stored events (/events, /streams, /correlations)."""
         ...
 
     async def dlq_list(self, limit: int, after: int | None,

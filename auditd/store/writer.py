@@ -219,7 +219,7 @@ class Writer:
     def _account(self, batch: list[Pending], started: float) -> None:
         self.ring.mark_committed(len(batch))
         stats = self.stats
-        stats.committed += sum(1 for e in batch if isinstance(e, StoredEvent))
+        stats.committed += len(batch) - sum(type(e) is Gap for e in batch)
         stats.commit_latency_ms.observe((time.perf_counter() - started) * 1000)
         stats.batch_size.observe(len(batch))
         stats.last_commit_at = time.monotonic()
@@ -240,23 +240,25 @@ class Writer:
         checkpoint = entries[-1].seq if entries else 0
         attempt = 0
         while True:
-            events, letters = _split(entries, dead)
             try:
-                if queued is not None:
+                if queued is not None:  # split already, by _submit: not again on the loop
                     attempt_done, queued = queued, None
                     try:
                         await attempt_done
                     except BatchSkippedError:
                         continue  # never tried: try it now
                 else:
+                    events, letters = _split(entries, dead)
                     await self.store.insert_batch(events, letters, checkpoint)
             except (TransientStoreError, StoreFaultError) as exc:
+                events, letters = _split(entries, dead)
                 attempt += 1
                 self.stats.commit_failures += 1
                 self._failing(exc, events=len(events), dead=len(letters))
                 await self._pause(exc, attempt, dead)
                 continue
             except PermanentStoreError as exc:
+                events, letters = _split(entries, dead)
                 if dead:
                     # First find out whether the rejects are the poison: they go alone,
                     # to the fallback file if even that fails, never an event with them.

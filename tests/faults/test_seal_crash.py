@@ -7,9 +7,12 @@ fails is shown in health and retried while ingest goes on."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from conftest import (
@@ -138,23 +141,55 @@ def test_a_failing_seal_is_shown_in_health_and_retried_until_it_succeeds(
     assert [e for e in daemon.log_events() if e["event"] == "seal_recovered"]
 
 
+def sealing_children(daemon: DaemonProcess) -> list[tuple[int, int, int]]:
+    """(pid, first, last) of the daemon's sealing processes now running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"auditd.store.sealing.child" in argv and str(daemon.db_path).encode() in argv:
+            at = argv.index(b"auditd.store.sealing.child")
+            found.append((int(entry.name), int(argv[at + 3]), int(argv[at + 4])))
+    return found
+
+
 def test_commits_wait_while_sealing_is_two_partitions_behind(make_daemon: Any) -> None:
+    daemon = make_daemon({"storage": {"partition_events": PARTITION}})
+    fill(daemon, PARTITION)
+    # A slow seal, for real: its process stopped while it works on its range.
+    pid, first, last = wait_for(lambda: next(iter(sealing_children(daemon)), None), 30,
+                                "the sealing process")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        behind = first - 1 + 2 * PARTITION  # sealed_through stays first - 1 meanwhile
+        fill(daemon, behind - PARTITION, PARTITION)
+        wait_for(lambda: daemon.stats()["partitions"]["commits_held"], 30, "commits held")
+        with daemon.connect() as conn:  # acknowledged (journaled), but not committed
+            for start in range(behind, behind + 300, 100):
+                reply = conn.request([{"type": "test.crash", "id": f"ev-{i}"}
+                                      for i in range(start, start + 100)])
+                assert reply["ok"] == 100, reply
+        assert daemon.stats()["last_committed_seq"] == behind
+        assert daemon.stats()["pending"] == 300
+        assert "sealing is behind" in health(daemon)["checks"]["sealing"]["detail"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_committed(daemon, behind + 300)
+    wait_sealed_through(daemon, last)
+    assert_all_stored_once(daemon, behind + 300)
+
+
+def test_a_failing_seal_does_not_hold_commits(make_daemon: Any) -> None:
+    """Pacing is for a slow sealer: a failing one (health says so) must not stop ingest."""
     daemon = make_daemon({"storage": {"partition_events": PARTITION}})
     blocker = daemon.storage / "partitions"
     blocker.write_text("a file where the partitions directory goes")  # seals fail
-    fill(daemon, 2 * PARTITION)  # two partitions' worth committed, none sealed
-    wait_for(lambda: daemon.stats()["partitions"]["commits_held"], 30, "commits held")
-    with daemon.connect() as conn:  # acknowledged (journaled), but not committed
-        for start in range(2 * PARTITION, 1300, 100):
-            reply = conn.request([{"type": "test.crash", "id": f"ev-{i}"}
-                                  for i in range(start, start + 100)])
-            assert reply["ok"] == 100, reply
-    assert daemon.stats()["last_committed_seq"] == 2 * PARTITION
-    assert daemon.stats()["pending"] == 1300 - 2 * PARTITION
-    detail = health(daemon)["checks"]["sealing"]["detail"]
-    assert "failed" in detail or "sealing is behind" in detail
-    blocker.unlink()
-    wait_committed(daemon, 1300)
-    wait_sealed_through(daemon, 1000)
+    fill(daemon, 2 * PARTITION)
+    wait_for(lambda: daemon.stats()["partitions"]["fault"], 30, "the seal fault")
+    fill(daemon, PARTITION, 2 * PARTITION)  # waits for each batch's commit
     assert not daemon.stats()["partitions"]["commits_held"]
-    assert_all_stored_once(daemon, 1300)
+    blocker.unlink()
+    wait_sealed_through(daemon, 3 * PARTITION)
+    assert_all_stored_once(daemon, 3 * PARTITION)

@@ -184,3 +184,21 @@ def test_sigkilled_sealer_leaves_only_a_temp_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in directory.iterdir()) == [info.path.name]
     with SealedPartition(info.path) as part:
         assert part.check() == []
+
+
+@pytest.mark.parametrize("data", [b"\xa2\xff\xfe", b"\x81\x80\x02",
+                                  b"\xc7\x0c\xff" + b"\xff" * 4 + b"\x00" * 8])
+def test_a_record_whose_data_does_not_decode_is_sealed_and_read_whole(
+        tmp_path: Path, data: bytes) -> None:
+    """Older stores hold such payloads (ingest checks them since 2026-12-02): one of
+    them failed its whole partition's seal and held every commit behind it."""
+    records = _records(300)
+    event = event_from_record(records[149][1])
+    bad = record_bytes(msgspec.structs.replace(event, data=data, type="odd.payload"))
+    records[149] = (150, bad)
+    info = seal_partition(iter(records), tmp_path, 1, 300)
+    with SealedPartition(info.path) as part:
+        assert part.check() == []
+        assert part.record(150) == bad
+        assert part.query({"type": ["odd.payload"]}, limit=10) == [150]
+        assert part.query({"q": ["odd"]}, limit=10) == [150]  # type's words still found

@@ -179,3 +179,19 @@ def test_recent_window_is_bounded_by_bytes_as_well_as_slots() -> None:
 
 def test_recent_window_bytes_default_to_an_eighth_of_max_bytes() -> None:
     assert RingBuffer[Item](8, 8000).window_bytes == 1000
+
+
+def test_a_big_commit_evicts_a_bounded_step_and_the_pushes_after_it_the_rest() -> None:
+    """The loop never pays for thousands of evictions at once, and the window still
+    comes back within its bytes however big the frames are."""
+    ring = RingBuffer[Item](20_000, 10**9, window_bytes=1_000)
+    ring.push(items(1, 5_000, "c"), [10] * 5_000)
+    ring.mark_committed(5_000)
+    assert ring.window_size == 50_000 - 512 * 10  # one step only
+    for first in range(5_001, 15_001, 1_000):  # frames as big as a commit, committed
+        ring.push(items(first, first + 999, "c"), [10] * 1_000)
+        ring.mark_committed(1_000)
+    assert ring.window_size <= 1_000 + 1_000 * 10
+    ring.push(items(15_001, 15_001, "c"), [10])
+    assert ring.window_size <= 1_000
+    assert next(e.seq for e in ring.by_correlation("c")) == ring.oldest_retained_seq()

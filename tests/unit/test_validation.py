@@ -328,3 +328,18 @@ def test_an_unknown_key_that_would_not_read_as_a_name_is_quoted() -> None:
     # Found by tests/fuzz: the message read ": unknown key", naming nothing.
     assert only_message({"type": "t", "": 1}) == '"": unknown key'
     assert only_message({"type": "t", "a\nb": 1}) == '"a\\nb": unknown key'
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"\xa2\xff\xfe", "data: invalid UTF-8 encoded string"),
+    (b"\x92\x01\xa1\xff", "data: invalid UTF-8 encoded string"),
+    (b"\x81\x80\x02", "data: map keys must be hashable (byte 3)"),
+    (b"\xc7\x0c\xff" + b"\xff" * 4 + b"\x00" * 8,
+     "data: invalid MessagePack timestamp: nanoseconds out of range"),
+])
+def test_data_every_reader_cannot_decode_is_invalid_and_costs_only_its_event(
+        data: bytes, message: str) -> None:
+    body = batch_of(event_with("data", data), encode({"type": "fine"}))
+    frame = decode_body(body, MAX_BATCH, MAX_EVENT)
+    assert frame.rejected == [(0, "invalid", message)]
+    assert [valid.index for valid in frame.valid] == [1]

@@ -27,7 +27,7 @@ from typing import IO, Any, TypeAlias
 
 import msgspec
 
-from auditd.store.partition.fields import BuildFields, data_strings, decode_tags
+from auditd.store.partition.fields import BuildFields, data_strings, decode_data, decode_tags
 from auditd.store.partition.layout import (
     ACTOR,
     CAUSATION,
@@ -181,7 +181,7 @@ class RunCollector:
             stream = self.streams[value]
             stream[0].append(offset)
             stream[1].append(fields.stream_seq or 0)
-        data = fields.data
+        data = decode_data(fields.data)
         if data is not None:
             data_words = self.data_words
             for text in data.values() if type(data) is dict else (data,):

@@ -40,7 +40,7 @@ class IndexedFields(Struct, gc=False):
     correlation_id: str | None = None
     causation_id: str | None = None
     tags: dict[str, str] | None = None
-    data: Any = None
+    data: msgspec.Raw = msgspec.Raw()  # decoded apart: see decode_data
     uid: int = 0
     comm: str = ""
 
@@ -64,7 +64,7 @@ class BuildFields(Struct, gc=False):
     correlation_id: str | None = None
     causation_id: str | None = None
     tags: msgspec.Raw = msgspec.Raw()
-    data: Any = None
+    data: msgspec.Raw = msgspec.Raw()  # decoded apart: see decode_data
     uid: int = 0
     comm: str = ""
 
@@ -75,6 +75,24 @@ _tags_decoder = msgspec.msgpack.Decoder(dict[str, str] | None)
 
 def decode_tags(raw: bytes) -> dict[str, str]:
     return _tags_decoder.decode(raw) or {}
+
+
+_data_decoder = msgspec.msgpack.Decoder()
+
+
+def decode_data(raw: bytes) -> Any:
+    """A record's `data` as Python values, None when absent or undecodable.
+
+    Stores written before ingest checked that `data` decodes hold some that do not
+    (a string that is not UTF-8, a timestamp out of range): such a record is still
+    sealed and read whole, its data's words are just not indexed. One bad payload
+    failing its whole partition held every commit behind it (seen 2026-12-02)."""
+    if not raw:
+        return None
+    try:
+        return _data_decoder.decode(raw)
+    except msgspec.MsgspecError:
+        return None
 
 
 def data_strings(value: Any) -> Iterator[str]:
@@ -98,8 +116,9 @@ def text_strings(fields: IndexedFields) -> list[str]:
         texts.append(fields.target)
     if fields.tags:
         texts.extend(fields.tags.values())
-    if fields.data is not None:
-        texts.extend(data_strings(fields.data))
+    data = decode_data(fields.data)
+    if data is not None:
+        texts.extend(data_strings(data))
     return texts
 
 

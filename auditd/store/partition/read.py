@@ -72,6 +72,7 @@ class SealedPartition:
         self.run: Run = connection_runner(self.conn)
         self._decompressor: zstandard.ZstdDecompressor | None = None
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
+        self.cached_blocks = _CACHED_BLOCKS  # decoded blocks kept (a reader may keep more)
         self._zones: queries.Zones | None = None
         self._dead: set[int] | None = None
 
@@ -113,7 +114,7 @@ class SealedPartition:
         first = block * self.block_records
         records = decode_block(raw, min(self.block_records, self.count - first))
         self._blocks[block] = records
-        if len(self._blocks) > _CACHED_BLOCKS:
+        if len(self._blocks) > self.cached_blocks:
             self._blocks.popitem(last=False)
         return records
 

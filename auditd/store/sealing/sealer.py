@@ -86,8 +86,13 @@ class Sealer:
         self._hold_if_behind()
 
     def _hold_if_behind(self) -> None:
+        """Pace commits to the sealer while seals succeed. While they fail, commits go
+        on into the hot table (health shows the fault): holding them would stop all
+        ingest for as long as a fault lasts, and a fault may last until an operator
+        comes."""
         behind = self.committed_seq - self.sealed_through
-        holding = behind >= HOLD_PARTITIONS * self.partition_events
+        holding = (behind >= HOLD_PARTITIONS * self.partition_events
+                   and self.figures.fault is None)
         if holding != self.holding:
             self.holding = holding
             self.hold(f"sealing is behind: {behind} committed events are not sealed yet; "
@@ -135,11 +140,12 @@ class Sealer:
                 self.frozen_through = self.sealed_through
                 fault.failed(exc)
                 self.figures.fault = f"sealing seqs {first}-{last} failed: {exc}; retried"
+                self._hold_if_behind()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             fault.succeeded()
-            delay, self.figures.fault = _RETRY_FIRST_S, None
+            delay, self.figures.fault = _RETRY_FIRST_S, None  # _hold_if_behind below
             self.sealed_through = self.frozen_through = entry.last_seq
             self._hold_if_behind()
             figures = self.figures
