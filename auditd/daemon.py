@@ -147,12 +147,12 @@ class Daemon:
         progress.begin("opening the database (migrations)")
         await self.store.open(progress.tick)
         state = await self.store.load_state()
-        progress.begin("opening the projections")
-        await self.projections.open()
         progress.begin("indexing the hot events")
         await rebuild_hot_index(self.hot_index, self.store.path, await self.store.sealed_through())
         self.store.after_commit = self.hot_index.append
         self.store.after_seal = self.hot_index.trim
+        progress.begin("opening the projections")
+        await self.projections.open()
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)

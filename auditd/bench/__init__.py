@@ -174,12 +174,12 @@ def main(args: argparse.Namespace, config: Config) -> int:
         if not args.json:
             soak.print_report(doc["soak"])
             return 0
+    elif args.query is not None:
+        doc = {"query": query_bench.run_query_bench(args, config)}
     elif args.projections:
         from auditd.bench.projections import run_projections
 
         doc = {"projections": run_projections(args.projections, config)}
-    elif args.query is not None:
-        doc = {"query": query_bench.run_query_bench(args, config)}
     elif args.ring:
         doc = {"ring": run_ring()}
     elif args.replay:

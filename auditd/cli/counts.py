@@ -43,25 +43,6 @@ def count_params(field: str, interval: str, filters: Iterable[tuple[str, str]],
     return params
 
 
-# `auditd query` option dest -> its GET /events parameter (the server answers a 400
-# naming any that /counts does not take with --count-by).
-_FILTERS = {"type": "type", "actor": "actor", "target": "target", "stream": "stream",
-            "correlation": "correlation_id", "causation": "causation_id", "uid": "uid",
-            "comm": "comm", "grep": "q"}
-
-
-def run_count_query(args: argparse.Namespace, socket_path: str) -> int:
-    """`auditd query ... --count-by FIELD`: the query's filters as /counts parameters."""
-    filters = [(parameter, str(value)) for dest, parameter in _FILTERS.items()
-               for value in getattr(args, dest, None) or ()]
-    filters += [(f"tag.{tag.partition('=')[0]}", tag.partition("=")[2])
-                for tag in getattr(args, "tag", None) or ()]
-    if getattr(args, "after", None) is not None:
-        filters.append(("after", str(args.after)))
-    params = count_params(args.count_by, args.interval, filters, args.since, args.until)
-    return run_counts(socket_path, params, args.json)
-
-
 def run_counts(socket_path: str, params: list[tuple[str, str]], as_json: bool,
                out: TextIO | None = None) -> int:
     stream = sys.stdout if out is None else out

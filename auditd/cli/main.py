@@ -112,14 +112,23 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
-    from auditd.cli import operator
+    from auditd.cli import counts, operator
     from auditd.cli import query as query_command
 
-    if args.count_by:
-        from auditd.cli import counts
-
-        return counts.run_count_query(args, _status_socket(args, config))
-    return query_command.run(args, _status_socket(args, config), operator.call)
+    if not args.count_by:
+        return query_command.run(args, _status_socket(args, config), operator.call)
+    others = [f"--{name}" for name in ("target", "stream", "correlation", "causation",
+                                       "tag", "grep") if getattr(args, name)]
+    others += [f"--{name}" for name in ("after", "tree") if getattr(args, name)]
+    if others:
+        raise UsageError(f"--count-by counts from the projections: {', '.join(others)} "
+                         "cannot narrow it (--type, --actor, --comm, --uid, --since, "
+                         "--until can)")
+    filters = [(name, str(value)) for name in ("type", "actor", "comm", "uid")
+               for value in getattr(args, name)]
+    params = counts.count_params(args.count_by, args.interval, filters, args.since,
+                                 args.until)
+    return counts.run_counts(_status_socket(args, config), params, args.json)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:

@@ -60,13 +60,12 @@ def build_parser() -> Parser:
     _operator(command("status", "health, throughput, backlog, latencies, disk use, dead "
                                 "letters; exit 1 unless healthy"))
     _dlq(_operator(command("dlq", "the dead-letter store: list, retry or drop entries")))
+    from auditd.cli.counts import add_count_arguments
     from auditd.cli.query import add_query_arguments
 
-    query = command("query", "filtered events from the running daemon, newest last; "
-                             "repeat a filter to OR it; --count-by counts them per bucket")
+    query = command("query", "filtered events from the running daemon, newest last; repeat "
+                             "a filter to OR it; --count-by: counts per bucket instead")
     add_query_arguments(query)
-    from auditd.cli.counts import add_count_arguments
-
     add_count_arguments(query)
     backup = _operator(command("backup", "a consistent online copy of the database, "
                                          "written by the running daemon"))
@@ -81,6 +80,7 @@ def build_parser() -> Parser:
     _projections(_operator(command(
         "projections", "read models (counts, actor summaries): position and lag, or "
                        "rebuild one from the events, through the running daemon")))
+
     from auditd.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(command("bench", "load generator, storage baseline and replay "

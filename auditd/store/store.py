@@ -156,14 +156,14 @@ class Store:
         # that then completed (with synchronous=NORMAL a commit is durable only then).
         self.durable_seq = 0
         self.on_durable: Callable[[int], None] | None = None  # told when durable_seq grows
-        # Set before the first batch (the daemon sets auditd.projections' Projector).
-        self.projector: BatchProjector | None = None
         # Told on the store's thread, after each COMMIT, of the batch's events and their
         # events-table rows (the query package's hot index), and after a partition is
         # open for reads, of its last seq.
         self.after_commit: Callable[[list[StoredEvent], list[tuple[Any, ...]]], None] | None \
             = None
         self.after_seal: Callable[[int], None] | None = None
+        # Set before the first batch (the daemon sets auditd.projections' Projector).
+        self.projector: BatchProjector | None = None
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -368,10 +368,10 @@ class Store:
             raise error from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
         self.commits += 1
-        if self.projector is not None:
-            self.projector.committed(checkpoint)
         if self.after_commit is not None and events:
             self._tell_after_commit(events, rows)
+        if self.projector is not None:
+            self.projector.committed(checkpoint)
         if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()
