@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from auditd.bench import fair, query_bench, soak, stalls
+from auditd.bench import follow as follow_bench
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     soak.add_arguments(parser)
     stalls.add_arguments(parser)
     query_bench.add_arguments(parser)
+    follow_bench.add_arguments(parser)
 
 
 
@@ -192,6 +194,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         doc = {"fuzz": run_fuzz(args, config)}
     elif args.stall:
         doc = {"stall": stalls.run_stall(args, config)}
+    elif args.follow:
+        doc = {"follow": follow_bench.run_follow(args, config)}
     else:
         doc = run_load(args, config)
     if args.json:

@@ -137,6 +137,12 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     return operator.backup(_status_socket(args, config), args.dest, args.json)
 
 
+def cmd_tail(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import tail
+
+    return tail.run(args, _status_socket(args, config))
+
+
 def cmd_recover(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import storage
 
@@ -172,7 +178,7 @@ COMMANDS: dict[str, Command] = {
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
-    "bench": cmd_bench, "projections": cmd_projections,
+    "bench": cmd_bench, "projections": cmd_projections, "tail": cmd_tail,
 }
 
 

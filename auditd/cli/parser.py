@@ -74,6 +74,10 @@ def build_parser() -> Parser:
                              "not exist (a backup never overwrites) and its directory must")
     _recover(command("recover", "copy every readable event and dead letter of a damaged "
                                 "database into the live store (idempotent)"))
+    from auditd.cli.tail import add_arguments as add_tail_arguments
+
+    add_tail_arguments(command("tail", "the last N events (default 10); with -f, each new "
+                                       "one as it is committed, across daemon restarts"))
     _migrate(command("migrate", "apply or roll back schema migrations (daemon stopped; a "
                                 "backup is taken first)"))
 

@@ -6,9 +6,9 @@ One slot per committed hot event, in seq order. Each filter field is a `bytearra
 uid itself, and 32 bits of the string hash of correlation and causation ids (a hit
 off a 4-byte boundary is skipped by the search). `tags` holds each slot's keys of its `k=v`s
 (Spans: bytes per slot end to end, and where each slot ends). `ts` is an `array('q')`
-with min/max per ZONE slots. Text for `q`: type, actor and target (`heads`), and the
-raw MessagePack of tags and data (`payloads`), ASCII-lower-cased (substring
-candidates, rechecked against the rows).
+with min/max per ZONE slots. Text for `q` (`text`): type, actor, target and the raw
+MessagePack of tags and data, ASCII-lower-cased (substring candidates, rechecked
+against the rows).
 
 Threads: append() and trim() run on the store's thread only (after a commit; after a
 seal is opened for reads); readers on any thread take `columns` once and read slots
@@ -110,8 +110,7 @@ class Columns:
     keys: dict[str, bytearray] = field(
         default_factory=lambda: {name: bytearray() for name in KEY_FIELDS})
     tags: Spans = field(default_factory=Spans)  # 4-byte keys of each slot's k=v
-    heads: Spans = field(default_factory=Spans)  # type, actor, target: lowered text
-    payloads: Spans = field(default_factory=Spans)  # raw tags and data: lowered
+    text: Spans = field(default_factory=Spans)  # type, actor, target, raw tags and data
 
     def slot_of(self, seq: int) -> int:
         """The slot of the first seq above `seq`."""
@@ -120,8 +119,7 @@ class Columns:
     def memory_bytes(self) -> int:
         arrays: list[array[int]] = [self.seqs, self.ts, self.zone_min, self.zone_max]
         return (sum(a.itemsize * len(a) for a in arrays) + sum(map(len, self.keys.values()))
-                + sum(spans.memory_bytes() for spans in (self.tags, self.heads,
-                                                          self.payloads)))
+                + self.tags.memory_bytes() + self.text.memory_bytes())
 
 
 class HotIndex:
@@ -161,19 +159,16 @@ class HotIndex:
                                      for v in map(get, rows)])
         tags = [x or b"" for x in map(_TAGS, rows)]
         tag_keys = self._tags(columns.tags, tags)
-        heads = _heads(columns.heads, events)
-        datas = [x or b"" for x in map(_DATA, rows)]
-        payloads = list(map(bytes.__add__, tags, datas))
-        payload = Spans.made(columns.payloads.base + len(columns.payloads.data),
-                             b"".join(payloads).lower(), map(len, payloads))
+        texts = _texts(events, tags, [x or b"" for x in map(_DATA, rows)])
+        text = Spans.made(columns.text.base + len(columns.text.data),
+                          b"".join(texts).lower(), map(len, texts))
         columns.seqs += seqs
         columns.ts += stamps
         self._zones(columns, count, list(stamps))
         for name, column in made.items():
             columns.keys[name] += column
         columns.tags.extend(tag_keys)
-        columns.heads.extend(heads)
-        columns.payloads.extend(payload)
+        columns.text.extend(text)
         columns.count = count + len(rows)  # last: readers see complete slots only
 
     def _stragglers(self, events: Sequence[StoredEvent], rows: Sequence[tuple[Any, ...]],
@@ -231,8 +226,7 @@ class HotIndex:
         for name, column in old.keys.items():
             fresh.keys[name] = column[cut * KEY_BYTES:old.count * KEY_BYTES]
         fresh.tags = old.tags.after(cut, old.count)
-        fresh.heads = old.heads.after(cut, old.count)
-        fresh.payloads = old.payloads.after(cut, old.count)
+        fresh.text = old.text.after(cut, old.count)
         self._zones(fresh, 0, list(fresh.ts))
         fresh.count = old.count - cut
         self.columns = fresh
@@ -245,16 +239,14 @@ class HotIndex:
         return self.columns.count
 
 
-def _heads(spans: Spans, events: Sequence[StoredEvent]) -> tuple[bytes, array[int]]:
-    """type, actor, target of each event, lowered: one encode for the batch when it is
-    ASCII (then a character is a byte), one per event otherwise."""
-    heads = [f"\x00{e.type}\x00{e.actor or ''}\x00{e.target or ''}\x00" for e in events]
-    joined = "".join(heads)
-    end = spans.base + len(spans.data)
-    if joined.isascii():
-        return Spans.made(end, joined.encode().lower(), map(len, heads))
-    pieces = [head.encode() for head in heads]
-    return Spans.made(end, b"".join(pieces).lower(), map(len, pieces))
+def _texts(events: Sequence[StoredEvent], tags: list[bytes], datas: list[bytes]
+           ) -> list[bytes]:
+    """Each event's text, one piece a slot: type, actor and target, then the raw
+    MessagePack of its tags and data (one buffer: a word absent from the store is
+    searched for in one pass, not one per part)."""
+    heads = [f"\x00{e.type}\x00{e.actor or ''}\x00{e.target or ''}\x00".encode()
+             for e in events]
+    return list(map(bytes.__add__, map(bytes.__add__, heads, tags), datas))
 
 
 def tag_keys(raw: bytes) -> tuple[int, ...]:

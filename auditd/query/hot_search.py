@@ -117,19 +117,6 @@ class TextSeeker(Seeker):
         return slot
 
 
-class AnySeeker(Seeker):
-    """The nearest slot any of `seekers` gives."""
-
-    def __init__(self, seekers: list[Seeker], descending: bool) -> None:
-        self.seekers, self.descending = seekers, descending
-
-    def seek(self, p: int) -> int:
-        found = [at for at in (s.seek(p) for s in self.seekers) if at != NONE]
-        if not found:
-            return NONE
-        return max(found) if self.descending else min(found)
-
-
 class TimeSeeker(Seeker):
     """Slots with since <= ts < until: zones out of range skipped whole."""
 
@@ -195,8 +182,7 @@ def seekers(columns: Columns, spec: QuerySpec, name_ids: Mapping[str, int], lo: 
                                descending))
     for word in (*spec.words, *spec.prefixes):
         needle = word_needle(word)
-        found.append(AnySeeker([TextSeeker(spans, needle, lo, hi, descending)
-                                for spans in (columns.heads, columns.payloads)], descending))
+        found.append(TextSeeker(columns.text, needle, lo, hi, descending))
     if spec.since_ns is not None or spec.until_ns is not None:
         found.append(TimeSeeker(columns, spec.since_ns, spec.until_ns, lo, hi, descending))
     return found

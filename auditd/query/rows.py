@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from auditd.schema import StoredEvent, id_hash
+from auditd.schema import StoredEvent
 from auditd.store.statements import json_list
 
 SELECT_HOT_ROWS = (
@@ -42,9 +42,10 @@ def hot_rows(conn: sqlite3.Connection, seqs: Iterable[int]) -> dict[int, StoredE
     for row in conn.execute(SELECT_HOT_ROWS, (json_list(seqs),)):
         (seq, event_id, ts, received, kind, actor, target, stream, stream_seq, correlation,
          causation, tags, data, pid, uid, gid, comm) = row
+        # id_hash 0: a query's event is only shown and matched, never keyed by it.
         found[seq] = StoredEvent(seq, event_id, ts, received, kind, actor, target, stream,
                                  stream_seq, correlation, causation, tags, data, pid, uid,
-                                 gid, comm, id_hash(event_id))
+                                 gid, comm, 0)
     return found
 
 

@@ -21,8 +21,9 @@ from auditd.store.partition.read import SealedPartition
 from auditd.store.records import event_from_record, is_dead_letter
 
 Files = list[tuple[int, int, Path]]
-_CACHE_KB = 2048
-_CACHED_BLOCKS = 128
+_CACHE_KB = 512
+_CACHED_BLOCKS = 128  # while a query runs; _KEPT_BLOCKS between queries
+_KEPT_BLOCKS = 16
 
 
 class SealedReader:
@@ -38,11 +39,27 @@ class SealedReader:
         part = self._open.get(path)
         if part is None:
             part = self._open[path] = SealedPartition(path)
+            # As SealedSet: no mmap (mapped pages of every partition read would count
+            # in the daemon's RSS), a page cache of its own per partition.
+            part.conn.execute("PRAGMA mmap_size=0")
             part.conn.execute(f"PRAGMA cache_size=-{_CACHE_KB}")
             # A query decodes a candidate's block to recheck it, then again to read its
-            # record: keep enough blocks for one page (~40 KB each).
+            # record: enough blocks for one page (~30 KB each) while it runs; after it
+            # (rest()), as few as the store's set keeps, so that memory stays bounded
+            # however many partitions queries touch.
             part.cached_blocks = _CACHED_BLOCKS
         return part
+
+    def warm(self, files: Files) -> int:
+        """Open every partition and read its zone map ahead of the first query."""
+        for _, _, path in files:
+            self._part(path).zones()
+        return len(files)
+
+    def rest(self) -> None:
+        """Between queries: let the decoded blocks go but the last few of each."""
+        for part in self._open.values():
+            part.drop_blocks(_KEPT_BLOCKS)
 
     def forget_missing(self, files: Files) -> None:
         """Close partitions no longer catalogued (retention dropped them)."""

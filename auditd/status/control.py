@@ -29,6 +29,7 @@ from auditd.logs import configure_logging
 from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
 from auditd.query.engine import QueryEngine
+from auditd.query.feed import CommitFeed
 from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
@@ -107,6 +108,9 @@ class DaemonView(Protocol):
 
     def status_line(self) -> str: ...
 
+    @property
+    def feed(self) -> CommitFeed: ...
+
 
 class DaemonControl:
     def __init__(self, daemon: DaemonView) -> None:
@@ -125,6 +129,10 @@ class DaemonControl:
     @property
     def events(self) -> QueryEngine:
         return self.daemon.query_engine
+
+    @property
+    def feed(self) -> CommitFeed:
+        return self.daemon.feed
 
     def gauges(self) -> Gauges:
         daemon = self.daemon

@@ -19,6 +19,10 @@ from aiohttp import web
 
 from auditd.ingest import depth
 from auditd.projections.params import BadParameter, parse_counts
+from auditd.query.feed import FeedRefused
+from auditd.query.follow import FollowSession, parse_tail
+from auditd.query.spec import BadQuery, QuerySpec
+from auditd.schema import StoredEvent
 from auditd.status.access import Caller
 from auditd.status.events import get_correlation, get_event, get_events, get_stream
 from auditd.status.figures import RateSampler, stats_document
@@ -124,6 +128,24 @@ def _uid_filter(call: Call) -> int | None:
     if call.caller is None:
         raise Problem(403, "forbidden", "events are served only on the status socket")
     return call.caller.uid_filter
+async def get_tail(call: Call) -> web.StreamResponse:
+    """The last N events (or those after a seq), then, with follow=1, each new one."""
+    if call.caller is None:
+        raise Problem(403, "forbidden", "events are served only on the status socket")
+    try:
+        tail = parse_tail(call.request.query, call.caller.uid_filter)
+    except BadQuery as exc:
+        raise Problem(400, "bad_request", str(exc)) from None
+    engine = call.source.events
+
+    async def read(spec: QuerySpec) -> list[StoredEvent]:
+        return (await engine.query(spec)).events
+
+    session = FollowSession(call.request, tail, call.source.feed, read)
+    try:
+        return await session.run()
+    except FeedRefused as exc:  # before the response began
+        raise Problem(503, "unavailable", str(exc)) from None
 
 
 # -- admin actions -------------------------------------------------------------------
@@ -249,9 +271,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", read=get_metrics),
     Route("GET", "/dlq", read=get_dlq),
     Route("GET", "/events", read=get_events),
-    Route("GET", "/events/{key}", read=get_event),
-    Route("GET", "/streams/{stream}", read=get_stream),
-    Route("GET", "/correlations/{correlation}", read=get_correlation),
+    # `.+`: ids, stream names and correlation ids may hold a "/" (sent as %2F).
+    Route("GET", "/events/{key:.+}", read=get_event),
+    Route("GET", "/streams/{stream:.+}", read=get_stream),
+    Route("GET", "/correlations/{correlation:.+}", read=get_correlation),
+    Route("GET", "/tail", read=get_tail),
     Route("POST", "/dlq/retry", admin=post_dlq_retry, action="dlq.retry"),
     Route("POST", "/dlq/drop", admin=post_dlq_drop, action="dlq.drop"),
     Route("POST", "/reload", admin=post_reload, action="reload"),

@@ -14,6 +14,7 @@ from auditd.config import Config
 from auditd.errors import AuditdError
 from auditd.projections.params import CountsQuery
 from auditd.query.engine import QueryEngine
+from auditd.query.feed import CommitFeed
 from auditd.stats import Stats
 
 
@@ -168,4 +169,11 @@ class StatusSource(Protocol):
         that queue is full (counted in an auditd.admin.suppressed event, logged whole).
         Raises only for an unexpected failure.
         """
+        ...
+
+    # -- follow (GET /tail) ----------------------------------------------------------
+
+    @property
+    def feed(self) -> CommitFeed:
+        """Committed events offered to followers as each batch commits."""
         ...

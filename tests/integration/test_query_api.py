@@ -200,6 +200,17 @@ def _rfc3339(ns: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9:09d}Z"
 
 
+def test_names_with_a_slash(make_daemon: Any) -> None:
+    daemon = make_daemon()
+    with Client(daemon.ingest_socket) as client:
+        client.send_batch([{"type": "t", "id": "a/b", "stream": "s/1", "correlation_id": "c/d"}])
+    wait_committed(daemon, 1)
+    for url in ("/events/a%2Fb", "/streams/s%2F1", "/correlations/c%2Fd"):
+        status, body = get(daemon, url)
+        assert status == 200, (url, body)
+        assert (body if "id" in body else body["events"][0])["id"] == "a/b"
+
+
 def test_absent_events_are_404(store: DaemonProcess) -> None:
     for key in ("99999", "no-such-id", "0"):
         status, body = get(store, f"/events/{key}")

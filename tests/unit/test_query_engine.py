@@ -142,3 +142,49 @@ def test_no_statement_scans_a_table(lib: Path, index: HotIndex,
             for plan in part.explain(spec.partition_filters(), limit=100,
                                      since_ns=spec.since_ns, until_ns=spec.until_ns):
                 assert "SCAN" not in plan.replace("SCAN json_each", ""), plan
+
+
+# -- sealed side with dead letters and awkward values (partition_events' items) -----------
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory: Any) -> tuple[list[tuple[int, int, Path]], list[StoredEvent]]:
+    from partition_events import varied_items
+
+    from auditd.store.partition import seal_partition
+
+    items = varied_items(1500, seed=5)
+    directory = tmp_path_factory.mktemp("varied")
+    files = []
+    for first in (1, 751):
+        part = [(seq, record) for seq, record, _ in items if first <= seq < first + 750]
+        info = seal_partition(iter(part), directory, first, first + 749, run_records=256)
+        files.append((first, first + 749, info.path))
+    return files, [event for _, _, event in items if event is not None]
+
+
+VARIED_CASES: list[list[tuple[str, str]]] = [
+    [], [("type", "file.read")], [("actor", "Zoë Ünal"), ("actor", "root")],
+    [("tag.note", "a=b"), ("tag.env", "prod")], [("q", "grüße")], [("q", "écol*")],
+    [("uid", "1000"), ("comm", "curl")], [("after", "700"), ("before", "800")],
+]
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("pairs", VARIED_CASES)
+def test_sealed_answers_skip_dead_letters(varied: Any, pairs: list[tuple[str, str]],
+                                         order: str) -> None:
+    from auditd.query.sealed_read import SealedReader
+
+    files, events = varied
+    reader = SealedReader()
+    try:
+        for limit in ("4", "10000"):
+            spec = parse_query(MultiDict([*pairs, ("order", order), ("limit", limit)]))
+            found = [e.seq for e in reader.query(files, spec, 1500, spec.limit)]
+            expected = [e.seq for e in events if matches(e, spec)]
+            assert found == (expected[::-1] if spec.descending else expected)[:spec.limit]
+            assert all(seq % 53 for seq in found)  # every 53rd seq is a dead letter
+        assert reader.events(files, [53, 106, 54]).keys() == {54}
+    finally:
+        reader.close()

@@ -118,6 +118,11 @@ class SealedPartition:
             self._blocks.popitem(last=False)
         return records
 
+    def drop_blocks(self, keep: int) -> None:
+        """Keep only the `keep` blocks decoded last."""
+        while len(self._blocks) > keep:
+            self._blocks.popitem(last=False)
+
     def record(self, seq: int) -> bytes | None:
         """The record E of a seq, None when the seq is not in this partition."""
         if not self.first_seq <= seq <= self.last_seq:
