@@ -194,6 +194,19 @@ class Projector:
         return out
 
 
+def invalidate(db: sqlite3.Connection) -> int:
+    """Have every projection rebuilt at the daemon's next start (its stored version no
+    longer this code's): for rows written into the store beside a daemon's writer, as
+    an offline `auditd recover` does. Returns the projections so marked."""
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                        " AND name = 'projections'").fetchone()
+    if not exists:
+        return 0
+    with transaction(db):
+        return db.execute("UPDATE projections SET version = 0, updated_at = ?",
+                          (time.time_ns(),)).rowcount
+
+
 def _name_ids(db: sqlite3.Connection, values: set[str]) -> dict[str, int]:
     """The names ids of `values`, inserting those the table does not hold yet."""
     if not values:

@@ -282,7 +282,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/backup", admin=post_backup, action="backup"),
     Route("POST", "/recover", admin=post_recover, action="recover"),
     Route("GET", "/counts", read=get_counts),
-    Route("GET", "/actors/{actor}", read=get_actor),
+    Route("GET", "/actors/{actor:.+}", read=get_actor),  # an actor may hold a "/"
     Route("GET", "/projections", read=get_projections),
     Route("POST", "/projections/rebuild", admin=post_projection_rebuild,
           action="projections.rebuild"),

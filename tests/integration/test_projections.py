@@ -162,6 +162,12 @@ def test_count_by_on_the_command_line(make_daemon: Any) -> None:
     with daemon.connect() as conn:
         send(conn, 0, 300)
     wait_committed(daemon, 300)
+    with daemon.connect() as conn:
+        assert conn.request({"type": "deploy", "actor": "svc/deploy bot"})["ok"] == 1
+    wait_committed(daemon, 301)
+    status, summary = http(daemon, "GET", "/actors/svc/deploy%20bot")
+    assert status == 200 and summary["actor"] == "svc/deploy bot", summary
+    assert summary["total"] == 1 and summary["last_seq"] == 301
     done = cli(daemon, "query", "--count-by", "type", "--type", "t2", "--interval", "1d")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)  # not a TTY: the /counts document
