@@ -17,7 +17,6 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from auditd.projections.definitions import HOUR_NS, Projection
@@ -40,22 +39,6 @@ class Columns(NamedTuple):
     @property
     def events(self) -> int:
         return len(self.seqs)
-
-    def within(self, keep: Sequence[bool]) -> Columns:
-        """Only the events whose `keep` is true."""
-        kept: list[list[Any]] = [[v for v, k in zip(column, keep, strict=True) if k]
-                                 for column in self]
-        return Columns(*kept)
-
-
-
-
-def columns_of_event_rows(rows: Sequence[tuple[Any, ...]]) -> Columns:
-    """The columns of the events-table rows the writer is inserting."""
-    if not rows:
-        return Columns([], [], [], [], [], [])
-    found: list[list[Any]] = [list(map(itemgetter(i), rows)) for i in (0, 3, 5, 6, 15, 17)]
-    return Columns(*found)
 
 
 def columns_of(rows: Iterable[tuple[Any, ...]]) -> Columns:

@@ -26,11 +26,11 @@ from auditd.projections.aggregate import (
     Aggregates,
     aggregate,
     columns_of,
-    columns_of_event_rows,
     named,
     strings_in,
     upsert,
 )
+from auditd.projections.batch_sql import add_batch
 from auditd.projections.definitions import BY_NAME, PROJECTIONS, Projection
 from auditd.store.sealing import catalog
 from auditd.store.statements import NAMES, insert_rows, json_list, transaction
@@ -56,10 +56,6 @@ class ProjectionState:
         top = self.rebuild_through
         return top is None or first_seq > top or last_seq <= self.position
 
-    def outside_window(self, seq: int) -> bool:
-        top = self.rebuild_through
-        return top is None or not self.position < seq <= top
-
 
 class Projector:
     """What Store calls in the batch's transaction (`project`) and after its commit
@@ -76,15 +72,16 @@ class Projector:
         """Add a batch's events (statements.event_row tuples, in seq order) to every
         projection and advance the live ones' position to `checkpoint`."""
         if rows:
-            first, last = rows[0][0], rows[-1][0]
-            columns = columns_of_event_rows(rows)
+            seqs = [r[0] for r in rows]
+            first, last = seqs[0], seqs[-1]
             alike = [p for p in self.projections if self.states[p.name].counts(first, last)]
-            upsert(db, alike, aggregate(columns, alike))
+            add_batch(db, alike, seqs)
             for projection in self.projections:
                 if projection not in alike:  # reaches into its rebuild window
                     state = self.states[projection.name]
-                    kept = columns.within([state.outside_window(s) for s in columns.seqs])
-                    upsert(db, (projection,), aggregate(kept, (projection,)))
+                    assert state.rebuild_through is not None
+                    add_batch(db, (projection,), seqs,
+                              (state.position, state.rebuild_through))
         if checkpoint:
             db.execute(_ADVANCE, (checkpoint, time.time_ns()))
 
