@@ -30,6 +30,7 @@ from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
 from auditd.logs import RecurringFault
+from auditd.projections import Projections
 from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
 from auditd.stats import Stats
@@ -68,6 +69,7 @@ class Daemon:
         self.storage = Path(config.storage.path)
         self.stats = Stats()
         self.store = Store(self.storage / DB_NAME)
+        self.projections = Projections(self.store)
         self.stop_requested = asyncio.Event()
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -139,6 +141,8 @@ class Daemon:
         progress.begin("opening the database (migrations)")
         await self.store.open(progress.tick)
         state = await self.store.load_state()
+        progress.begin("opening the projections")
+        await self.projections.open()
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)
@@ -183,6 +187,7 @@ class Daemon:
         await self._close_steps([
             ("tasks", self._cancel_tasks),
             ("status_server", self.status.aclose),
+            ("projections", self.projections.aclose),
             ("dead_letter_store", self.dead_letters.close),
             ("store", self.store.close),
         ])
@@ -284,6 +289,7 @@ class Daemon:
             ("ingest_server", self.ingest.aclose),
             ("tasks", self._cancel_tasks),
             ("status_server", self.status.aclose),
+            ("projections", self.projections.aclose),
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),
             ("dead_letter_store", self.dead_letters.close),

@@ -129,6 +129,31 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     return storage.cmd_migrate(args, config)
 
 
+def cmd_projections(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import projections
+
+    if args.action == "status":
+        if args.name:
+            raise UsageError("projections status takes no NAME")
+        return projections.status(_status_socket(args, config), args.json)
+    if not args.name:
+        raise UsageError("projections rebuild: name the projection to rebuild")
+    return projections.rebuild(_status_socket(args, config), args.name, args.json,
+                               not args.no_wait)
+
+
+def cmd_query(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import counts
+
+    if not args.count_by:
+        raise UsageError("query: only --count-by FIELD is served by this build")
+    filters = [(name, str(value)) for name in ("type", "actor", "comm", "uid")
+               for value in getattr(args, name)]
+    params = counts.count_params(args.count_by, args.interval, filters, args.since,
+                                 args.until)
+    return counts.run_counts(_status_socket(args, config), params, args.json)
+
+
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     from auditd.bench import main as bench_main
 
@@ -138,7 +163,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
 COMMANDS: dict[str, Command] = {
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
-    "bench": cmd_bench,
+    "bench": cmd_bench, "projections": cmd_projections, "query": cmd_query,
 }
 
 

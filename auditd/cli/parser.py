@@ -70,6 +70,13 @@ def build_parser() -> Parser:
     _migrate(command("migrate", "apply or roll back schema migrations (daemon stopped; a "
                                 "backup is taken first)"))
 
+    _projections(_operator(command(
+        "projections", "read models (counts, actor summaries): position and lag, or "
+                       "rebuild one from the events, through the running daemon")))
+    _count_query(_operator(command(
+        "query", "counts per bucket from the projections (--count-by); event queries "
+                 "come with the query engine")))
+
     from auditd.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(command("bench", "load generator, storage baseline and replay "
@@ -143,6 +150,39 @@ def _migrate(migrate: argparse.ArgumentParser) -> None:
     migrate.add_argument("--yes-delete-events", action="store_true",
                          help="allow a roll-back that deletes stored events and dead "
                               "letters (e.g. --to 0); refused without it")
+
+
+def _projections(projections: argparse.ArgumentParser) -> None:
+    from auditd.projections.definitions import PROJECTIONS
+
+    projections.add_argument("action", choices=["status", "rebuild"],
+                             help="status: each projection's state, position and lag; "
+                                  "rebuild: drop NAME's rows and count them again from the "
+                                  "events (admin; waits, with progress)")
+    projections.add_argument("name", nargs="?", metavar="NAME",
+                             choices=[p.name for p in PROJECTIONS],
+                             help="the projection to rebuild: "
+                                  + ", ".join(p.name for p in PROJECTIONS))
+    projections.add_argument("--no-wait", action="store_true",
+                             help="rebuild: return once the rebuild has begun")
+
+
+def _count_query(query: argparse.ArgumentParser) -> None:
+    """The count side of `auditd query` (cli/counts.py); the query engine's own
+    filters and formats join this command when it is merged."""
+    from auditd.cli.counts import add_count_arguments
+
+    add_count_arguments(query)
+    for name in ("type", "actor", "comm"):
+        query.add_argument(f"--{name}", action="append", default=[], metavar="VALUE",
+                           help=f"only events whose {name} is VALUE; repeat to OR")
+    query.add_argument("--uid", action="append", default=[], type=int, metavar="UID",
+                       help="only events written by UID; repeat to OR")
+    query.add_argument("--since", metavar="WHEN",
+                       help="from this event time: 1h, 30m, 7d (before now), RFC 3339 or "
+                            "unix seconds; a bucket is counted whole")
+    query.add_argument("--until", metavar="WHEN",
+                       help="up to this event time (same forms as --since)")
 
 
 def _positive(text: str) -> int:

@@ -26,6 +26,8 @@ from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
+from auditd.projections import BY_NAME as PROJECTION_NAMES
+from auditd.projections import CountsQuery, Projections
 from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
@@ -86,6 +88,8 @@ class DaemonView(Protocol):
     @property
     def sealer(self) -> Sealer: ...
     @property
+    def projections(self) -> Projections: ...
+    @property
     def ingest(self) -> IngestServer: ...
     @property
     def dead_letters(self) -> DeadLetterStore: ...
@@ -140,6 +144,7 @@ class DaemonControl:
             held_connections=daemon.ingest.held_counts(),
             seal_fault=daemon.sealer.figures.fault or daemon.writer.held_for,
             partitions=daemon.sealer.document(len(daemon.store.sealed)),
+            projections=daemon.projections.document(daemon.stats.last_committed_seq),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "
                 f"moved to {daemon.damaged[0]}; a fresh one holds the journal's events; "
@@ -283,6 +288,21 @@ class DaemonControl:
         log.info("database_recovered", source=path, copied=result.copied,
                  already_present=result.already_present, unreadable=result.unreadable)
         return result.document(str(daemon.store.path))
+
+    # -- projections -----------------------------------------------------------------
+
+    async def projection_counts(self, query: CountsQuery,
+                                uid: int | None) -> dict[str, Any]:
+        return await self.daemon.projections.counts(query, uid)
+
+    async def actor_summary(self, actor: str, uid: int | None) -> dict[str, Any] | None:
+        return await self.daemon.projections.actor(actor, uid)
+
+    async def rebuild_projection(self, name: str) -> dict[str, Any]:
+        if name not in PROJECTION_NAMES:
+            raise ActionRefused(f"{name!r} is not a projection; projections: "
+                                f"{', '.join(PROJECTION_NAMES)}")
+        return await self.daemon.projections.rebuild(name)
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,
                            data: dict[str, Any]) -> str:

@@ -116,6 +116,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
                    "finished": stats.replay_finished},
         "fairness": fairness_document(source),
         "partitions": gauges.partitions,
+        "projections": gauges.projections,
         "id_lookup": {"failures": stats.id_lookup_failures,
                       "refused_frames": stats.id_lookup_refused_frames,
                       "fault": gauges.id_lookup_fault},

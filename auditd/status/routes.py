@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from auditd.ingest import depth
+from auditd.projections.params import BadParameter, parse_counts
 from auditd.status.access import Caller
 from auditd.status.figures import RateSampler, stats_document
 from auditd.status.health import evaluate, inputs_from
@@ -86,6 +87,37 @@ async def get_dlq(call: Call) -> web.StreamResponse:
     return reply({"dead_letters": entries, "next": following})
 
 
+async def get_counts(call: Call) -> web.StreamResponse:
+    """Counts per bucket from the projections; a non-reader's from its own uid's rows."""
+    try:
+        query = parse_counts(call.request.query.items())
+    except BadParameter as exc:
+        raise Problem(400, "bad_request", str(exc)) from None
+    return reply(await call.source.projection_counts(query, _uid_filter(call)))
+
+
+async def get_actor(call: Call) -> web.StreamResponse:
+    """An actor's summary; 404 when the caller may see none of its events (another
+    uid's actor is absent to a non-reader, so its existence does not leak)."""
+    actor = call.request.match_info["actor"]
+    summary = await call.source.actor_summary(actor, _uid_filter(call))
+    if summary is None:
+        raise Problem(404, "not_found", f"actor {actor!r}: no events")
+    return reply(summary)
+
+
+async def get_projections(call: Call) -> web.StreamResponse:
+    return reply({"last_committed_seq": call.source.stats.last_committed_seq,
+                  "projections": call.source.gauges().projections})
+
+
+def _uid_filter(call: Call) -> int | None:
+    # A caller without credentials (the TCP listener serves /metrics only) sees nothing.
+    if call.caller is None:
+        raise Problem(403, "forbidden", "events are served only on the status socket")
+    return call.caller.uid_filter
+
+
 # -- admin actions -------------------------------------------------------------------
 
 
@@ -108,6 +140,18 @@ class RecoverRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class BackupRequest(msgspec.Struct, forbid_unknown_fields=True):
     dest: str
+
+
+class RebuildRequest(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+async def post_projection_rebuild(call: Call) -> dict[str, Any]:
+    request = await _body(call, RebuildRequest)
+    if request is None:
+        raise Problem(400, "bad_request", 'the body must be {"name": "PROJECTION"}')
+    call.audit["name"] = request.name
+    return await call.source.rebuild_projection(request.name)
 
 
 async def post_dlq_retry(call: Call) -> dict[str, Any]:
@@ -201,6 +245,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/reload", admin=post_reload, action="reload"),
     Route("POST", "/backup", admin=post_backup, action="backup"),
     Route("POST", "/recover", admin=post_recover, action="recover"),
+    Route("GET", "/counts", read=get_counts),
+    Route("GET", "/actors/{actor}", read=get_actor),
+    Route("GET", "/projections", read=get_projections),
+    Route("POST", "/projections/rebuild", admin=post_projection_rebuild,
+          action="projections.rebuild"),
 )
 
 # The TCP listener (status.metrics_listen) has no peer credentials: only this.

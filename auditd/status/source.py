@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from auditd.config import Config
 from auditd.errors import AuditdError
+from auditd.projections.params import CountsQuery
 from auditd.stats import Stats
 
 
@@ -60,6 +61,8 @@ class Gauges:
     seal_fault: str | None = None  # why sealing the hot table fails now (retried)
     # The partitioned store: count, sealed_through, hot_events, seal_backlog, ...
     partitions: dict[str, Any] = field(default_factory=dict)
+    # Per projection: version, state, position, lag (and a rebuild's progress).
+    projections: dict[str, Any] = field(default_factory=dict)
 
 
 class StatusSource(Protocol):
@@ -129,6 +132,22 @@ class StatusSource(Protocol):
         Returns {"copied", "already_present", "unreadable", "into"}; the copied ids
         join the daemon's idempotency filter. Raises ActionRefused for a missing file.
         """
+        ...
+
+    async def projection_counts(self, query: CountsQuery,
+                                uid: int | None) -> dict[str, Any]:
+        """The /counts document: {"by", "interval", "buckets": [[start, value, count]],
+        "projection", "complete"}; only `uid`'s events unless uid is None."""
+        ...
+
+    async def actor_summary(self, actor: str, uid: int | None) -> dict[str, Any] | None:
+        """{"actor", "first_seen", "last_seen", "total", "last_seq", "last_event",
+        "complete"}; None when the caller may see no event of that actor."""
+        ...
+
+    async def rebuild_projection(self, name: str) -> dict[str, Any]:
+        """Drop a projection's rows and rebuild it in the background; ActionRefused
+        for a name that is not a projection."""
         ...
 
     async def record_admin(self, action: str, uid: int, gid: int, pid: int, comm: str,

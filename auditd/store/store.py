@@ -14,11 +14,11 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import structlog
@@ -72,6 +72,20 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 _PROGRESS_EVERY_STEPS = 1_000_000
 
 Progress = Callable[[], None]
+
+
+class BatchProjector(Protocol):
+    """Read models kept in the batch's transaction (auditd.projections.Projector).
+
+    `project` runs inside the transaction, after the events' INSERT, with the events'
+    rows (statements.event_row tuples, in seq order; names already ids) and the
+    batch's checkpoint; `committed` after its COMMIT. Both on the store's thread.
+    """
+
+    def project(self, db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]],
+                checkpoint: int) -> None: ...
+
+    def committed(self, checkpoint: int) -> None: ...
 
 @dataclass(slots=True)
 class DeadLetter:
@@ -142,6 +156,8 @@ class Store:
         # that then completed (with synchronous=NORMAL a commit is durable only then).
         self.durable_seq = 0
         self.on_durable: Callable[[int], None] | None = None  # told when durable_seq grows
+        # Set before the first batch (the daemon sets auditd.projections' Projector).
+        self.projector: BatchProjector | None = None
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -251,6 +267,14 @@ class Store:
             found.update(await self.sealed.lookup_ids(i for i in wanted if i not in found))
         return found
 
+    async def on_writer(self, function: Callable[..., _T], *args: Any) -> _T:
+        """`function(writer_connection, *args)` on the store's thread, between two
+        batches (a projection's rebuild step); sqlite3 errors classified."""
+        try:
+            return await self._call(function, self.db, *args)
+        except sqlite3.Error as exc:
+            raise classify(exc, f"{getattr(function, '__name__', 'a step')}") from exc
+
     # -- sealing (sealing.sealer calls these) ---------------------------------------
 
     async def sealed_through(self) -> int:
@@ -311,7 +335,10 @@ class Store:
                     fresh = _resolve_names(db, missing)
                 lookup = self._names | fresh if fresh else self._names
                 name_id = lookup.__getitem__
-                insert_rows(db, EVENTS, [event_row(e, name_id) for e in events])
+                rows = [event_row(e, name_id) for e in events]
+                insert_rows(db, EVENTS, rows)
+                if self.projector is not None:
+                    self.projector.project(db, rows, checkpoint)
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
                 insert_rows(db, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
                 insert_rows(db, DEAD_LETTERS, [_dead_row(d) for d in dead])
@@ -333,6 +360,8 @@ class Store:
             raise error from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
         self.commits += 1
+        if self.projector is not None:
+            self.projector.committed(checkpoint)
         if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()

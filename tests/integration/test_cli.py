@@ -72,7 +72,7 @@ def test_every_option_and_positional_has_a_help_line() -> None:
     actions = list(walk(build_parser()))
     commands = {command for command, _ in actions}
     assert commands == {"", "run", "send", "status", "dlq", "backup", "recover", "migrate",
-                        "bench"}
+                        "bench", "projections", "query"}
     missing = [f"auditd {command} {'/'.join(action.option_strings) or action.dest}"
                for command, action in actions
                if not action.help or action.help == argparse.SUPPRESS]
@@ -87,7 +87,8 @@ def test_help_of_every_subcommand_prints_and_exits_0(
     """In this process, through the entry point's main(): one interpreter start each
     would add nothing the tests below do not already cover."""
     helps = {}
-    for command in ("run", "send", "status", "dlq", "backup", "recover", "migrate", "bench"):
+    for command in ("run", "send", "status", "dlq", "backup", "recover", "migrate", "bench",
+                    "projections", "query"):
         with pytest.raises(SystemExit) as exited:
             main([command, "--help"])
         assert exited.value.code == 0

@@ -13,7 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from auditd.store.migrations import deferred, m0001_initial, m0002_id_key, m0003_partitions
+from auditd.store.migrations import (
+    deferred,
+    m0001_initial,
+    m0002_id_key,
+    m0003_partitions,
+    m0004_projections,
+)
 from auditd.store.statements import transaction
 
 # A step is SQL, or a function for what SQL cannot compute (it runs in the same
@@ -35,6 +41,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               down_deletes=("events", "dead_letters")),
     Migration(2, "id_key", m0002_id_key.UP, m0002_id_key.DOWN),
     Migration(3, "partitions", m0003_partitions.UP, m0003_partitions.DOWN),
+    Migration(4, "projections", m0004_projections.UP, m0004_projections.DOWN),
 )
 LATEST = MIGRATIONS[-1].version
 
