@@ -1,0 +1,104 @@
+"""Each seq's record E as stored, from one read snapshot: sealed partitions (E held
+verbatim) for seqs at or below `sealed_through`, the hot table (E rebuilt from the row,
+store.records) above it. A dead letter's seq gives its first letter's record, as the
+sealer does (sealing.child).
+
+The caller owns the transaction: open a read (BEGIN) on `db` before building a
+RecordSource so the catalog, the hot rows and the dead letters are one snapshot.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from auditd.schema import StoredEvent
+from auditd.store.partition.read import SealedPartition
+from auditd.store.records import dead_letter_record, record_bytes
+
+_EVENTS = """SELECT e.seq, e.id, e.ts, e.received_at, t.value, a.value, g.value, s.value,
+    e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data, e.pid, e.uid, e.gid,
+    c.value, e.id_hash
+    FROM events e JOIN names t ON t.id = e.type
+    LEFT JOIN names a ON a.id = e.actor LEFT JOIN names g ON g.id = e.target
+    LEFT JOIN names s ON s.id = e.stream JOIN names c ON c.id = e.comm
+    WHERE e.seq BETWEEN ? AND ? ORDER BY e.seq"""
+_DEAD = """SELECT seq, code, reason, raw FROM dead_letters
+    WHERE seq BETWEEN ? AND ? ORDER BY seq, dlq_id"""
+_CHUNK = 4096
+
+
+class RecordSource:
+    """Records by seq from the hot table and the catalogued partitions of `db`."""
+
+    def __init__(self, db: sqlite3.Connection, partitions_dir: Path) -> None:
+        self.db = db
+        self.partitions_dir = partitions_dir
+        row = db.execute("SELECT value FROM meta WHERE key = 'sealed_through'").fetchone()
+        self.sealed_through = 0 if row is None else int(row[0])
+        self.catalog: list[tuple[int, int, str]] = [
+            (int(a), int(b), str(f)) for a, b, f in db.execute(
+                "SELECT first_seq, last_seq, file FROM partitions ORDER BY first_seq")]
+        self._open: dict[str, SealedPartition] = {}
+        # Seqs of a partition that could not be read (a damaged file), and why: they
+        # are left out of records(), so the caller sees them as gaps it can name.
+        self.unreadable: dict[int, str] = {}
+
+    def close(self) -> None:
+        for part in self._open.values():
+            part.close()
+        self._open.clear()
+
+    def partition(self, file: str) -> SealedPartition:
+        part = self._open.get(file)
+        if part is None:
+            part = self._open[file] = SealedPartition(self.partitions_dir / file)
+        return part
+
+    def records(self, first: int, last: int) -> Iterator[tuple[int, bytes]]:
+        """(seq, E) for each stored seq in [first, last], in seq order; seqs with no
+        record are absent (the caller sees the gap)."""
+        for lo, hi, file in self.catalog:
+            if hi < first or lo > last:
+                continue
+            try:
+                part = self.partition(file)
+            except Exception as exc:  # any failure to open is the file's damage
+                for seq in range(max(lo, first), min(hi, last) + 1):
+                    self.unreadable[seq] = f"partition {file}: {exc}"
+                continue
+            for seq in range(max(lo, first), min(hi, last) + 1):
+                try:
+                    record = part.record(seq)
+                except Exception as exc:  # a damaged block: zstd, SQLite or format
+                    self.unreadable[seq] = f"partition {file}: {type(exc).__name__}: {exc}"
+                    continue
+                if record is not None:
+                    yield seq, record
+        start = max(first, self.sealed_through + 1)
+        for lo in range(start, last + 1, _CHUNK):
+            yield from hot_records(self.db, lo, min(last, lo + _CHUNK - 1))
+
+
+def hot_records(db: sqlite3.Connection, first: int, last: int) -> Iterator[tuple[int, bytes]]:
+    """(seq, E) of the hot table's events and the seqs' dead letters, merged by seq."""
+    events = db.execute(_EVENTS, (first, last)).fetchall()
+    dead = db.execute(_DEAD, (first, last)).fetchall()
+    letters = iter(dead)
+    letter = next(letters, None)
+    seen = 0
+    for row in events:
+        seq = row[0]
+        while letter is not None and letter[0] <= seq:
+            if letter[0] < seq and letter[0] != seen:  # a seq's first letter only
+                seen = letter[0]
+                yield seen, dead_letter_record(*letter)
+            letter = next(letters, None)
+        seen = seq
+        yield seq, record_bytes(StoredEvent(*row))
+    while letter is not None:
+        if letter[0] != seen:
+            seen = letter[0]
+            yield seen, dead_letter_record(*letter)
+        letter = next(letters, None)

@@ -1,0 +1,164 @@
+"""The Merkle tree kept at ingest, on the store's thread, in each batch's transaction.
+
+Layout in auditd.db (schema 5):
+
+- `merkle_nodes(height, idx, hash, leaves)`: the root of every complete perfect
+  subtree whose height is a multiple of 8 (the contents of C2SP tlog-tiles from tile
+  level 1 up: 256 leaves, 65,536 leaves, ...), one row each, written once. Height-8 rows
+  also keep `leaves`: the first 4 bytes of each of their 256 leaf hashes, so `verify`
+  names the one seq that changed rather than its tile. Leaf hashes themselves are not
+  stored: a leaf is SHA-256(0x00 || E) of a stored record.
+- `merkle_edge` (one row): the tree's size, its compact range (the right edge: at most
+  64 hashes) and the fingerprints of the leaves of the unfinished 256-leaf tile.
+
+Each batch appends its new seqs (events, and dead letters that hold a seq) in seq order,
+writes the subtrees it completed and the new edge, all before the batch's COMMIT; the
+in-memory state changes only after the COMMIT, so a rolled-back batch leaves nothing.
+The roots after recent commits are kept for the checkpointer, which signs the newest
+one that is durable.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from auditd.proofs.merkle import HASH_BYTES, fold, leaf_hash, node_hash
+from auditd.store.records import dead_letter_record
+
+log = structlog.get_logger("auditd.proofs.tree")
+TILE_HEIGHT = 8
+TILE_WIDTH = 1 << TILE_HEIGHT
+FINGERPRINT_BYTES = 4
+_RECENT_ROOTS = 8192
+
+
+@dataclass(slots=True)
+class Edge:
+    """The right edge of the tree: enough to append and to compute the root."""
+
+    size: int
+    compact: list[bytes]
+    fingerprints: bytearray  # of the leaves of the unfinished bottom tile
+
+    def copy(self) -> Edge:
+        return Edge(self.size, list(self.compact), bytearray(self.fingerprints))
+
+    def root(self) -> bytes:
+        return fold(self.compact)
+
+
+def load_edge(db: sqlite3.Connection) -> Edge:
+    row = db.execute("SELECT size, compact, fingerprints FROM merkle_edge").fetchone()
+    if row is None:
+        return Edge(0, [], bytearray())
+    size, compact, fingerprints = int(row[0]), bytes(row[1]), bytearray(row[2])
+    return Edge(size, [compact[i:i + HASH_BYTES] for i in range(0, len(compact), HASH_BYTES)],
+                fingerprints)
+
+
+def append(edge: Edge, leaf: bytes, nodes: list[tuple[int, int, bytes, bytes | None]]) -> None:
+    """Add one leaf hash to `edge`; completed tile roots go to `nodes` as
+    (height, idx, hash, leaf fingerprints or None)."""
+    n = edge.size
+    edge.fingerprints += leaf[:FINGERPRINT_BYTES]
+    h, height, compact = leaf, 0, edge.compact
+    while n >> height & 1:
+        h = node_hash(compact.pop(), h)
+        height += 1
+        if height % TILE_HEIGHT == 0:
+            fingerprints = None
+            if height == TILE_HEIGHT:
+                fingerprints = bytes(edge.fingerprints)
+                edge.fingerprints.clear()
+            nodes.append((height, ((n + 1) >> height) - 1, h, fingerprints))
+    compact.append(h)
+    edge.size = n + 1
+
+
+def write(db: sqlite3.Connection, edge: Edge,
+          nodes: list[tuple[int, int, bytes, bytes | None]]) -> None:
+    if nodes:
+        db.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)", nodes)
+    db.execute("UPDATE merkle_edge SET size = ?, compact = ?, fingerprints = ?",
+               (edge.size, b"".join(edge.compact), bytes(edge.fingerprints)))
+
+
+def fill_gap(db: sqlite3.Connection, seq: int) -> bytes:
+    """A dead letter for a seq that holds no record; its record E."""
+    code, reason = "missing", "no record held this seq when its leaf was added"
+    now = time.time_ns()
+    db.execute("INSERT INTO dead_letters (seq, source, code, reason, raw, size, uid,"
+               " attempts, first_failed_at, last_failed_at)"
+               " VALUES (?, 'writer', ?, ?, x'', 0, NULL, 1, ?, ?)", (seq, code, reason, now, now))
+    return dead_letter_record(seq, code, reason, b"")
+
+
+class Tree:
+    """The store thread's tree: `extend` inside a batch's transaction, `committed`
+    after its COMMIT. `roots_through(seq)` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self.edge = Edge(0, [], bytearray())
+        self._next: Edge | None = None
+        self._lock = threading.Lock()
+        self._roots: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_ROOTS)
+        self.enabled = True
+
+    def load(self, db: sqlite3.Connection) -> None:
+        self.edge = load_edge(db)
+        with self._lock:
+            self._roots.clear()
+            self._roots.append((self.edge.size, self.edge.root()))
+
+    @property
+    def size(self) -> int:
+        return self.edge.size
+
+    def extend(self, db: sqlite3.Connection, records: Iterable[tuple[int, bytes]]) -> None:
+        """Append the leaves of (seq, E) pairs with seq past the tree's size, in seq
+        order, and write them; the state is swapped in by `committed`.
+
+        A seq skipped (never seen: the writer commits every seq, so this is a bug's
+        trace) gets a dead letter of its own, so that every seq stays one record."""
+        edge = self.edge.copy()
+        nodes: list[tuple[int, int, bytes, bytes | None]] = []
+        for seq, record in sorted(r for r in records if r[0] > edge.size):
+            if seq <= edge.size:
+                continue  # a seq's second dead letter: its first is the leaf
+            while seq > edge.size + 1:
+                log.error("tree_gap_filled", seq=edge.size + 1,
+                          note="no record reached the tree for this seq: dead-lettered")
+                append(edge, leaf_hash(fill_gap(db, edge.size + 1)), nodes)
+            append(edge, leaf_hash(record), nodes)
+        if edge.size != self.edge.size:
+            write(db, edge, nodes)
+            self._next = edge
+        else:
+            self._next = None
+
+    def rolled_back(self) -> None:
+        self._next = None
+
+    def committed(self) -> None:
+        edge, self._next = self._next, None
+        if edge is None:
+            return
+        self.edge = edge
+        root = edge.root()
+        with self._lock:
+            self._roots.append((edge.size, root))
+
+    def roots_through(self, seq: int) -> tuple[int, bytes] | None:
+        """The newest committed (size, root) with size <= seq."""
+        with self._lock:
+            for size, root in reversed(self._roots):
+                if size <= seq:
+                    return size, root
+        return None
