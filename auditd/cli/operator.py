@@ -124,6 +124,11 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
             f"{parts.get('sealed_through', 0)}, {parts.get('hot_events', 0)} hot events"
             + (", sealing now" if parts.get("sealing") else "")
             + (f"; last seal {last:.1f} s" if last is not None else "")))
+    checkpoint = stats.get("checkpoint")
+    lines.insert(-1, "checkpoint:   none yet" if not checkpoint else (
+        f"checkpoint:   size {checkpoint.get('size')} at {checkpoint.get('time')} "
+        f"(unix), {checkpoint.get('issued', 0)} issued since start"
+        + (f"; REFUSED: {checkpoint['refused']}" if checkpoint.get("refused") else "")))
     return "\n".join(lines)
 
 
