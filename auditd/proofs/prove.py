@@ -1,10 +1,9 @@
 """Inclusion and consistency proofs from the stored tree (proofs.md, "Proofs").
 
 A subtree hash [lo, hi) comes from stored nodes when the subtree is perfect, aligned
-and of a height that is a multiple of 8 (merkle_nodes), from its two halves otherwise,
-and from the leaves of its 256-leaf tile below height 8: those are hashed from the
-tile's records (at most 256, read once per proof). At 10M leaves a proof reads about
-24 stored hashes and one tile's records.
+and of a height that is a multiple of 8 (merkle_nodes) or 4 (a tile's 16-leaf groups),
+from its two halves otherwise, and from the leaves of its 16-leaf group below height
+4: those are hashed from the group's records (at most 16, read once per proof).
 
 Sizes must be those of stored checkpoints: the daemon keeps every one it issued.
 """
@@ -18,6 +17,7 @@ from typing import Any
 
 from auditd.errors import AuditdError
 from auditd.proofs.merkle import (
+    HASH_BYTES,
     consistency_path,
     inclusion_path,
     leaf_hash,
@@ -26,7 +26,7 @@ from auditd.proofs.merkle import (
     split_point,
 )
 from auditd.proofs.records import RecordSource
-from auditd.proofs.tree import TILE_HEIGHT, TILE_WIDTH, load_edge
+from auditd.proofs.tree import GROUP_HEIGHT, GROUP_WIDTH, TILE_HEIGHT, TILE_WIDTH, load_edge
 
 
 class ProofError(AuditdError):
@@ -46,9 +46,11 @@ class StoredTree:
 
     def __init__(self, db: sqlite3.Connection, partitions_dir: Path) -> None:
         self.db = db
-        self.size = load_edge(db).size
+        self.edge = load_edge(db)
+        self.size = self.edge.size
         self.source = RecordSource(db, partitions_dir)
-        self._tiles: dict[int, list[bytes]] = {}
+        self._leaves: dict[int, list[bytes]] = {}  # group -> leaf hashes
+        self._groups: dict[int, bytes] = {}  # tile -> its groups' roots
 
     def close(self) -> None:
         self.source.close()
@@ -56,28 +58,46 @@ class StoredTree:
     def record(self, seq: int) -> bytes | None:
         return dict(self.source.records(seq, seq)).get(seq)
 
-    def tile_leaves(self, tile: int) -> list[bytes]:
-        leaves = self._tiles.get(tile)
+    def group_leaves(self, group: int) -> list[bytes]:
+        leaves = self._leaves.get(group)
         if leaves is None:
-            first = tile * TILE_WIDTH + 1
-            last = min(self.size, first + TILE_WIDTH - 1)
+            first = group * GROUP_WIDTH + 1
+            last = min(self.size, first + GROUP_WIDTH - 1)
             got = dict(self.source.records(first, last))
             if len(got) != last - first + 1:
                 gone = next(s for s in range(first, last + 1) if s not in got)
                 raise ProofError(500, "record_missing", f"seq {gone} holds no record: "
                                  "run `auditd verify`")
-            leaves = self._tiles[tile] = [leaf_hash(got[s]) for s in range(first, last + 1)]
+            leaves = self._leaves[group] = [leaf_hash(got[s]) for s in range(first, last + 1)]
         return leaves
+
+    def group_root(self, group: int) -> bytes:
+        tile = group >> (TILE_HEIGHT - GROUP_HEIGHT)
+        groups = self._groups.get(tile)
+        if groups is None:
+            if tile < self.size >> TILE_HEIGHT:
+                row = self.db.execute("SELECT groups FROM merkle_nodes WHERE height = ?"
+                                      " AND idx = ?", (TILE_HEIGHT, tile)).fetchone()
+                groups = b"" if row is None or row[0] is None else bytes(row[0])
+            else:
+                groups = bytes(self.edge.groups)
+            self._groups[tile] = groups
+        at = (group % (TILE_WIDTH // GROUP_WIDTH)) * HASH_BYTES
+        if len(groups) >= at + HASH_BYTES:
+            return groups[at:at + HASH_BYTES]
+        return root_of(self.group_leaves(group))
 
     def subtree(self, lo: int, hi: int) -> bytes:
         """The hash of leaves [lo, hi) (leaf index = seq - 1)."""
         n = hi - lo
         if n & (n - 1) == 0 and lo % n == 0:
             height = n.bit_length() - 1
-            if height < TILE_HEIGHT:
-                tile = lo >> TILE_HEIGHT
-                start = lo - tile * TILE_WIDTH
-                return root_of(self.tile_leaves(tile)[start:start + n])
+            if height < GROUP_HEIGHT:
+                group = lo >> GROUP_HEIGHT
+                start = lo - group * GROUP_WIDTH
+                return root_of(self.group_leaves(group)[start:start + n])
+            if height == GROUP_HEIGHT:
+                return self.group_root(lo >> GROUP_HEIGHT)
             if height % TILE_HEIGHT == 0:
                 row = self.db.execute(
                     "SELECT hash FROM merkle_nodes WHERE height = ? AND idx = ?",

@@ -6,10 +6,11 @@ Layout in auditd.db (schema 5):
   subtree whose height is a multiple of 8 (the contents of C2SP tlog-tiles from tile
   level 1 up: 256 leaves, 65,536 leaves, ...), one row each, written once. Height-8 rows
   also keep `leaves`: the first 4 bytes of each of their 256 leaf hashes, so `verify`
-  names the one seq that changed rather than its tile. Leaf hashes themselves are not
+  names the one seq that changed rather than its tile; and `groups`: the 16 roots of
+  their 16-leaf subtrees, so a proof hashes 16 records, not 256. Leaf hashes themselves are not
   stored: a leaf is SHA-256(0x00 || E) of a stored record.
 - `merkle_edge` (one row): the tree's size, its compact range (the right edge: at most
-  64 hashes) and the fingerprints of the leaves of the unfinished 256-leaf tile.
+  64 hashes), and the fingerprints and complete 16-leaf groups of the unfinished tile.
 
 Each batch appends its new seqs (events, and dead letters that hold a seq) in seq order,
 writes the subtrees it completed and the new edge, all before the batch's COMMIT; the
@@ -36,6 +37,8 @@ log = structlog.get_logger("auditd.proofs.tree")
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
 FINGERPRINT_BYTES = 4
+GROUP_HEIGHT = 4
+GROUP_WIDTH = 1 << GROUP_HEIGHT
 _RECENT_ROOTS = 8192
 
 
@@ -46,48 +49,56 @@ class Edge:
     size: int
     compact: list[bytes]
     fingerprints: bytearray  # of the leaves of the unfinished bottom tile
+    groups: bytearray  # its complete 16-leaf subtrees' roots
 
     def copy(self) -> Edge:
-        return Edge(self.size, list(self.compact), bytearray(self.fingerprints))
+        return Edge(self.size, list(self.compact), bytearray(self.fingerprints),
+                    bytearray(self.groups))
 
     def root(self) -> bytes:
         return fold(self.compact)
 
 
 def load_edge(db: sqlite3.Connection) -> Edge:
-    row = db.execute("SELECT size, compact, fingerprints FROM merkle_edge").fetchone()
+    row = db.execute("SELECT size, compact, fingerprints, groups FROM merkle_edge").fetchone()
     if row is None:
-        return Edge(0, [], bytearray())
-    size, compact, fingerprints = int(row[0]), bytes(row[1]), bytearray(row[2])
+        return Edge(0, [], bytearray(), bytearray())
+    size, compact = int(row[0]), bytes(row[1])
     return Edge(size, [compact[i:i + HASH_BYTES] for i in range(0, len(compact), HASH_BYTES)],
-                fingerprints)
+                bytearray(row[2]), bytearray(row[3]))
 
 
-def append(edge: Edge, leaf: bytes, nodes: list[tuple[int, int, bytes, bytes | None]]) -> None:
+Node = tuple[int, int, bytes, bytes | None, bytes | None]  # a merkle_nodes row
+
+
+def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
     """Add one leaf hash to `edge`; completed tile roots go to `nodes` as
-    (height, idx, hash, leaf fingerprints or None)."""
+    (height, idx, hash, leaf fingerprints, groups) (the last two for height 8 only)."""
     n = edge.size
     edge.fingerprints += leaf[:FINGERPRINT_BYTES]
     h, height, compact = leaf, 0, edge.compact
     while n >> height & 1:
         h = node_hash(compact.pop(), h)
         height += 1
-        if height % TILE_HEIGHT == 0:
-            fingerprints = None
+        if height == GROUP_HEIGHT:
+            edge.groups += h
+        elif height % TILE_HEIGHT == 0:
+            fingerprints = groups = None
             if height == TILE_HEIGHT:
-                fingerprints = bytes(edge.fingerprints)
+                fingerprints, groups = bytes(edge.fingerprints), bytes(edge.groups)
                 edge.fingerprints.clear()
-            nodes.append((height, ((n + 1) >> height) - 1, h, fingerprints))
+                edge.groups.clear()
+            nodes.append((height, ((n + 1) >> height) - 1, h, fingerprints, groups))
     compact.append(h)
     edge.size = n + 1
 
 
-def write(db: sqlite3.Connection, edge: Edge,
-          nodes: list[tuple[int, int, bytes, bytes | None]]) -> None:
+def write(db: sqlite3.Connection, edge: Edge, nodes: list[Node]) -> None:
     if nodes:
-        db.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)", nodes)
-    db.execute("UPDATE merkle_edge SET size = ?, compact = ?, fingerprints = ?",
-               (edge.size, b"".join(edge.compact), bytes(edge.fingerprints)))
+        db.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?, ?)", nodes)
+    db.execute("UPDATE merkle_edge SET size = ?, compact = ?, fingerprints = ?, groups = ?",
+               (edge.size, b"".join(edge.compact), bytes(edge.fingerprints),
+                bytes(edge.groups)))
 
 
 def fill_gap(db: sqlite3.Connection, seq: int) -> bytes:
@@ -105,7 +116,7 @@ class Tree:
     after its COMMIT. `roots_through(seq)` may be called from any thread."""
 
     def __init__(self) -> None:
-        self.edge = Edge(0, [], bytearray())
+        self.edge = Edge(0, [], bytearray(), bytearray())
         self._next: Edge | None = None
         self._lock = threading.Lock()
         self._roots: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_ROOTS)
@@ -128,7 +139,7 @@ class Tree:
         A seq skipped (never seen: the writer commits every seq, so this is a bug's
         trace) gets a dead letter of its own, so that every seq stays one record."""
         edge = self.edge.copy()
-        nodes: list[tuple[int, int, bytes, bytes | None]] = []
+        nodes: list[Node] = []
         for seq, record in sorted(r for r in records if r[0] > edge.size):
             if seq <= edge.size:
                 continue  # a seq's second dead letter: its first is the leaf

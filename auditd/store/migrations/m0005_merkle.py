@@ -43,14 +43,16 @@ UP: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         idx INTEGER NOT NULL,
         hash BLOB NOT NULL,
         leaves BLOB,
+        groups BLOB,
         PRIMARY KEY (height, idx)
     ) WITHOUT ROWID""",
     """CREATE TABLE merkle_edge (
         size INTEGER NOT NULL,
         compact BLOB NOT NULL,
-        fingerprints BLOB NOT NULL
+        fingerprints BLOB NOT NULL,
+        groups BLOB NOT NULL
     )""",
-    "INSERT INTO merkle_edge VALUES (0, x'', x'')",
+    "INSERT INTO merkle_edge VALUES (0, x'', x'', x'')",
     """CREATE TABLE checkpoints (
         id INTEGER PRIMARY KEY,
         size INTEGER NOT NULL,
