@@ -1,7 +1,7 @@
 """Inclusion and consistency proofs from the stored tree (proofs.md, "Proofs").
 
 A subtree hash [lo, hi) comes from stored nodes when the subtree is perfect, aligned
-and of a height that is a multiple of 8 (merkle_nodes) or 4 (a tile's 16-leaf groups),
+and of height 8 or more (merkle_nodes) or 4 (a tile's 16-leaf groups),
 from its two halves otherwise, and from the leaves of its 16-leaf group below height
 4: those are hashed from the group's records (at most 16, read once per proof).
 
@@ -98,7 +98,7 @@ class StoredTree:
                 return root_of(self.group_leaves(group)[start:start + n])
             if height == GROUP_HEIGHT:
                 return self.group_root(lo >> GROUP_HEIGHT)
-            if height % TILE_HEIGHT == 0:
+            if height >= TILE_HEIGHT:
                 row = self.db.execute(
                     "SELECT hash FROM merkle_nodes WHERE height = ? AND idx = ?",
                     (height, lo >> height)).fetchone()

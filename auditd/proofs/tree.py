@@ -2,9 +2,10 @@
 
 Layout in auditd.db (schema 5):
 
-- `merkle_nodes(height, idx, hash, leaves)`: the root of every complete perfect
-  subtree whose height is a multiple of 8 (the contents of C2SP tlog-tiles from tile
-  level 1 up: 256 leaves, 65,536 leaves, ...), one row each, written once. Height-8 rows
+- `merkle_nodes(height, idx, hash, leaves, groups)`: the root of every complete perfect
+  subtree of height 8 or more (256 leaves or more: what C2SP tlog-tiles holds from tile
+  level 1 up, one row a hash: about one row per 128 leaves), written once, so that any
+  proof reads one row per level above its tile. Height-8 rows
   also keep `leaves`: the first 4 bytes of each of their 256 leaf hashes, so `verify`
   names the one seq that changed rather than its tile; and `groups`: the 16 roots of
   their 16-leaf subtrees, so a proof hashes 16 records, not 256. Leaf hashes themselves are not
@@ -73,7 +74,8 @@ Node = tuple[int, int, bytes, bytes | None, bytes | None]  # a merkle_nodes row
 
 def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
     """Add one leaf hash to `edge`; completed tile roots go to `nodes` as
-    (height, idx, hash, leaf fingerprints, groups) (the last two for height 8 only)."""
+    (height, idx, hash, leaf fingerprints, groups) (the last two for height 8 only).
+    Called once per leaf on the store's thread: a few hashes and list steps."""
     n = edge.size
     edge.fingerprints += leaf[:FINGERPRINT_BYTES]
     h, height, compact = leaf, 0, edge.compact
@@ -82,7 +84,7 @@ def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
         height += 1
         if height == GROUP_HEIGHT:
             edge.groups += h
-        elif height % TILE_HEIGHT == 0:
+        elif height >= TILE_HEIGHT:
             fingerprints = groups = None
             if height == TILE_HEIGHT:
                 fingerprints, groups = bytes(edge.fingerprints), bytes(edge.groups)
