@@ -10,13 +10,17 @@ and events/s (median of --runs), and inclusion proofs built and checked (median 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from auditd.bench.micro import stored_events
 from auditd.bench.sealed_events import StoredSoakEvents
 from auditd.proofs import keys
 from auditd.proofs.checkpointer import host_id_of
@@ -25,13 +29,65 @@ from auditd.proofs.notes import origin, sign_checkpoint, verifier_of
 from auditd.proofs.offline import check_proof
 from auditd.proofs.prove import inclusion
 from auditd.proofs.verify import verify_store
+from auditd.schema import StoredEvent
 from auditd.store.migrations import migrate
 from auditd.store.partition.build import seal_partition
 from auditd.store.sealing.catalog import CatalogEntry, add
 from auditd.store.statements import EVENTS, NAMES, event_row, insert_rows, transaction
-from auditd.store.store import connect_sync
+from auditd.store.store import DB_NAME, Store, connect_sync
 
 PARTITION = 131_072
+
+
+class _TimedLedger(Ledger):
+    """The ledger, with the time its `extend` calls take added up."""
+
+    seconds = 0.0
+
+    def extend(self, db: Any, events: Any, dead: Any) -> None:
+        started = time.perf_counter()
+        super().extend(db, events, dead)
+        self.seconds += time.perf_counter() - started
+
+
+async def _fill(path: Path, batches: list[list[StoredEvent]], ledger: Ledger | None) -> float:
+    store = Store(path)
+    store.ledger = ledger
+    await store.open()
+    try:
+        started = time.perf_counter()
+        for batch in batches:
+            await store.insert_batch(batch, [], batch[-1].seq)
+        return time.perf_counter() - started
+    finally:
+        await store.close()
+
+
+def write_cost(count: int, batch_max: int, runs: int) -> dict[str, Any]:
+    """The writer's events/s through Store.insert_batch with the tree off and on,
+    alternating in one process; medians, and the ledger's own µs per event."""
+    events = stored_events(count)
+    batches = [events[i:i + batch_max] for i in range(0, count, batch_max)]
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    ledger_us: list[float] = []
+    for _ in range(runs):
+        for mode in ("off", "on"):
+            root = Path(tempfile.mkdtemp(dir="/tmp", prefix="adtree"))
+            try:
+                ledger = _TimedLedger(root / "partitions") if mode == "on" else None
+                seconds = asyncio.run(_fill(root / DB_NAME, batches, ledger))
+                rates[mode].append(count / seconds)
+                if ledger is not None:
+                    ledger_us.append(ledger.seconds * 1e6 / count)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    return {"events": count, "batch": batch_max, "runs": runs,
+            "off_events_per_s": round(off), "on_events_per_s": round(on),
+            "cost_percent": round(100 * (off - on) / off, 1),
+            "ledger_us_per_event": round(statistics.median(ledger_us), 2),
+            "off_runs": [round(r) for r in rates["off"]],
+            "on_runs": [round(r) for r in rates["on"]]}
 
 
 def build_store(directory: Path, events: int, hot: int) -> None:
@@ -113,11 +169,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m auditd.bench.verify")
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--hot", type=int, default=100_000, help="events left hot")
-    parser.add_argument("--store", type=Path, required=True, help="built here once, kept")
+    parser.add_argument("--store", type=Path, help="built here once, kept")
+    parser.add_argument("--write-cost", type=int, metavar="N",
+                        help="only the writer's events/s with the tree off and on: N events "
+                        "through Store.insert_batch, --runs alternations, batches of --batch")
+    parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--proofs", type=int, default=200)
     args = parser.parse_args()
+    if args.write_cost:
+        print(json.dumps(write_cost(args.write_cost, args.batch, args.runs)))
+        return
+    if args.store is None:
+        parser.error("--store is required")
     print(json.dumps(run(args.store, args.events, args.hot, args.runs, args.workers,
                          args.proofs)))
 

@@ -34,6 +34,10 @@ def tree_enabled() -> bool:
     return os.environ.get(OFF_ENV, "").lower() not in ("off", "0", "no")
 
 
+def _seq(pair: tuple[int, bytes]) -> int:
+    return pair[0]
+
+
 class Ledger:
     def __init__(self, partitions_dir: Path) -> None:
         self.tree = Tree()
@@ -75,8 +79,10 @@ class Ledger:
             return
         size = self.tree.size
         pairs = [(e.seq, record_bytes(e)) for e in events if e.seq > size]
-        pairs += [(d.seq, dead_letter_record(d.seq, d.code, d.reason, d.raw))
-                  for d in dead if d.seq is not None and d.seq > size]
+        letters = [(d.seq, dead_letter_record(d.seq, d.code, d.reason, d.raw))
+                   for d in dead if d.seq is not None and d.seq > size]
+        if letters:  # Gaps travel in the batch between events: merge them in seq order
+            pairs = sorted(pairs + letters, key=_seq)
         self.tree.extend(db, pairs)
 
     def rolled_back(self) -> None:

@@ -68,17 +68,33 @@ class RecordSource:
                 for seq in range(max(lo, first), min(hi, last) + 1):
                     self.unreadable[seq] = f"partition {file}: {exc}"
                 continue
-            for seq in range(max(lo, first), min(hi, last) + 1):
-                try:
-                    record = part.record(seq)
-                except Exception as exc:  # a damaged block: zstd, SQLite or format
-                    self.unreadable[seq] = f"partition {file}: {type(exc).__name__}: {exc}"
-                    continue
-                if record is not None:
-                    yield seq, record
+            yield from self._sealed(part, file, max(lo, first), min(hi, last))
         start = max(first, self.sealed_through + 1)
+        # (hot rows at or below sealed_through wait for their release: not read)
         for lo in range(start, last + 1, _CHUNK):
             yield from hot_records(self.db, lo, min(last, lo + _CHUNK - 1))
+
+
+    def _sealed(self, part: SealedPartition, file: str, first: int,
+                last: int) -> Iterator[tuple[int, bytes]]:
+        """A partition's records block by block (one decompression each)."""
+        width = part.block_records
+        seq = first
+        while seq <= last:
+            offset = seq - part.first_seq
+            block, at = divmod(offset, width)
+            stop = min(last, seq + width - at - 1)
+            try:
+                records = part.block(block)
+            except Exception as exc:  # a damaged block: zstd, SQLite or format
+                for gone in range(seq, stop + 1):
+                    self.unreadable[gone] = f"partition {file}: {type(exc).__name__}: {exc}"
+                seq = stop + 1
+                continue
+            for index in range(at, at + stop - seq + 1):
+                if index < len(records):
+                    yield seq + index - at, records[index]
+            seq = stop + 1
 
 
 def hot_records(db: sqlite3.Connection, first: int, last: int) -> Iterator[tuple[int, bytes]]:

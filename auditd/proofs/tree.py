@@ -28,10 +28,11 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from hashlib import sha256 as _sha256
 
 import structlog
 
-from auditd.proofs.merkle import HASH_BYTES, fold, leaf_hash, node_hash
+from auditd.proofs.merkle import HASH_BYTES, fold, leaf_hash
 from auditd.store.records import dead_letter_record
 
 log = structlog.get_logger("auditd.proofs.tree")
@@ -75,12 +76,18 @@ Node = tuple[int, int, bytes, bytes | None, bytes | None]  # a merkle_nodes row
 def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
     """Add one leaf hash to `edge`; completed tile roots go to `nodes` as
     (height, idx, hash, leaf fingerprints, groups) (the last two for height 8 only).
-    Called once per leaf on the store's thread: a few hashes and list steps."""
+    Called once per leaf on the store's thread: half the leaves merge nothing, and
+    they take the first return."""
     n = edge.size
     edge.fingerprints += leaf[:FINGERPRINT_BYTES]
-    h, height, compact = leaf, 0, edge.compact
+    edge.size = n + 1
+    compact = edge.compact
+    if not n & 1:
+        compact.append(leaf)
+        return
+    h, height = leaf, 0
     while n >> height & 1:
-        h = node_hash(compact.pop(), h)
+        h = _sha256(b"\x01" + compact.pop() + h).digest()
         height += 1
         if height == GROUP_HEIGHT:
             edge.groups += h
@@ -92,7 +99,39 @@ def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
                 edge.groups.clear()
             nodes.append((height, ((n + 1) >> height) - 1, h, fingerprints, groups))
     compact.append(h)
-    edge.size = n + 1
+
+
+def append_many(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
+    """`append` for each leaf, with the per-leaf steps that can be per-batch taken
+    out of the loop (the fingerprints of a run within one tile are one join)."""
+    at = 0
+    while at < len(leaves):
+        room = TILE_WIDTH - edge.size % TILE_WIDTH
+        run = leaves[at:at + room]
+        if len(run) < room:  # the tile stays open: no tile row, only edges
+            edge.fingerprints += b"".join([leaf[:FINGERPRINT_BYTES] for leaf in run])
+            _merge_run(edge, run)
+        else:
+            for leaf in run:
+                append(edge, leaf, nodes)
+        at += len(run)
+
+
+def _merge_run(edge: Edge, run: list[bytes]) -> None:
+    """Append leaves that complete no tile (so no node of height 8 or more forms)."""
+    n, compact, groups = edge.size, edge.compact, edge.groups
+    push, pop = compact.append, compact.pop
+    for h in run:
+        if n & 1:
+            height = 0
+            while n >> height & 1:
+                h = _sha256(b"\x01" + pop() + h).digest()
+                height += 1
+                if height == GROUP_HEIGHT:
+                    groups += h
+        push(h)
+        n += 1
+    edge.size = n
 
 
 def write(db: sqlite3.Connection, edge: Edge, nodes: list[Node]) -> None:
@@ -135,21 +174,28 @@ class Tree:
         return self.edge.size
 
     def extend(self, db: sqlite3.Connection, records: Iterable[tuple[int, bytes]]) -> None:
-        """Append the leaves of (seq, E) pairs with seq past the tree's size, in seq
-        order, and write them; the state is swapped in by `committed`.
+        """Append the leaves of (seq, E) pairs, in seq order (the caller sorts), skipping
+        seqs the tree holds, and write them; the state is swapped in by `committed`.
 
         A seq skipped (never seen: the writer commits every seq, so this is a bug's
         trace) gets a dead letter of its own, so that every seq stays one record."""
         edge = self.edge.copy()
         nodes: list[Node] = []
-        for seq, record in sorted(r for r in records if r[0] > edge.size):
-            if seq <= edge.size:
-                continue  # a seq's second dead letter: its first is the leaf
-            while seq > edge.size + 1:
-                log.error("tree_gap_filled", seq=edge.size + 1,
-                          note="no record reached the tree for this seq: dead-lettered")
-                append(edge, leaf_hash(fill_gap(db, edge.size + 1)), nodes)
-            append(edge, leaf_hash(record), nodes)
+        pairs = list(records)
+        if pairs and pairs[0][0] == edge.size + 1 and pairs[-1][0] == edge.size + len(pairs):
+            # The writer's case: the seqs right after the tree's, gap-free.
+            sha = _sha256
+            append_many(edge, [sha(b"\x00" + record).digest() for _, record in pairs], nodes)
+            pairs = []
+        for seq, record in pairs:
+            if seq != edge.size + 1:
+                if seq <= edge.size:
+                    continue  # a seq's second dead letter: its first is the leaf
+                while seq > edge.size + 1:
+                    log.error("tree_gap_filled", seq=edge.size + 1,
+                              note="no record reached the tree for this seq: dead-lettered")
+                    append(edge, leaf_hash(fill_gap(db, edge.size + 1)), nodes)
+            append(edge, _sha256(b"\x00" + record).digest(), nodes)
         if edge.size != self.edge.size:
             write(db, edge, nodes)
             self._next = edge
