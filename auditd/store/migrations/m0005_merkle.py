@@ -8,7 +8,9 @@ checkpoints are append-only, like events.
 Up on a populated store leaves the tree empty: the daemon builds it from the stored
 records at its next start (auditd.proofs.ledger, with progress), a chunk per
 transaction, so this migration rewrites nothing. Down drops the tables and the host id:
-the tree can be built again from the records, but the signed checkpoints are gone.
+the tree can be built again from the records, but the signed checkpoints are gone from
+the file (`auditd migrate` takes its backup first, which keeps them; not counted as a
+loss of events: nothing recorded is lost).
 """
 
 from __future__ import annotations
