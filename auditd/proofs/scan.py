@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
+from hashlib import sha256 as _sha256
+from itertools import groupby
 from pathlib import Path
 
 from auditd.proofs.merkle import leaf_hash, root_of
@@ -70,36 +72,45 @@ def _fingerprints(db: sqlite3.Connection, task: RangeTask) -> dict[int, bytes]:
 
 
 def _scan(db: sqlite3.Connection, task: RangeTask) -> RangeResult:
+    """Tile by tile: a whole tile's leaves are hashed and their fingerprints compared in
+    one step each; only a tile with a gap or a mismatch is looked at seq by seq."""
     source = RecordSource(db, Path(task.partitions_dir))
     try:
         fingerprints = _fingerprints(db, task)
         result = RangeResult(task.first, task.last, [])
-        leaves: list[bytes] = []
         held: dict[int, bytes] = {}  # records of seqs whose leaf differs, for classify
         bad: list[int] = []
-        expected = task.first
-        for seq, record in source.records(task.first, task.last):
-            while expected < seq:  # seqs with no record
-                _missing(result, task, source, expected, leaves)
-                expected += 1
-            expected = seq + 1
-            leaf = leaf_hash(record)
-            leaves.append(leaf)
-            result.records += 1
-            index = seq - 1
-            stored = fingerprints.get(index >> TILE_HEIGHT)
-            offset = (index % TILE_WIDTH) * FP
-            if stored is not None and stored[offset:offset + FP] != leaf[:FP]:
-                bad.append(seq)
-                if len(held) < 4 * _MAX_PROBLEMS:
-                    held[seq] = record
-            if len(leaves) == TILE_WIDTH:
-                _tile_done(result, task, index >> TILE_HEIGHT, leaves)
-        while expected <= task.last:
-            _missing(result, task, source, expected, leaves)
-            expected += 1
-        if leaves:
-            result.edge_leaves[(task.last - 1) >> TILE_HEIGHT] = leaves
+        sha = _sha256
+        tiles = groupby(source.records(task.first, task.last), key=_tile_of)
+        expected_tile = (task.first - 1) >> TILE_HEIGHT
+        last_tile = (task.last - 1) >> TILE_HEIGHT
+        for tile, group in tiles:
+            while expected_tile < tile:  # a tile with no record at all
+                _gap_tile(result, task, source, expected_tile, [])
+                expected_tile += 1
+            expected_tile = tile + 1
+            pairs = list(group)
+            first = max(task.first, tile * TILE_WIDTH + 1)
+            last = min(task.last, tile * TILE_WIDTH + TILE_WIDTH)
+            if len(pairs) != last - first + 1:
+                _gap_tile(result, task, source, tile, pairs)
+                continue
+            leaves = [sha(b"\x00" + record).digest() for _, record in pairs]
+            result.records += len(leaves)
+            stored = fingerprints.get(tile)
+            if stored is not None:
+                at = (first - 1) % TILE_WIDTH * FP
+                if b"".join([leaf[:FP] for leaf in leaves]) != stored[at:at + len(leaves) * FP]:
+                    for (seq, record), leaf in zip(pairs, leaves, strict=True):
+                        offset = (seq - 1) % TILE_WIDTH * FP
+                        if stored[offset:offset + FP] != leaf[:FP]:
+                            bad.append(seq)
+                            if len(held) < 4 * _MAX_PROBLEMS:
+                                held[seq] = record
+            _leaves_done(result, task, tile, leaves)
+        while expected_tile <= last_tile:
+            _gap_tile(result, task, source, expected_tile, [])
+            expected_tile += 1
         for seq in bad[:_MAX_PROBLEMS]:
             if seq in held:
                 result.problems.append(_classify(seq, held, fingerprints, source))
@@ -110,24 +121,40 @@ def _scan(db: sqlite3.Connection, task: RangeTask) -> RangeResult:
         source.close()
 
 
-def _missing(result: RangeResult, task: RangeTask, source: RecordSource, seq: int,
-             leaves: list[bytes]) -> None:
-    # A placeholder leaf keeps the tiles aligned; the range is bad either way.
-    leaves.append(b"\x00" * 32)
-    if len(result.problems) < _MAX_PROBLEMS:
-        damage = source.unreadable.get(seq)
-        result.problems.append(
-            Problem(seq, "modified", damage) if damage is not None
-            else Problem(seq, "missing", f"no record holds seq {seq}"))
+def _tile_of(pair: tuple[int, bytes]) -> int:
+    return (pair[0] - 1) >> TILE_HEIGHT
+
+
+def _leaves_done(result: RangeResult, task: RangeTask, tile: int, leaves: list[bytes]) -> None:
     if len(leaves) == TILE_WIDTH:
-        _tile_done(result, task, (seq - 1) >> TILE_HEIGHT, leaves)
+        result.tiles.append(root_of(leaves))
+        if tile in task.wanted_tiles:
+            result.edge_leaves[tile] = leaves
+    else:  # the range's last, unfinished tile
+        result.edge_leaves[tile] = leaves
 
 
-def _tile_done(result: RangeResult, task: RangeTask, tile: int, leaves: list[bytes]) -> None:
-    result.tiles.append(root_of(leaves))
-    if tile in task.wanted_tiles:
-        result.edge_leaves[tile] = list(leaves)
-    leaves.clear()
+def _gap_tile(result: RangeResult, task: RangeTask, source: RecordSource, tile: int,
+              pairs: list[tuple[int, bytes]]) -> None:
+    """A tile some of whose seqs hold no record: each named, placeholders hashed in so
+    the tiles after it stay aligned (the range is bad either way)."""
+    first = max(task.first, tile * TILE_WIDTH + 1)
+    last = min(task.last, tile * TILE_WIDTH + TILE_WIDTH)
+    got = dict(pairs)
+    leaves = []
+    for seq in range(first, last + 1):
+        record = got.get(seq)
+        if record is None:
+            leaves.append(b"\x00" * 32)
+            if len(result.problems) < _MAX_PROBLEMS:
+                damage = source.unreadable.get(seq)
+                result.problems.append(
+                    Problem(seq, "modified", damage) if damage is not None
+                    else Problem(seq, "missing", f"no record holds seq {seq}"))
+        else:
+            leaves.append(leaf_hash(record))
+            result.records += 1
+    _leaves_done(result, task, tile, leaves)
 
 
 def _matches(record: bytes, seq: int, fingerprints: dict[int, bytes]) -> bool:
