@@ -9,6 +9,7 @@ RecordSource so the catalog, the hot rows and the dead letters are one snapshot.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +18,12 @@ from auditd.schema import StoredEvent
 from auditd.store.partition.read import SealedPartition
 from auditd.store.records import dead_letter_record, record_bytes
 
-_EVENTS = """SELECT e.seq, e.id, e.ts, e.received_at, t.value, a.value, g.value, s.value,
-    e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data, e.pid, e.uid, e.gid,
-    c.value, e.id_hash
-    FROM events e JOIN names t ON t.id = e.type
-    LEFT JOIN names a ON a.id = e.actor LEFT JOIN names g ON g.id = e.target
-    LEFT JOIN names s ON s.id = e.stream JOIN names c ON c.id = e.comm
-    WHERE e.seq BETWEEN ? AND ? ORDER BY e.seq"""
+# Names are ids here, resolved through RecordSource's cache: the five joins on `names`
+# cost more than the rest of a row's record together.
+_EVENTS = """SELECT seq, id, ts, received_at, type, actor, target, stream, stream_seq,
+    correlation_id, causation_id, tags, data, pid, uid, gid, comm, id_hash
+    FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq"""
+_NAMES = "SELECT id, value FROM names WHERE id IN (SELECT value FROM json_each(?))"
 _DEAD = """SELECT seq, code, reason, raw FROM dead_letters
     WHERE seq BETWEEN ? AND ? ORDER BY seq, dlq_id"""
 _CHUNK = 4096
@@ -44,6 +44,7 @@ class RecordSource:
         # Seqs of a partition that could not be read (a damaged file), and why: they
         # are left out of records(), so the caller sees them as gaps it can name.
         self.unreadable: dict[int, str] = {}
+        self.names: dict[int, str] = {}
 
     def close(self) -> None:
         for part in self._open.values():
@@ -72,7 +73,7 @@ class RecordSource:
         start = max(first, self.sealed_through + 1)
         # (hot rows at or below sealed_through wait for their release: not read)
         for lo in range(start, last + 1, _CHUNK):
-            yield from hot_records(self.db, lo, min(last, lo + _CHUNK - 1))
+            yield from hot_records(self.db, lo, min(last, lo + _CHUNK - 1), self.names)
 
 
     def _sealed(self, part: SealedPartition, file: str, first: int,
@@ -97,13 +98,21 @@ class RecordSource:
             seq = stop + 1
 
 
-def hot_records(db: sqlite3.Connection, first: int, last: int) -> Iterator[tuple[int, bytes]]:
-    """(seq, E) of the hot table's events and the seqs' dead letters, merged by seq."""
+def hot_records(db: sqlite3.Connection, first: int, last: int,
+                names: dict[int, str] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(seq, E) of the hot table's events and the seqs' dead letters, merged by seq;
+    `names` caches the names table's ids across calls."""
+    names = {} if names is None else names
     events = db.execute(_EVENTS, (first, last)).fetchall()
+    wanted = {i for row in events for i in (row[4], row[5], row[6], row[7], row[16])
+              if i is not None and i not in names}
+    if wanted:
+        names.update(db.execute(_NAMES, (json.dumps(list(wanted)),)).fetchall())
     dead = db.execute(_DEAD, (first, last)).fetchall()
     letters = iter(dead)
     letter = next(letters, None)
     seen = 0
+    get = names.get
     for row in events:
         seq = row[0]
         while letter is not None and letter[0] <= seq:
@@ -112,7 +121,12 @@ def hot_records(db: sqlite3.Connection, first: int, last: int) -> Iterator[tuple
                 yield seen, dead_letter_record(*letter)
             letter = next(letters, None)
         seen = seq
-        yield seq, record_bytes(StoredEvent(*row))
+        actor, target, stream = row[5], row[6], row[7]
+        yield seq, record_bytes(StoredEvent(
+            seq, row[1], row[2], row[3], names[row[4]],
+            None if actor is None else get(actor), None if target is None else get(target),
+            None if stream is None else get(stream), row[8], row[9], row[10], row[11],
+            row[12], row[13], row[14], row[15], names[row[16]], row[17]))
     while letter is not None:
         if letter[0] != seen:
             seen = letter[0]
