@@ -17,7 +17,7 @@ from conftest import DaemonProcess, wait_for
 from proofs_store import SETTINGS, checkpoint_size, cli, get, send
 
 from auditd.client import Client
-from auditd.proofs.notes import parse_vkey
+from auditd.proofs.notes import parse_vkey, verify_checkpoint
 from auditd.proofs.offline import ProofInvalid, check_proof
 
 NOBODY = 65534
@@ -163,3 +163,25 @@ print(json.dumps(out))
     assert answers[1][0] == 200 and json.loads(answers[1][1])["seq"] == 12
     assert answers[2][0] == 200
     assert answers[3][0] == 200 and answers[3][1].startswith("auditd/")
+
+
+def test_checkpoints_published_and_issued_at_shutdown(make_daemon: Any,
+                                                      short_tmp: Path) -> None:
+    """With checkpoint_every an hour, only the clean shutdowns sign: each one's
+    checkpoint covers every event committed, and reaches the file and the command."""
+    published, piped = short_tmp / "published.txt", short_tmp / "piped.txt"
+    daemon = make_daemon({"proofs": {"checkpoint_every": "1h",
+                                     "publish_file": str(published),
+                                     "publish_command": f"cat >> {piped}"}})
+    send(daemon, 0, 50)
+    assert daemon.stop() == 0
+    assert "\n50\n" in published.read_text() and "\n50\n" in piped.read_text()
+    daemon.start()
+    send(daemon, 50, 7)
+    assert daemon.stop() == 0
+    sizes = [size for (size,) in daemon.query("SELECT size FROM checkpoints ORDER BY id")]
+    assert sizes == [50, 57]
+    (text,) = daemon.query("SELECT text FROM checkpoints ORDER BY id DESC LIMIT 1")[0]
+    assert published.read_text().endswith(text) and piped.read_text().endswith(text)
+    assert sum(e["event"] == "checkpoint_at_shutdown" for e in daemon.log_events()) == 2
+    assert verify_checkpoint(text, parse_vkey(_vkey(daemon))).size == 57
