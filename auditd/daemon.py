@@ -34,6 +34,10 @@ from auditd.projections import Projections
 from auditd.proofs.checkpointer import Checkpointer
 from auditd.proofs.keys import key_path, load_or_create
 from auditd.proofs.ledger import Ledger
+from auditd.query.engine import QueryEngine
+from auditd.query.feed import CommitFeed
+from auditd.query.hot_index import HotIndex
+from auditd.query.rebuild import rebuild_hot_index
 from auditd.replay import JournalReplay
 from auditd.ring import RingBuffer
 from auditd.stats import Stats
@@ -82,6 +86,10 @@ class Daemon:
         self._signals = 0
         self.failed = False
         self.dead_letters = DeadLetterStore(self.store.path)
+        self.hot_index = HotIndex()
+        self.query_engine = QueryEngine(self.store.path, self.hot_index, self.store.sealed,
+                                        lambda seqs: self.ring.committed_by_seq(seqs))
+        self.feed = CommitFeed()  # committed events for /tail?follow=1
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)
         self.notifier = Notifier()
@@ -121,6 +129,7 @@ class Daemon:
             await self._abandon_start()
             raise
         self.ready = True
+        self._spawn(self.query_engine.warm(), "query_warm")
         self._cancel_task(_EXTENDER)  # READY=1 below ends the start timeout
         # Start-up objects (modules, config, replayed state) never die: keep full
         # collections from walking them, which showed up as 15-30 ms loop pauses.
@@ -149,6 +158,10 @@ class Daemon:
         progress.begin("opening the database (migrations)")
         await self.store.open(progress.tick)
         state = await self.store.load_state()
+        progress.begin("indexing the hot events")
+        await rebuild_hot_index(self.hot_index, self.store.path, await self.store.sealed_through())
+        self.store.after_commit = self.hot_index.append
+        self.store.after_seal = self.hot_index.trim
         progress.begin("opening the projections")
         await self.projections.open()
         await self._open_checkpointer()
@@ -171,13 +184,13 @@ class Daemon:
             batch_delay_ms=config.writer.batch_delay_ms,
             retry_max_delay_ms=config.duration_ms("writer", "retry_max_delay"),
             fallback_path=self.storage / "dead-letters.fallback",
-            on_committed=self._committed)
+            on_committed=self._committed, on_batch=self.feed.publish)
         self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
                                     self.sequencer, self.stats, progress)
         await self.dead_letters.open()
-        self.stats.last_committed_seq = state.committed_seq
+        self.stats.last_committed_seq = self.feed.last_seq = state.committed_seq
         self.ingest = IngestServer(
             IngestLimits(config.size("ingest", "max_frame_bytes"),
                          config.ingest.max_batch_events,
@@ -217,6 +230,7 @@ class Daemon:
             ("status_server", self.status.aclose),
             ("projections", self.projections.aclose),
             ("dead_letter_store", self.dead_letters.close),
+            ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
         ])
 
@@ -316,12 +330,14 @@ class Daemon:
         failed = await self._close_steps([
             ("ingest_server", self.ingest.aclose),
             ("tasks", self._cancel_tasks),
+            ("followers", self.feed.aclose),  # a final line each, before the server goes
             ("status_server", self.status.aclose),
             ("projections", self.projections.aclose),
             ("checkpoint", self._final_checkpoint),
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),
             ("dead_letter_store", self.dead_letters.close),
+            ("query_engine", self.query_engine.aclose),
             ("store", self.store.close),
         ])
         log.info("daemon_stopped", last_seq=self.sequencer.last_seq,

@@ -12,6 +12,7 @@ slot of position p is p % capacity.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
@@ -178,6 +179,32 @@ class RingBuffer(Generic[T]):
     def by_correlation(self, correlation_id: str) -> list[T]:
         """Every retained entry (committed or pending) of one correlation, in seq order."""
         return [self._at(p) for p in self._by_correlation.get(correlation_id, ())]
+
+    def committed_by_seq(self, seqs: Iterable[int]) -> dict[int, T]:
+        """The entries of the committed window that hold these seqs (queries read
+        recent events from here rather than from the database).
+
+        Safe to call from another thread than the loop's: it only reads, each read is
+        atomic under the GIL, and an entry is returned only if it holds the very seq
+        asked for; a window moving meanwhile can only make it miss."""
+        slots, capacity = self._slots, self.capacity
+        low, high = self._start, self._committed
+
+        def seq_at(position: int) -> int:
+            entry = slots[position % capacity]
+            return -1 if entry is None else entry.seq
+
+        found: dict[int, T] = {}
+        if low >= high:
+            return found
+        first, last = seq_at(low), seq_at(high - 1)
+        for seq in seqs:
+            if first <= seq <= last:
+                position = bisect_left(range(low, high), seq, key=seq_at)
+                entry = slots[position % capacity] if position < high else None
+                if entry is not None and entry.seq == seq:
+                    found[seq] = entry
+        return found
 
     def oldest_retained_seq(self) -> int | None:
         if self._start == self._end:

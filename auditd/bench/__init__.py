@@ -20,7 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from auditd.bench import fair, soak, stalls
+from auditd.bench import fair, query_bench, soak, stalls
+from auditd.bench import follow as follow_bench
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -71,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fair.add_arguments(parser)
     soak.add_arguments(parser)
     stalls.add_arguments(parser)
+    query_bench.add_arguments(parser)
+    follow_bench.add_arguments(parser)
 
 
 
@@ -173,6 +176,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         if not args.json:
             soak.print_report(doc["soak"])
             return 0
+    elif args.query is not None:
+        doc = {"query": query_bench.run_query_bench(args, config)}
     elif args.projections:
         from auditd.bench.projections import run_projections
 
@@ -189,6 +194,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         doc = {"fuzz": run_fuzz(args, config)}
     elif args.stall:
         doc = {"stall": stalls.run_stall(args, config)}
+    elif args.follow:
+        doc = {"follow": follow_bench.run_follow(args, config)}
     else:
         doc = run_load(args, config)
     if args.json:

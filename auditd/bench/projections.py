@@ -7,7 +7,8 @@
 - counts: a store of N events, ts spread over 30 days (a month of hourly rows), filled
   through the same path with the projector on; then GET /counts?by=type&interval=1h
   over the whole store, timed inside (the reader's query on the file, as the daemon
-  runs it) and through a daemon's status socket (round trip).
+  runs it) and through a daemon's status socket (round trip); then the seconds a
+  rebuild of counts_by_type takes on that store.
 """
 
 from __future__ import annotations
@@ -137,6 +138,32 @@ def _get(socket_path: str, url: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def _rebuild(socket_path: str, name: str) -> float:
+    """Seconds from POST /projections/rebuild until the projection is live again."""
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(socket_path)
+
+    started = time.perf_counter()
+    conn = Conn("auditd", timeout=60)
+    try:
+        conn.request("POST", "/projections/rebuild", body=json.dumps({"name": name}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+    finally:
+        conn.close()
+    while True:
+        code, body = _get(socket_path, "/projections")
+        entry = json.loads(body)["projections"][name]
+        if code == 200 and entry["state"] == "live":
+            return time.perf_counter() - started
+        time.sleep(0.05)
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3),
             "p99": round(percentile(values, 0.99), 3), "max": round(max(values), 3)}
@@ -161,7 +188,7 @@ def counts_latency(count: int, config: Config, repetitions: int = 50) -> dict[st
         status_socket = str(daemon.root / "status.sock")
         conn = _connect(daemon.db_path)
         try:
-            buckets = counts_in(conn, query)
+            buckets = json.loads(counts_in(conn, query))
             inside = []
             for _ in range(repetitions):
                 started = time.perf_counter()
@@ -176,11 +203,13 @@ def counts_latency(count: int, config: Config, repetitions: int = 50) -> dict[st
             through.append((time.perf_counter() - started) * 1000)
             assert code == 200, body
         served = json.loads(body)
+        rebuild_s = _rebuild(status_socket, "counts_by_type")
     counted = sum(n for _, _, n in served["buckets"])
     return {"events": count, "fill_s": round(filled[0], 1),
             "fill_events_per_s": round(count / filled[0]), "buckets": len(buckets),
             "counted": counted, "inside_ms": _summary(inside),
-            "through_socket_ms": _summary(through), "repetitions": repetitions}
+            "through_socket_ms": _summary(through), "repetitions": repetitions,
+            "rebuild_counts_by_type_s": round(rebuild_s, 2)}
 
 
 def run_projections(count: int, config: Config, runs: int = 5,

@@ -111,10 +111,36 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
                         args.json, args.limit)
 
 
+def cmd_query(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import counts, operator
+    from auditd.cli import query as query_command
+
+    if not args.count_by:
+        return query_command.run(args, _status_socket(args, config), operator.call)
+    others = [f"--{name}" for name in ("target", "stream", "correlation", "causation",
+                                       "tag", "grep") if getattr(args, name)]
+    others += [f"--{name}" for name in ("after", "tree") if getattr(args, name)]
+    if others:
+        raise UsageError(f"--count-by counts from the projections: {', '.join(others)} "
+                         "cannot narrow it (--type, --actor, --comm, --uid, --since, "
+                         "--until can)")
+    filters = [(name, str(value)) for name in ("type", "actor", "comm", "uid")
+               for value in getattr(args, name)]
+    params = counts.count_params(args.count_by, args.interval, filters, args.since,
+                                 args.until)
+    return counts.run_counts(_status_socket(args, config), params, args.json)
+
+
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import operator
 
     return operator.backup(_status_socket(args, config), args.dest, args.json)
+
+
+def cmd_tail(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import tail
+
+    return tail.run(args, _status_socket(args, config))
 
 
 def cmd_recover(args: argparse.Namespace, config: Config) -> int:
@@ -142,18 +168,6 @@ def cmd_projections(args: argparse.Namespace, config: Config) -> int:
                                not args.no_wait)
 
 
-def cmd_query(args: argparse.Namespace, config: Config) -> int:
-    from auditd.cli import counts
-
-    if not args.count_by:
-        raise UsageError("query: only --count-by FIELD is served by this build")
-    filters = [(name, str(value)) for name in ("type", "actor", "comm", "uid")
-               for value in getattr(args, name)]
-    params = counts.count_params(args.count_by, args.interval, filters, args.since,
-                                 args.until)
-    return counts.run_counts(_status_socket(args, config), params, args.json)
-
-
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     from auditd.bench import main as bench_main
 
@@ -174,8 +188,9 @@ COMMANDS: dict[str, Command] = {
     "verify-proof": _proofs_command("verify_proof"), "keygen": _proofs_command("keygen"),
     "export-vkey": _proofs_command("export_vkey"),
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
+    "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
-    "bench": cmd_bench, "projections": cmd_projections, "query": cmd_query,
+    "bench": cmd_bench, "projections": cmd_projections, "tail": cmd_tail,
 }
 
 

@@ -124,6 +124,12 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
             f"{parts.get('sealed_through', 0)}, {parts.get('hot_events', 0)} hot events"
             + (", sealing now" if parts.get("sealing") else "")
             + (f"; last seal {last:.1f} s" if last is not None else "")))
+    projections = stats.get("projections") or {}
+    if projections:
+        live = sum(1 for p in projections.values() if p.get("state") == "live")
+        lag = max((p.get("lag", 0) for p in projections.values()), default=0)
+        lines.insert(-1, f"projections:  {live} of {len(projections)} live, lag {lag} events"
+                     + ("" if live == len(projections) else "; rebuilding the others"))
     checkpoint = stats.get("checkpoint")
     lines.insert(-1, "checkpoint:   none yet" if not checkpoint else (
         f"checkpoint:   size {checkpoint.get('size')} at {checkpoint.get('time')} "

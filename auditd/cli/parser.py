@@ -61,6 +61,13 @@ def build_parser() -> Parser:
     _operator(command("status", "health, throughput, backlog, latencies, disk use, dead "
                                 "letters; exit 1 unless healthy"))
     _dlq(_operator(command("dlq", "the dead-letter store: list, retry or drop entries")))
+    from auditd.cli.counts import add_count_arguments
+    from auditd.cli.query import add_query_arguments
+
+    query = command("query", "filtered events from the running daemon, newest last; repeat "
+                             "a filter to OR it; --count-by: counts per bucket instead")
+    add_query_arguments(query)
+    add_count_arguments(query)
     backup = _operator(command("backup", "a consistent online copy of the database, "
                                          "written by the running daemon"))
     backup.add_argument("dest", metavar="DEST",
@@ -68,15 +75,16 @@ def build_parser() -> Parser:
                              "not exist (a backup never overwrites) and its directory must")
     _recover(command("recover", "copy every readable event and dead letter of a damaged "
                                 "database into the live store (idempotent)"))
+    from auditd.cli.tail import add_arguments as add_tail_arguments
+
+    add_tail_arguments(command("tail", "the last N events (default 10); with -f, each new "
+                                       "one as it is committed, across daemon restarts"))
     _migrate(command("migrate", "apply or roll back schema migrations (daemon stopped; a "
                                 "backup is taken first)"))
 
     _projections(_operator(command(
         "projections", "read models (counts, actor summaries): position and lag, or "
                        "rebuild one from the events, through the running daemon")))
-    _count_query(_operator(command(
-        "query", "counts per bucket from the projections (--count-by); event queries "
-                 "come with the query engine")))
 
     _proofs(command)
 
@@ -202,24 +210,6 @@ def _projections(projections: argparse.ArgumentParser) -> None:
                                   + ", ".join(p.name for p in PROJECTIONS))
     projections.add_argument("--no-wait", action="store_true",
                              help="rebuild: return once the rebuild has begun")
-
-
-def _count_query(query: argparse.ArgumentParser) -> None:
-    """The count side of `auditd query` (cli/counts.py); the query engine's own
-    filters and formats join this command when it is merged."""
-    from auditd.cli.counts import add_count_arguments
-
-    add_count_arguments(query)
-    for name in ("type", "actor", "comm"):
-        query.add_argument(f"--{name}", action="append", default=[], metavar="VALUE",
-                           help=f"only events whose {name} is VALUE; repeat to OR")
-    query.add_argument("--uid", action="append", default=[], type=int, metavar="UID",
-                       help="only events written by UID; repeat to OR")
-    query.add_argument("--since", metavar="WHEN",
-                       help="from this event time: 1h, 30m, 7d (before now), RFC 3339 or "
-                            "unix seconds; a bucket is counted whole")
-    query.add_argument("--until", metavar="WHEN",
-                       help="up to this event time (same forms as --since)")
 
 
 def _positive(text: str) -> int:

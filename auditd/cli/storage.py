@@ -72,6 +72,9 @@ def cmd_recover(args: argparse.Namespace, config: Config) -> int:
                         "or stop it first")
         try:
             document = salvage(damaged, live, _progress("recovering")).document(str(live))
+            if document["copied"]:
+                _projections_rebuilt_at_start(live)
+                document["projections"] = "rebuilt at the next start"
         except sqlite3.Error as exc:
             return fail(f"recover from {damaged} failed: {exc}")
     print(json.dumps(document) if args.json else
@@ -79,6 +82,18 @@ def cmd_recover(args: argparse.Namespace, config: Config) -> int:
           f"dead letters into {document['into']}; {document['already_present']} events "
           f"were already there; {document['unreadable']} could not be read")
     return EXIT_OK
+
+
+def _projections_rebuilt_at_start(live: Path) -> None:
+    """The copied events went in beside any writer: the projections count them only
+    once rebuilt from the events, which the next start does."""
+    from auditd.projections.projector import invalidate
+
+    conn = connect_sync(live)
+    try:
+        invalidate(conn)
+    finally:
+        conn.close()
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:

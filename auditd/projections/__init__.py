@@ -50,13 +50,15 @@ class Projections:
         return doc
 
     async def counts(self, query: CountsQuery, uid: int | None) -> dict[str, Any]:
+        """The /counts document, its buckets as JSON text under "buckets_json" (built
+        by SQLite; the status server splices it in as "buckets")."""
         restricted = query.restricted_to(uid)
         buckets = await self.reader.counts(restricted)
         name = f"counts_by_{query.by}"
         state = self.projector.states.get(name)
-        return {"by": query.by, "interval": query.interval, "buckets": buckets,
-                "projection": name,
-                "complete": state is not None and state.state == "live"}
+        return {"by": query.by, "interval": query.interval, "projection": name,
+                "complete": state is not None and state.state == "live",
+                "buckets_json": buckets}
 
     async def actor(self, actor: str, uid: int | None) -> dict[str, Any] | None:
         summary = await self.reader.actor(actor, uid)

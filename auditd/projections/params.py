@@ -13,7 +13,6 @@ since a count of one field cannot be narrowed by another.
 from __future__ import annotations
 
 import datetime
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,12 +20,9 @@ from typing import Final
 
 from auditd.errors import AuditdError
 from auditd.projections.definitions import COUNTS_BY_FIELD, NOT_PROJECTED
+from auditd.query import spec
 
-_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 INTERVALS: Final = {"1h": 1, "1d": 24}  # in hours
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNIT_NS: Final = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9,
-                   "d": 86400 * 10**9, "w": 7 * 86400 * 10**9}
 # Filters of /events that /counts does not take (it names them in its 400).
 _EVENT_FILTERS: Final = ("type", "actor", "target", "stream", "correlation_id",
                          "causation_id", "comm", "tag", "q")
@@ -120,27 +116,12 @@ def _uid(value: str) -> int:
 
 
 def parse_time(name: str, value: str, now_ns: int | None = None) -> int:
-    """Nanoseconds since the epoch from RFC 3339, unix seconds, or a duration before
-    now (`90s`, `30m`, `1h`, `7d`)."""
-    text = value.strip()
-    now = time.time_ns() if now_ns is None else now_ns
-    relative = _RELATIVE.fullmatch(text)
-    if relative:
-        return now - int(float(relative.group(1)) * _UNIT_NS[relative.group(2)])
+    """As /events takes `since`/`until` (auditd.query.spec.parse_time): RFC 3339, unix
+    seconds, or a duration before now (`30m`, `1h`, `7d`)."""
     try:
-        return int(float(text) * 1_000_000_000) if "." in text else int(text) * 10**9
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
-        raise BadParameter(name, f"{name}={text!r}: expected RFC 3339 "
-                           "(2026-12-02T10:00:00Z), unix seconds, or a duration before now "
-                           "(30m, 1h, 7d)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+        return spec.parse_time(name, value, now_ns)
+    except spec.BadQuery as exc:
+        raise BadParameter(name, str(exc)) from None
 
 
 def rfc3339(ns: int) -> str:

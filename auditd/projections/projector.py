@@ -118,9 +118,13 @@ class Projector:
         the window's top (the seq the rebuild must count through)."""
         projection = BY_NAME[name]
         with transaction(db):
-            (through,) = db.execute(
-                "SELECT value FROM meta WHERE key = 'committed_seq'").fetchone()
-            through = int(through or 0)
+            # The hot table's top too: `auditd recover` copies a damaged store's rows
+            # in outside the writer, under seqs the checkpoint may not have reached
+            # (uncommitted seqs are above both: the sequencer starts past them).
+            (committed, hot_top) = db.execute(
+                "SELECT (SELECT value FROM meta WHERE key = 'committed_seq'),"
+                " (SELECT max(seq) FROM events)").fetchone()
+            through = max(int(committed or 0), int(hot_top or 0))
             db.execute(f"DELETE FROM {projection.table}")
             db.execute(
                 "INSERT INTO projections VALUES (?1, ?2, 'rebuilding', 0, ?3, ?4)"
@@ -188,6 +192,19 @@ class Projector:
                 entry["lag"] = max(0, committed_seq - state.position)
             out[name] = entry
         return out
+
+
+def invalidate(db: sqlite3.Connection) -> int:
+    """Have every projection rebuilt at the daemon's next start (its stored version no
+    longer this code's): for rows written into the store beside a daemon's writer, as
+    an offline `auditd recover` does. Returns the projections so marked."""
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                        " AND name = 'projections'").fetchone()
+    if not exists:
+        return 0
+    with transaction(db):
+        return db.execute("UPDATE projections SET version = 0, updated_at = ?",
+                          (time.time_ns(),)).rowcount
 
 
 def _name_ids(db: sqlite3.Connection, values: set[str]) -> dict[str, int]:

@@ -10,7 +10,6 @@ non-reader's is its own uid's rows. A day is the sum of its 24 hours, folded her
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,9 +56,9 @@ class ProjectionReader:
         except sqlite3.Error as exc:
             raise classify(exc, what) from exc
 
-    async def counts(self, query: CountsQuery) -> list[list[Any]]:
-        """[[bucket start (RFC 3339), value, count], ...] by start, then count (most
-        first), then value."""
+    async def counts(self, query: CountsQuery) -> str:
+        """[[bucket start (RFC 3339), value, count], ...] as JSON text, by start, then
+        value (type, actor and comm in the order their names were first seen)."""
         return await self._read("reading the counts", counts_in, query)
 
     async def actor(self, actor: str, uid: int | None) -> dict[str, Any] | None:
@@ -73,68 +72,49 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def counts_in(db: sqlite3.Connection, query: CountsQuery) -> list[list[Any]]:
-    """The buckets, grouped, named and ordered by SQLite (a few thousand rows sorted in
-    C); Python only formats each bucket's start, once per distinct start."""
+def counts_in(db: sqlite3.Connection, query: CountsQuery) -> str:
+    """The buckets as one JSON array, built by SQLite: grouped in the primary key's
+    order (by start, then value or its names id: hourly buckets need no sort), named
+    and formatted there; Python neither decodes nor encodes them."""
     projection = COUNTS_BY_FIELD[query.by]
     column = query.by
     where: list[str] = []
     params: list[Any] = []
     if query.since_ns is not None:
-        where.append("c.hour >= ?")
+        where.append("hour >= ?")
         params.append(query.since_ns // HOUR_NS)
     if query.until_ns is not None:
-        where.append("c.hour < ?")
+        where.append("hour < ?")
         params.append(-(-query.until_ns // HOUR_NS))  # the hour holding `until` is in
     if query.uids is not None:
         if not query.uids:
-            return []
-        where.append(f"c.uid {_IN}")
+            return "[]"
+        where.append(f"uid {_IN}")
         params.append(json_list(query.uids))
     named = column in NAMED_FIELDS
     if query.values is not None:
         ids = _ids_of(db, query.values) if named else {}
         if not ids:
-            return []
-        where.append(f"c.{column} {_IN}")
+            return "[]"
+        where.append(f"{column} {_IN}")
         params.append(json_list(ids))
     step = query.hours_per_bucket
     # Floor to the bucket, negative hours (before 1970) included: SQLite's % truncates.
-    start = "c.hour" if step == 1 else f"(c.hour - ((c.hour % {step}) + {step}) % {step})"
-    shown = "v.value" if named else f"c.{column}"
-    join = f" LEFT JOIN names v ON v.id = c.{column}" if named else ""
-    grouped = (f"SELECT {start} AS start, {shown} AS value, sum(c.n) AS n"
-               f" FROM {projection.table} c{join}"
+    start = "hour" if step == 1 else f"(hour - ((hour % {step}) + {step}) % {step})"
+    grouped = (f"SELECT {start} AS start, {column} AS value, sum(n) AS n"
+               f" FROM {projection.table}"
                f"{' WHERE ' + ' AND '.join(where) if where else ''}"
-               f" GROUP BY start, c.{column} ORDER BY start, n DESC, value")
-    # One row holding every bucket: sqlite3 gives the GIL up for each row it steps and
-    # waits to get it back from a busy event loop (store.py measured 630 ms that way).
+               f" GROUP BY start, {column} ORDER BY start, value")
+    # Named (NO_ACTOR, 0, has no name: null) and formatted in C, after the grouping;
+    # the rows keep the subquery's order (SQLite never flattens an ordered subquery
+    # into an aggregate). One row holding every bucket: sqlite3 gives the GIL up for
+    # each row it steps and waits to get it back from a busy event loop.
+    shown = "(SELECT value FROM names WHERE id = g.value)" if named else "g.value"
     (document,) = db.execute(
-        f"SELECT json_group_array(json_array(start, value, n)) FROM ({grouped})",
-        params).fetchone()
-    buckets: list[list[Any]] = json.loads(document)
-    starts: dict[int, str] = {}
-    for bucket in buckets:
-        hour = bucket[0]
-        label = starts.get(hour)
-        if label is None:
-            label = starts[hour] = _hour_start(hour)
-        bucket[0] = label
-    return buckets
-
-
-_DAYS: dict[int, str] = {}
-
-
-def _hour_start(hour: int) -> str:
-    """RFC 3339 of an hour's start: the date formatted once per day."""
-    day, within = divmod(hour, 24)
-    date = _DAYS.get(day)
-    if date is None:
-        date = rfc3339(day * 24 * HOUR_NS)[:10]
-        if len(_DAYS) < 100_000:
-            _DAYS[day] = date
-    return f"{date}T{within:02d}:00:00Z"
+        "SELECT json_group_array(json_array("
+        "strftime('%Y-%m-%dT%H:00:00Z', g.start * 3600, 'unixepoch'),"
+        f" {shown}, g.n)) FROM ({grouped}) g", params).fetchone()
+    return str(document)
 
 
 def _ids_of(db: sqlite3.Connection, values: tuple[str, ...]) -> dict[int, str]:

@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 import structlog
 
-from auditd.errors import StoreError
 from auditd.logs import RecurringFault
 from auditd.projections.aggregate import Aggregates, Columns, aggregate
 from auditd.projections.definitions import BY_NAME, Projection
@@ -135,7 +134,7 @@ class Rebuilds:
                     position = await self.store.on_writer(self.projector.finish_rebuild, name)
                     break
                 await self._step(projection, state.position + 1, through)
-            except (StoreError, OSError) as exc:
+            except Exception as exc:  # a busy store, an unreadable partition: said, retried
                 fault.failed(exc)
                 progress.error = str(exc)
                 await asyncio.sleep(_RETRY_S)

@@ -30,6 +30,8 @@ from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
 from auditd.proofs import access as proofs_access
 from auditd.proofs.checkpointer import Checkpointer
+from auditd.query.engine import QueryEngine
+from auditd.query.feed import CommitFeed
 from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
@@ -90,6 +92,8 @@ class DaemonView(Protocol):
     @property
     def sealer(self) -> Sealer: ...
     @property
+    def query_engine(self) -> QueryEngine: ...
+    @property
     def projections(self) -> Projections: ...
     @property
     def ingest(self) -> IngestServer: ...
@@ -109,6 +113,9 @@ class DaemonView(Protocol):
     @property
     def checkpointer(self) -> Checkpointer | None: ...
 
+    @property
+    def feed(self) -> CommitFeed: ...
+
 
 class DaemonControl:
     def __init__(self, daemon: DaemonView) -> None:
@@ -123,6 +130,14 @@ class DaemonControl:
     @property
     def stats(self) -> Stats:
         return self.daemon.stats
+
+    @property
+    def events(self) -> QueryEngine:
+        return self.daemon.query_engine
+
+    @property
+    def feed(self) -> CommitFeed:
+        return self.daemon.feed
 
     def gauges(self) -> Gauges:
         daemon = self.daemon
@@ -315,7 +330,14 @@ class DaemonControl:
             streams[stream] = max(streams.get(stream, 0), version)
         log.info("database_recovered", source=path, copied=result.copied,
                  already_present=result.already_present, unreadable=result.unreadable)
-        return result.document(str(daemon.store.path))
+        document = result.document(str(daemon.store.path))
+        if result.copied:
+            # The copied events went in beside the writer: the projections count them
+            # only from the events, so they are rebuilt.
+            for name in PROJECTION_NAMES:
+                await daemon.projections.rebuild(name)
+            document["projections"] = "rebuilding"
+        return document
 
     # -- projections -----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ Units follow Prometheus conventions: seconds and bytes, counters end in `_total`
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -113,6 +114,8 @@ class AuditdCollector:
                         partitions["sealed_through"])
             yield counter("auditd_partitions_sealed", "Partitions sealed since start.",
                           partitions["sealed_since_start"])
+        if gauges.projections:
+            yield from _projection_families(gauges.projections)
         yield gauge("auditd_dead_letter_store_bytes", "Bytes held in the dead-letter store.",
                     gauges.dlq_bytes)
         yield gauge("auditd_dead_letter_store_entries", "Entries in the dead-letter store.",
@@ -140,6 +143,22 @@ class AuditdCollector:
                          1000.0)
         yield _histogram("auditd_commit_batch_events", "Events per committed batch.",
                          stats.batch_size, 1.0)
+
+
+def _projection_families(projections: dict[str, Any]) -> Iterator[Metric]:
+    position = GaugeMetricFamily("auditd_projection_position_seq",
+                                 "Last seq a projection has counted.", labels=["projection"])
+    lag = GaugeMetricFamily("auditd_projection_lag_events",
+                            "Seqs committed (or left to rebuild) past a projection's position.",
+                            labels=["projection"])
+    rebuilding = GaugeMetricFamily("auditd_projection_rebuilding",
+                                   "1 while a projection is being rebuilt.",
+                                   labels=["projection"])
+    for name, entry in sorted(projections.items()):
+        position.add_metric([name], entry["position"])
+        lag.add_metric([name], entry["lag"])
+        rebuilding.add_metric([name], 1 if entry["state"] == "rebuilding" else 0)
+    yield from (position, lag, rebuilding)
 
 
 def _fairness_families(stats: Stats) -> Iterator[Metric]:

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from auditd.config import Config
 from auditd.errors import AuditdError
 from auditd.projections.params import CountsQuery
+from auditd.query.engine import QueryEngine
+from auditd.query.feed import CommitFeed
 from auditd.stats import Stats
 
 
@@ -102,6 +104,11 @@ class StatusSource(Protocol):
         """The consistency proof document between two stored checkpoint sizes."""
         ...
 
+    @property
+    def events(self) -> QueryEngine:
+        """Queries over the stored events (/events, /streams, /correlations)."""
+        ...
+
     async def dlq_list(self, limit: int, after: int | None,
                        uid: int | None) -> list[dict[str, Any]]:
         """Up to `limit` dead letters with dlq_id > `after`, oldest first.
@@ -151,8 +158,9 @@ class StatusSource(Protocol):
 
     async def projection_counts(self, query: CountsQuery,
                                 uid: int | None) -> dict[str, Any]:
-        """The /counts document: {"by", "interval", "buckets": [[start, value, count]],
-        "projection", "complete"}; only `uid`'s events unless uid is None."""
+        """The /counts document: {"by", "interval", "projection", "complete",
+        "buckets_json"}, the buckets ([[start, value, count], ...]) as JSON text that
+        the server splices in as "buckets"; only `uid`'s events unless uid is None."""
         ...
 
     async def actor_summary(self, actor: str, uid: int | None) -> dict[str, Any] | None:
@@ -176,4 +184,11 @@ class StatusSource(Protocol):
         that queue is full (counted in an auditd.admin.suppressed event, logged whole).
         Raises only for an unexpected failure.
         """
+        ...
+
+    # -- follow (GET /tail) ----------------------------------------------------------
+
+    @property
+    def feed(self) -> CommitFeed:
+        """Committed events offered to followers as each batch commits."""
         ...

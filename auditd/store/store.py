@@ -174,6 +174,12 @@ class Store:
         # that then completed (with synchronous=NORMAL a commit is durable only then).
         self.durable_seq = 0
         self.on_durable: Callable[[int], None] | None = None  # told when durable_seq grows
+        # Told on the store's thread, after each COMMIT, of the batch's events and their
+        # events-table rows (the query package's hot index), and after a partition is
+        # open for reads, of its last seq.
+        self.after_commit: Callable[[list[StoredEvent], list[tuple[Any, ...]]], None] | None \
+            = None
+        self.after_seal: Callable[[int], None] | None = None
         # Set before the first batch (the daemon sets auditd.projections' Projector).
         self.projector: BatchProjector | None = None
         self.ledger: BatchLedger | None = None  # set before open (auditd.proofs)
@@ -309,6 +315,8 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, f"cataloguing partition {entry.file}") from exc
         await self.sealed.add([entry])
+        if self.after_seal is not None:
+            await self._call(self.after_seal, entry.last_seq)
 
     async def release_hot(self) -> int:
         """Delete the hot rows that sealed partitions hold, a chunk per transaction."""
@@ -389,12 +397,22 @@ class Store:
         self.commits += 1
         if self.ledger is not None:
             self.ledger.committed()
+        if self.after_commit is not None and events:
+            self._tell_after_commit(events, rows)
         if self.projector is not None:
             self.projector.committed(checkpoint)
         if fresh:  # only names that are committed join the cache
             if len(self._names) > _NAMES_CACHE_MAX:
                 self._names.clear()
             self._names.update(fresh)
+
+    def _tell_after_commit(self, events: list[StoredEvent], rows: list[tuple[Any, ...]]) -> None:
+        assert self.after_commit is not None
+        try:
+            self.after_commit(events, rows)
+        except Exception as exc:  # the batch is committed: a hook must not undo that
+            log.error("after_commit_failed", first_seq=events[0].seq, n=len(events),
+                      error=repr(exc))
 
     def _missing_names(self, events: list[StoredEvent]) -> set[str]:
         names = self._names

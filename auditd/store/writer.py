@@ -67,7 +67,8 @@ class _Abandoned(Exception):
 class Writer:
     def __init__(self, store: Store, ring: RingBuffer[Pending], stats: Stats, *,
                  batch_max: int, batch_delay_ms: int, retry_max_delay_ms: int,
-                 fallback_path: Path, on_committed: Callable[[int], None]) -> None:
+                 fallback_path: Path, on_committed: Callable[[int], None],
+                 on_batch: Callable[[list[Pending]], None] | None = None) -> None:
         self.store = store
         self.ring = ring
         self.stats = stats
@@ -76,6 +77,11 @@ class Writer:
         self.retry_max_delay = retry_max_delay_ms / 1000
         self.fallback_path = fallback_path
         self.on_committed = on_committed
+        # Each committed batch, in seq order, once the ring has marked it (the follow
+        # feed): called on the loop, and must not block.
+        self.on_batch = on_batch
+        # Seqs of events _commit dead-lettered: the batch still holds them as events.
+        self._poisoned: set[int] = set()
         self.dead_letters: list[DeadLetter] = []  # waiting to be written with a batch
         self.fault: str | None = None  # why commits are failing now, for health
         # Why the database cannot be written (a StoreFaultError): health's `failing`.
@@ -225,6 +231,10 @@ class Writer:
         stats.last_commit_at = time.monotonic()
         if batch:
             stats.last_committed_seq = batch[-1].seq
+            poisoned, self._poisoned = self._poisoned, set()
+            if self.on_batch is not None:
+                self.on_batch([e for e in batch if e.seq not in poisoned] if poisoned
+                              else batch)
         self.on_committed(stats.last_committed_seq)
 
     async def _commit(self, entries: list[Pending], dead: list[DeadLetter],
@@ -272,6 +282,7 @@ class Writer:
                 if events:
                     event = events[0]
                     log.error("event_dead_lettered", seq=event.seq, error=str(exc))
+                    self._poisoned.add(event.seq)
                     entries = [Gap(event.seq, DeadLetter(
                         "writer", "commit_failed", str(exc), encoder.encode(event), event.seq,
                         event.uid))]

@@ -20,8 +20,9 @@ from conftest import DaemonProcess, UnixHTTPConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ADMIN = ["/dlq/retry", "/dlq/drop", "/reload", "/backup", "/recover"]
-READ = ["/health", "/stats", "/metrics", "/dlq"]
+ADMIN = ["/dlq/retry", "/dlq/drop", "/reload", "/backup", "/recover", "/projections/rebuild"]
+READ = ["/health", "/stats", "/metrics", "/dlq", "/counts", "/actors/ok", "/actors/%00",
+        "/projections"]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,10 @@ def check(status: int, data: bytes, content_type: str) -> None:
 
 query_text = st.one_of(st.text(max_size=30), st.sampled_from([
     "0", "-1", "1000", "1001", "9" * 5000, "1e3", " 5", "0x10", "\uff11\uff12", "%ZZ", "%ff",
-    "null"]))
-queries = st.lists(st.tuples(st.sampled_from(["limit", "after", "x", "", "limit[]"])
+    "null", "type", "actor", "uid", "comm", "target", "1h", "1d", "1m", "7d",
+    "2026-12-02T10:00:00Z", "-99999999999999999999"]))
+queries = st.lists(st.tuples(st.sampled_from(["limit", "after", "x", "", "limit[]", "by",
+                                              "interval", "since", "until", "uid", "type"])
                              | st.text(max_size=8), query_text), max_size=4)
 
 
@@ -89,7 +92,8 @@ def test_reads_with_any_query(live: DaemonProcess, path: str, query: list[tuple[
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["ids", "all", "dest", "path", "x"]) | st.text(max_size=5), inner,
+        st.sampled_from(["ids", "all", "dest", "path", "x", "name"]) | st.text(max_size=5),
+        inner,
         max_size=4), max_leaves=12)
 
 
@@ -112,7 +116,8 @@ bodies = st.one_of(
     st.sampled_from([b'{"ids": [1, 2]}', b'{"all": true}', b'{"ids": []}', b"{}", b"",
                      b'{"ids": [1e400]}', b'{"ids": [99999999999999999999999]}',
                      b'{"dest": "relative.db"}', b'{"path": "relative.db"}', b"\xff\xfe",
-                     b'{"ids": [1], "all": true}', b'{"all": "yes"}']))
+                     b'{"ids": [1], "all": true}', b'{"all": "yes"}',
+                     b'{"name": "counts_by_type"}', b'{"name": "nope"}', b'{"name": 5}']))
 
 
 @settings(max_examples=fuzz_settings.examples(150))

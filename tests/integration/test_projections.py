@@ -10,7 +10,14 @@ import sys
 import threading
 from typing import Any
 
-from conftest import DaemonProcess, RawConnection, wait_committed, wait_for, wait_sealed_through
+from conftest import (
+    DaemonProcess,
+    RawConnection,
+    UnixHTTPConnection,
+    wait_committed,
+    wait_for,
+    wait_sealed_through,
+)
 from projection_truth import (
     actor_truth,
     assert_counts_match,
@@ -155,6 +162,12 @@ def test_count_by_on_the_command_line(make_daemon: Any) -> None:
     with daemon.connect() as conn:
         send(conn, 0, 300)
     wait_committed(daemon, 300)
+    with daemon.connect() as conn:
+        assert conn.request({"type": "deploy", "actor": "svc/deploy bot"})["ok"] == 1
+    wait_committed(daemon, 301)
+    status, summary = http(daemon, "GET", "/actors/svc/deploy%20bot")
+    assert status == 200 and summary["actor"] == "svc/deploy bot", summary
+    assert summary["total"] == 1 and summary["last_seq"] == 301
     done = cli(daemon, "query", "--count-by", "type", "--type", "t2", "--interval", "1d")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)  # not a TTY: the /counts document
@@ -209,3 +222,14 @@ def test_the_stats_section_shows_position_and_lag(daemon: DaemonProcess) -> None
     wait_for(lambda: daemon.stats()["projections"]["counts_by_uid"]["position"] == 100)
     assert {p["lag"] for p in daemon.stats()["projections"].values()} == {0}
     assert stored_rows(daemon.db_path)[-1][0] == 100
+    conn = UnixHTTPConnection(daemon.status_socket)
+    try:
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    assert 'auditd_projection_position_seq{projection="counts_by_type"} 100.0' in metrics
+    assert 'auditd_projection_lag_events{projection="actor_summary"} 0.0' in metrics
+    assert 'auditd_projection_rebuilding{projection="counts_by_uid"} 0.0' in metrics
+    shown = cli(daemon, "status")
+    assert "projections:  5 of 5 live, lag 0 events" in shown.stdout, shown.stdout

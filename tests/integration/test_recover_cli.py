@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import DaemonProcess, committed_seq, wait_for, write_lock
+from projection_truth import assert_counts_match
 
 from auditd.store.recovery import move_aside, read_remnant
 
@@ -167,6 +168,10 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
     # the journal that also told the daemon.
     assert read_remnant(moved).max_seq == 30
     first = recover(daemon, moved)  # through the running daemon
+    # The copied events went in beside the writer: the projections are rebuilt and
+    # count them (and the admin event of the recover) like every other.
+    assert first["projections"] == "rebuilding", first
+    assert len(assert_counts_match(daemon)) == len(old_seqs) + 2
     assert daemon.stop() == 0
 
     seqs, letters = events_and_letters(daemon.db_path)
@@ -182,3 +187,23 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
     assert (again["copied"], again["dead_letters_copied"]) == (0, 0), again
     assert again["dead_letters_already_present"] == 4, again
     assert events_and_letters(daemon.db_path) == (seqs, letters)
+
+
+def test_an_offline_recover_has_the_projections_rebuilt_at_the_next_start(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    daemon = make_daemon()
+    store_with_every_kind_of_dead_letter(daemon)
+    old_seqs, _ = events_and_letters(daemon.db_path)
+    damage_an_index_page(daemon.db_path, "events_id_hash")
+    daemon.start()
+    moved = Path(log_named(daemon, "database_damaged")[0]["moved_to"])
+    with daemon.connect() as conn:
+        assert conn.request({"type": "after.damage", "id": "after"})["first"] == 31
+    assert daemon.stop() == 0
+    done = recover(daemon, moved)  # offline: beside no writer
+    assert done["copied"] == len(old_seqs), done
+    assert done["projections"] == "rebuilt at the next start", done
+    daemon.start()
+    assert len(assert_counts_match(daemon)) == len(old_seqs) + 1
+    assert {e["name"] for e in log_named(daemon, "projection_rebuilt")} >= {
+        "counts_by_type", "actor_summary"}

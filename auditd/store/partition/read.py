@@ -72,6 +72,7 @@ class SealedPartition:
         self.run: Run = connection_runner(self.conn)
         self._decompressor: zstandard.ZstdDecompressor | None = None
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
+        self.cached_blocks = _CACHED_BLOCKS  # decoded blocks kept (a reader may keep more)
         self._zones: queries.Zones | None = None
         self._dead: set[int] | None = None
 
@@ -113,9 +114,14 @@ class SealedPartition:
         first = block * self.block_records
         records = decode_block(raw, min(self.block_records, self.count - first))
         self._blocks[block] = records
-        if len(self._blocks) > _CACHED_BLOCKS:
+        if len(self._blocks) > self.cached_blocks:
             self._blocks.popitem(last=False)
         return records
+
+    def drop_blocks(self, keep: int) -> None:
+        """Keep only the `keep` blocks decoded last."""
+        while len(self._blocks) > keep:
+            self._blocks.popitem(last=False)
 
     def record(self, seq: int) -> bytes | None:
         """The record E of a seq, None when the seq is not in this partition."""

@@ -47,6 +47,16 @@ class SealedSet:
     def __len__(self) -> int:
         return len(self._open)
 
+    @property
+    def sealed_through(self) -> int:
+        """The last seq of the newest partition open for reads (0: none)."""
+        return self._open[-1].last_seq if self._open else 0
+
+    def files(self) -> list[tuple[int, int, Path]]:
+        """(first_seq, last_seq, path) of the partitions open for reads, oldest first:
+        a snapshot any thread may take (queries open files of their own with it)."""
+        return [(part.first_seq, part.last_seq, part.path) for part in list(self._open)]
+
     async def lookup_ids(self, ids: Iterable[str]) -> dict[str, int]:
         """The seq of each id stored in a sealed partition, newest partition first."""
         wanted = list(ids)
