@@ -19,7 +19,7 @@ import datetime
 import functools
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,6 +27,7 @@ import msgspec
 
 from auditd.errors import AuditdError
 from auditd.schema import StoredEvent
+from auditd.store.partition.fields import data_strings
 from auditd.store.partition.layout import words
 
 DEFAULT_LIMIT: Final = 100
@@ -261,18 +262,6 @@ def event_tags(event: StoredEvent) -> dict[str, str]:
     return {} if event.tags is None else decode_tags(event.tags)
 
 
-def _strings(value: Any) -> Iterator[str]:
-    """The string values inside `data`, at any depth (keys are not text)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
 def event_texts(event: StoredEvent) -> list[str]:
     """The strings `q` searches: type, actor, target, tag values, strings in `data`."""
     texts = [event.type]
@@ -283,7 +272,7 @@ def event_texts(event: StoredEvent) -> list[str]:
     texts.extend(event_tags(event).values())
     if event.data is not None:
         with contextlib.suppress(msgspec.DecodeError):
-            texts.extend(_strings(_data_decoder.decode(event.data)))
+            texts.extend(data_strings(_data_decoder.decode(event.data)))
     return texts
 
 
