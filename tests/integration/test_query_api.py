@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +45,9 @@ def sent_event(i: int) -> dict[str, Any]:
 
 
 SENT = [sent_event(i) for i in range(COUNT)]  # event i gets seq i + 1
+# What the daemon stamps as `comm`: "pytest" in a plain run, "python3" in a pytest-xdist
+# worker (a case holding "python3" matched nothing in one and everything in the other).
+OWN_COMM = Path("/proc/self/comm").read_text().strip()
 
 
 def get(daemon: DaemonProcess, url: str) -> tuple[int, Any]:
@@ -91,6 +95,8 @@ def brute(pairs: Sequence[tuple[str, str]]) -> list[int]:
                 ok = event["tags"].get(name[4:]) in values
             elif name == "uid":
                 ok = str(os.getuid()) in values
+            elif name == "comm":  # the events are sent from this process
+                ok = OWN_COMM in values
             else:
                 ok = event.get(name) in values
             if not ok:
