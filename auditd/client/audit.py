@@ -77,6 +77,24 @@ def current_scope() -> AuditScope | None:
     return _current.get()
 
 
+def finish_event(event: dict[str, Any], data: dict[str, Any], actor: str | None,
+                 target: str | None, tags: dict[str, str] | None) -> dict[str, Any]:
+    """What the logging handler and the structlog processor add last to an event: their
+    configured actor and target where the record named none, their tags, the links to
+    the enclosing audit block, and `data`."""
+    for key, default in (("actor", actor), ("target", target)):
+        if default is not None:
+            event.setdefault(key, default)
+    if tags:
+        event["tags"] = tags
+    scope = current_scope()
+    if scope is not None:
+        event["correlation_id"] = scope.correlation_id
+        event["causation_id"] = scope.id
+    event["data"] = data
+    return event
+
+
 def audit(event_type: str, *, actor: str | None = None, target: str | None = None,
           correlation_id: str | None = None, tags: dict[str, str] | None = None,
           sender: BufferedSender | None = None, **data: Any) -> AuditBlock:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from auditd.client.audit import MAX_TYPE, current_scope, default_sender
+from auditd.client.audit import MAX_TYPE, default_sender, finish_event
 from auditd.client.common import Event
 from auditd.client.plain import checked_tags, plain, plain_str
 from auditd.client.sender import BufferedSender
@@ -109,17 +109,7 @@ class AuditHandler(logging.Handler):
                     event[key] = plain_str(value)
                 continue
             data[f"extra.{key}" if key in _OWN_KEYS else key] = plain(value)
-        for key, default in (("actor", self.actor), ("target", self.target)):
-            if default is not None:
-                event.setdefault(key, default)
-        if self.tags:
-            event["tags"] = self.tags
-        scope = current_scope()
-        if scope is not None:
-            event["correlation_id"] = scope.correlation_id
-            event["causation_id"] = scope.id
-        event["data"] = data
-        return event
+        return finish_event(event, data, self.actor, self.target, self.tags)
 
     def flush(self, timeout: float | None = None) -> None:
         """Deliver what is buffered, waiting at most `timeout` s (default `close_timeout`);

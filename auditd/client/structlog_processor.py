@@ -24,7 +24,7 @@ from typing import Any, Literal
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from auditd.client.audit import MAX_TYPE, current_scope, default_sender
+from auditd.client.audit import MAX_TYPE, default_sender, finish_event
 from auditd.client.common import Event
 from auditd.client.plain import checked_tags, plain, plain_str
 from auditd.client.sender import BufferedSender
@@ -99,17 +99,7 @@ class AuditProcessor:
                     data["exception"] = text
             else:
                 data[key] = plain(value)
-        for key, default in (("actor", self.actor), ("target", self.target)):
-            if default is not None:
-                event.setdefault(key, default)
-        if self.tags:
-            event["tags"] = self.tags
-        scope = current_scope()
-        if scope is not None:
-            event["correlation_id"] = scope.correlation_id
-            event["causation_id"] = scope.id
-        event["data"] = data
-        return event
+        return finish_event(event, data, self.actor, self.target, self.tags)
 
     def close(self, timeout: float | None = None) -> None:
         """Deliver what can be within `timeout` s; closes the sender it owns."""

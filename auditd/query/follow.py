@@ -40,6 +40,7 @@ from auditd.query.spec import (
     TEXT_FILTERS,
     BadQuery,
     QuerySpec,
+    bounded_int,
     matches,
     parse_query,
 )
@@ -91,7 +92,7 @@ def parse_tail(params: Mapping[str, str], uid_filter: int | None) -> TailRequest
     if "n" in params:
         if spec.after is not None:
             raise BadQuery("n", "n: give n=N or after=SEQ, not both")
-        n = _bounded_int("n", params["n"], 0, MAX_LIMIT)
+        n = bounded_int("n", params["n"], 0, MAX_LIMIT)
     elif spec.after is None:
         n = DEFAULT_N
     heartbeat = HEARTBEAT_S
@@ -112,16 +113,6 @@ def _flag(name: str, value: str) -> bool:
     if value in ("0", "false", "no", ""):
         return False
     raise BadQuery(name, f"{name}={value!r}: expected 1 or 0")
-
-
-def _bounded_int(name: str, value: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadQuery(name, f"{name}={value!r}: expected an integer") from None
-    if not low <= number <= high:
-        raise BadQuery(name, f"{name}={number}: expected an integer from {low} to {high}")
-    return number
 
 
 def feed_key(spec: QuerySpec) -> Hashable:

@@ -153,7 +153,7 @@ def parse_query(params: Mapping[str, str] | Iterable[tuple[str, str]], *,
                 raise BadQuery(name, f"{name}: expected a non-empty value")
             values.setdefault(name, []).append(value)
         elif name == "uid":
-            uids.append(_int(name, value, 0, 2**32 - 1))
+            uids.append(bounded_int(name, value, 0, 2**32 - 1))
         elif name == "q":
             texts.append(value)
         elif name in _OTHER_PARAMETERS:
@@ -167,7 +167,7 @@ def parse_query(params: Mapping[str, str] | Iterable[tuple[str, str]], *,
     now = time.time_ns() if now_ns is None else now_ns
     since = parse_time("since", single["since"], now) if "since" in single else None
     until = parse_time("until", single["until"], now) if "until" in single else None
-    limit = _int("limit", single["limit"], 1, MAX_LIMIT) if "limit" in single else None
+    limit = bounded_int("limit", single["limit"], 1, MAX_LIMIT) if "limit" in single else None
     order = single.get("order", "asc")
     if order not in ("asc", "desc"):
         raise BadQuery("order", f"order={order!r}: expected asc or desc")
@@ -175,8 +175,7 @@ def parse_query(params: Mapping[str, str] | Iterable[tuple[str, str]], *,
         values={name: tuple(dict.fromkeys(found)) for name, found in values.items()},
         uids=tuple(dict.fromkeys(uids)) if uids else None, words=whole, prefixes=prefixes,
         since_ns=since, until_ns=until,
-        after=_int("after", single["after"], 0, 2**63 - 1) if "after" in single else None,
-        before=_int("before", single["before"], 0, 2**63 - 1) if "before" in single else None,
+        after=_cursor(single, "after"), before=_cursor(single, "before"),
         limit=DEFAULT_LIMIT if limit is None else limit, descending=order == "desc")
 
 
@@ -230,7 +229,12 @@ def _rfc3339_ns(name: str, text: str) -> int:
     return seconds * 10**9 + int(fraction.ljust(9, "0") or 0)
 
 
-def _int(name: str, value: str, low: int, high: int) -> int:
+def _cursor(single: Mapping[str, str], name: str) -> int | None:
+    return bounded_int(name, single[name], 0, 2**63 - 1) if name in single else None
+
+
+def bounded_int(name: str, value: str, low: int, high: int) -> int:
+    """A query parameter's integer in [low, high]; BadQuery naming it otherwise."""
     try:
         number = int(value)
     except ValueError:
