@@ -168,6 +168,9 @@ class Daemon:
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)
+            # Leaves are forever: the tree waits for the moved file's rows (recover).
+            await self.store.on_writer(self.ledger.wait_for, str(self.damaged[0]),
+                                       remnant.max_seq)
             for stream, version in (remnant.streams or {}).items():
                 state.streams[stream] = max(state.streams.get(stream, 0), version)
         capacity = config.buffer.capacity
@@ -219,8 +222,15 @@ class Daemon:
                  tree_size=self.ledger.tree.size, vkey=self.checkpointer.vkey_text)
 
     async def _final_checkpoint(self) -> None:
-        if self.checkpointer is not None:
-            await self.checkpointer.final()
+        if self.checkpointer is None:
+            return
+        unusable = self.writer.database_fault
+        if unusable is not None:
+            # Nothing new was committed to sign, and the file refuses reads and writes:
+            # the journal keeps the events for the next start, which signs them.
+            log.warning("checkpoint_skipped_at_shutdown", reason=unusable)
+            return
+        await self.checkpointer.final()
 
     async def _abandon_start(self) -> None:
         """A start that failed part-way: stop tasks and close what was opened, so the

@@ -30,6 +30,7 @@ from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
 from auditd.proofs import access as proofs_access
 from auditd.proofs.checkpointer import Checkpointer
+from auditd.proofs.ledger import Ledger
 from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
 from auditd.ring import RingBuffer
@@ -114,6 +115,9 @@ class DaemonView(Protocol):
     def checkpointer(self) -> Checkpointer | None: ...
 
     @property
+    def ledger(self) -> Ledger: ...
+
+    @property
     def feed(self) -> CommitFeed: ...
 
 
@@ -163,6 +167,7 @@ class DaemonControl:
             stopping=daemon.stop_requested.is_set(),
             held_connections=daemon.ingest.held_counts(),
             seal_fault=daemon.sealer.figures.fault or daemon.writer.held_for,
+            tree_wait=daemon.ledger.waiting,
             partitions=daemon.sealer.document(len(daemon.store.sealed)),
             projections=daemon.projections.document(daemon.stats.last_committed_seq),
             checkpoint=self._checkpoint_figures(),
@@ -328,6 +333,8 @@ class DaemonControl:
         streams = daemon.sequencer.streams
         for stream, version in result.stream_versions.items():
             streams[stream] = max(streams.get(stream, 0), version)
+        if daemon.ledger.waiting is not None and daemon.ledger.waiting_path == str(damaged):
+            await daemon.store.on_writer(daemon.ledger.resume)
         log.info("database_recovered", source=path, copied=result.copied,
                  already_present=result.already_present, unreadable=result.unreadable)
         document = result.document(str(daemon.store.path))

@@ -61,6 +61,7 @@ class Gauges:
     # naming where it went, until the daemon restarts on a sound file.
     database_replaced: str | None = None
     seal_fault: str | None = None  # why sealing the hot table fails now (retried)
+    tree_wait: str | None = None  # why the Merkle tree waits (proofs.ledger.waiting)
     # The partitioned store: count, sealed_through, hot_events, seal_backlog, ...
     partitions: dict[str, Any] = field(default_factory=dict)
     # Per projection: version, state, position, lag (and a rebuild's progress).
