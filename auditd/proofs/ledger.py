@@ -61,11 +61,7 @@ class Ledger:
                  progress: Callable[[], None] | None = None) -> None:
         """Add the leaves of every committed seq the tree lacks (from the stored
         records; a seq with none gets a `missing` dead letter)."""
-        row = db.execute("SELECT value FROM meta WHERE key = 'committed_seq'").fetchone()
-        committed = int(row[0] or 0) if row else 0
-        # A recover copies rows in without moving committed_seq.
-        stored = db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
-        through = max(committed, int(stored))
+        through = _stored_through(db)
         if self.enabled and through > self.tree.size:
             self._build(db, through, progress)
 
@@ -79,15 +75,25 @@ class Ledger:
                        (_WAIT_KEY, json.dumps({"path": path, "through_seq": through_seq})))
         self._set_waiting(path, through_seq)
 
-    def resume(self, db: sqlite3.Connection) -> None:
-        """The wait is over (recovered, or given up): catch up, filling what is still
-        absent with `missing` dead letters."""
+    def resume_step(self, db: sqlite3.Connection) -> bool:
+        """One chunk of the catch-up that ends a wait (the rows are recovered): True
+        once the tree covers every stored seq and the wait is over. A chunk a call, so
+        the writer's batches go on between them; they add no leaves until the end."""
+        through, size = _stored_through(db), self.tree.size
+        if self.enabled and size < through:
+            hi = min(through, size + _BUILD_CHUNK)
+            with transaction(db):
+                self.tree.extend(db, self._stored(db, size + 1, hi))
+            self.tree.committed()
+            log.info("tree_build_progress", through_seq=hi, of=through)
+            if hi < through:
+                return False
         with transaction(db):
             db.execute("DELETE FROM meta WHERE key = ?", (_WAIT_KEY,))
         if self.waiting is not None:
             log.info("tree_wait_ended", tree_size=self.tree.size)
         self.waiting = self.waiting_path = None
-        self.catch_up(db)
+        return True
 
     def _still_waiting(self, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT value FROM meta WHERE key = ?", (_WAIT_KEY,)).fetchone()
@@ -161,3 +167,12 @@ class Ledger:
 
     def committed(self) -> None:
         self.tree.committed()
+
+
+def _stored_through(db: sqlite3.Connection) -> int:
+    """The highest seq the store holds: committed_seq, or above it the rows a recover
+    copied in (it does not move committed_seq)."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'committed_seq'").fetchone()
+    committed = int(row[0] or 0) if row else 0
+    stored = db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+    return max(committed, int(stored))

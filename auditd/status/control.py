@@ -334,7 +334,8 @@ class DaemonControl:
         for stream, version in result.stream_versions.items():
             streams[stream] = max(streams.get(stream, 0), version)
         if daemon.ledger.waiting is not None and daemon.ledger.waiting_path == str(damaged):
-            await daemon.store.on_writer(daemon.ledger.resume)
+            while not await daemon.store.on_writer(daemon.ledger.resume_step):
+                pass
         log.info("database_recovered", source=path, copied=result.copied,
                  already_present=result.already_present, unreadable=result.unreadable)
         document = result.document(str(daemon.store.path))

@@ -220,3 +220,29 @@ def test_an_offline_recover_has_the_projections_rebuilt_at_the_next_start(
     assert len(assert_counts_match(daemon)) == len(old_seqs) + 1
     assert {e["name"] for e in log_named(daemon, "projection_rebuilt")} >= {
         "counts_by_type", "actor_summary"}
+
+
+def test_a_deleted_damaged_file_gives_its_seqs_up_as_missing(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    """The tree waits for a moved damaged file only while it exists: deleted, its seqs
+    get `missing` dead letters at the next start and the tree covers every seq."""
+    daemon = make_daemon()
+    store_with_every_kind_of_dead_letter(daemon)
+    damage_an_index_page(daemon.db_path, "events_id_hash")
+    daemon.start()
+    moved = Path(log_named(daemon, "database_damaged")[0]["moved_to"])
+    with daemon.connect() as conn:
+        assert conn.request({"type": "after.damage", "id": "after"})["first"] == 31
+    assert not json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"]
+    assert daemon.stop() == 0
+    moved.unlink()
+
+    daemon.start()
+    assert log_named(daemon, "tree_wait_abandoned")
+    assert json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"]
+    wait_for(lambda: checkpoint_size(daemon) >= 31, 90, "a checkpoint over every seq")
+    assert daemon.stop() == 0
+    assert daemon.query("SELECT seq FROM dead_letters WHERE code = 'missing' ORDER BY seq") \
+        == [(seq,) for seq in range(1, 31)]
+    code, verified = verify(daemon.config_path)
+    assert code == 0, verified
