@@ -111,10 +111,36 @@ def append_many(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
         if len(run) < room:  # the tile stays open: no tile row, only edges
             edge.fingerprints += b"".join([leaf[:FINGERPRINT_BYTES] for leaf in run])
             _merge_run(edge, run)
+        elif room == TILE_WIDTH:
+            _append_tile(edge, run, nodes)
         else:
             for leaf in run:
                 append(edge, leaf, nodes)
         at += len(run)
+
+
+def _append_tile(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
+    """Append one whole tile at a tile boundary: its subtree hashed level by level (one
+    comprehension a level rather than a Python step a leaf), then its root merged into
+    the edge as `append` would have (the same nodes, in the same order)."""
+    n, sha = edge.size, _sha256
+    level, groups = leaves, b""
+    for height in range(1, TILE_HEIGHT + 1):
+        level = [sha(b"\x01" + left + right).digest()
+                 for left, right in zip(level[::2], level[1::2])]
+        if height == GROUP_HEIGHT:
+            groups = b"".join(level)
+    h = level[0]
+    fingerprints = b"".join([leaf[:FINGERPRINT_BYTES] for leaf in leaves])
+    size = n + TILE_WIDTH
+    nodes.append((TILE_HEIGHT, n >> TILE_HEIGHT, h, fingerprints, groups))
+    compact, height = edge.compact, TILE_HEIGHT
+    while n >> height & 1:
+        h = sha(b"\x01" + compact.pop() + h).digest()
+        height += 1
+        nodes.append((height, (size >> height) - 1, h, None, None))
+    compact.append(h)
+    edge.size = size
 
 
 def _merge_run(edge: Edge, run: list[bytes]) -> None:

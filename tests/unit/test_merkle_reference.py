@@ -19,7 +19,7 @@ import pytest
 
 from auditd.proofs import merkle
 from auditd.proofs.prove import StoredTree
-from auditd.proofs.tree import Tree
+from auditd.proofs.tree import Edge, Node, Tree, append, append_many
 from auditd.store.migrations import migrate
 from auditd.store.records import dead_letter_record
 from auditd.store.statements import transaction
@@ -174,3 +174,22 @@ def test_random_larger_sizes(tmp_path: Path) -> None:
                 ref_proof(m, built.leaves[:n])
     finally:
         built.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_appends_write_what_one_leaf_at_a_time_writes(seed: int) -> None:
+    """append_many (whole tiles hashed level by level, runs within a tile merged) gives
+    the edge and the node rows that `append` gives leaf by leaf, whatever the batches."""
+    rng = random.Random(seed)
+    leaves = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(3000)]
+    one, one_nodes = Edge(0, [], bytearray(), bytearray()), list[Node]()
+    for leaf in leaves:
+        append(one, leaf, one_nodes)
+    many, many_nodes, at = Edge(0, [], bytearray(), bytearray()), list[Node](), 0
+    while at < len(leaves):
+        size = rng.choice([1, 7, 255, 256, 257, 512, 1000, rng.randrange(1, 1500)])
+        append_many(many, leaves[at:at + size], many_nodes)
+        at += size
+    assert many_nodes == one_nodes
+    assert (many.size, many.compact, many.fingerprints, many.groups) == (
+        one.size, one.compact, one.fingerprints, one.groups)
