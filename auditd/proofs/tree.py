@@ -127,7 +127,7 @@ def _append_tile(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
     level, groups = leaves, b""
     for height in range(1, TILE_HEIGHT + 1):
         level = [sha(b"\x01" + left + right).digest()
-                 for left, right in zip(level[::2], level[1::2])]
+                 for left, right in zip(level[::2], level[1::2], strict=True)]
         if height == GROUP_HEIGHT:
             groups = b"".join(level)
     h = level[0]
