@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, wait_committed, wait_for
+from conftest import DaemonProcess, wait_committed, wait_for, write_config
 
 MakeDaemon = Callable[..., DaemonProcess]
 EVENTS = 400  # about ten 4 KB journal segments
@@ -73,3 +74,37 @@ def test_a_failed_journal_release_is_logged_and_the_rest_still_closes(
     daemon.start()  # and the next start releases what this one could not
     wait_for(lambda: len(list(journal.glob("*.journal"))) < segments_left, 30,
              "the segments to be released")
+
+
+def test_a_start_that_fails_part_way_closes_what_it_opened_and_exits(
+        make_daemon: MakeDaemon) -> None:
+    """The metrics port is taken, so the start fails after the database, projections
+    and dead-letter store are open: each is closed (the store last, so its connection
+    checkpoints the WAL and removes it), nothing keeps the process alive, one line says
+    why, and the exit code is not 0."""
+    daemon = make_daemon()
+    with daemon.connect() as conn:
+        assert conn.request([{"type": "before", "id": f"b{i}"} for i in range(20)])["ok"] == 20
+    wait_committed(daemon, 20)
+    assert daemon.stop() == 0
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon.sections["status"]["metrics_listen"] = f"127.0.0.1:{port}"
+        write_config(daemon.config_path, daemon.sections)
+        daemon.start(wait=False)
+        assert daemon.proc is not None
+        code = daemon.proc.wait(60)
+    finally:
+        taken.close()
+    assert code != 0, daemon.log_text()[-3000:]
+    assert daemon.log_since_start().rstrip().splitlines()[-1] == (
+        f"auditd: status.metrics_listen = '127.0.0.1:{port}': cannot listen: error while "
+        f"attempting to bind on address ('127.0.0.1', {port}): address already in use")
+    lines = daemon.log_events()
+    assert not [line for line in lines if line["event"] == "shutdown_step_failed"], lines
+    assert "Traceback" not in daemon.log_since_start()
+    assert not Path(f"{daemon.db_path}-wal").exists(), "the store was not closed"
+    assert daemon.query("SELECT count(*) FROM events") == [(20,)]

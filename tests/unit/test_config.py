@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from as_other_uid import child_env
 
 from auditd.config import Config, config_from_dict, load_config, parse_duration_ms, parse_size
 from auditd.errors import ConfigError
@@ -269,7 +270,8 @@ def test_a_file_in_a_directory_that_cannot_be_searched_is_refused(tmp_path: Path
     path.write_text("[log]\nlevel = \"debug\"\n")
     os.chmod(tmp_path, 0o755)
     done = subprocess.run([sys.executable, "-c", _LOAD_AS, str(path)], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False,
+                          env=child_env())  # coverage could not write as the dropped uid
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"ConfigError: {path}: cannot open: Permission denied\n"
 
