@@ -291,7 +291,19 @@ def committed_seq(daemon: DaemonProcess) -> int:
 
 
 def wait_committed(daemon: DaemonProcess, seq: int, timeout: float = 30.0) -> None:
-    wait_for(lambda: committed_seq(daemon) >= seq, timeout, f"commit of seq {seq}")
+    """Until seq is committed; fails once commits stop advancing for `timeout` s (a
+    large replay on a loaded machine may take longer than that in all, and still works)."""
+    last, stalled_at = -1, time.monotonic()
+    while True:
+        now, seen = time.monotonic(), committed_seq(daemon)
+        if seen >= seq:
+            return
+        if seen > last:
+            last, stalled_at = seen, now
+        elif now - stalled_at > timeout:
+            raise AssertionError(f"commits stopped at seq {seen} for {timeout}s, waiting "
+                                 f"for the commit of seq {seq}")
+        time.sleep(0.02)
 
 
 @pytest.fixture
