@@ -76,6 +76,14 @@ class RetentionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_bytes: Size = "5GB"
 
 
+class ProofsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    key_file: str = ""  # default <storage.path>/checkpoint.key, or a LoadCredential=
+    checkpoint_every: Duration = "1s"  # while events arrive
+    idle_every: Duration = "60s"  # at least this often when idle
+    publish_file: str = ""  # each checkpoint appended here
+    publish_command: str = ""  # each checkpoint handed to this command's stdin
+
+
 class StatusConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     socket: str = "/run/auditd/status.sock"
     socket_mode: str = "0660"
@@ -96,6 +104,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
+    proofs: ProofsConfig = msgspec.field(default_factory=ProofsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     source: str = ""  # the file it came from, "" for built-in defaults
 
@@ -172,7 +181,8 @@ _SIZE_KEYS = [("ingest", "max_frame_bytes"), ("ingest", "max_event_bytes"),
               ("buffer", "max_bytes"), ("storage", "journal_segment_bytes"),
               ("storage", "reserve_bytes"), ("storage", "dlq_max_bytes"),
               ("retention", "max_bytes")]
-_DURATION_KEYS = [("writer", "retry_max_delay"), ("retention", "max_age")]
+_DURATION_KEYS = [("writer", "retry_max_delay"), ("retention", "max_age"),
+                  ("proofs", "checkpoint_every"), ("proofs", "idle_every")]
 _POSITIVE_KEYS = [("ingest", "max_batch_events"), ("ingest", "max_connections"),
                   ("buffer", "capacity"), ("writer", "batch_max")]
 

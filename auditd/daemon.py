@@ -31,6 +31,9 @@ from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
 from auditd.logs import RecurringFault
 from auditd.projections import Projections
+from auditd.proofs.checkpointer import Checkpointer
+from auditd.proofs.keys import key_path, load_or_create
+from auditd.proofs.ledger import Ledger
 from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
 from auditd.query.hot_index import HotIndex
@@ -74,6 +77,9 @@ class Daemon:
         self.stats = Stats()
         self.store = Store(self.storage / DB_NAME)
         self.projections = Projections(self.store)
+        self.ledger = Ledger(self.store.partitions_dir)
+        self.store.ledger = self.ledger
+        self.checkpointer: Checkpointer | None = None
         self.stop_requested = asyncio.Event()
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -111,6 +117,8 @@ class Daemon:
             self._spawn(self.sealer.run(), "sealer")
             self._spawn(self._maintain(), "maintenance")
             self._spawn(self.store.checkpoint_forever(), "wal_checkpoint")
+            if self.checkpointer is not None:
+                self._spawn(self.checkpointer.run(), "checkpointer")
             await self.replay.run(committed_seq)
             self.journal.open_segment(self.sequencer.last_seq + 1)
             if self.journal.fsync:
@@ -156,9 +164,13 @@ class Daemon:
         self.store.after_seal = self.hot_index.trim
         progress.begin("opening the projections")
         await self.projections.open()
+        await self._open_checkpointer()
         if self.damaged is not None:
             remnant = await asyncio.to_thread(read_remnant, self.damaged[0])
             state.max_seq = max(state.max_seq, remnant.max_seq)
+            # Leaves are forever: the tree waits for the moved file's rows (recover).
+            await self.store.on_writer(self.ledger.wait_for, str(self.damaged[0]),
+                                       remnant.max_seq)
             for stream, version in (remnant.streams or {}).items():
                 state.streams[stream] = max(state.streams.get(stream, 0), version)
         capacity = config.buffer.capacity
@@ -193,6 +205,32 @@ class Daemon:
         log.info("daemon_starting", config=config.source or "defaults", storage=str(self.storage),
                  last_seq=state.max_seq, committed_seq=state.committed_seq, stored_ids=stored)
         return state.committed_seq
+
+    async def _open_checkpointer(self) -> None:
+        proofs = self.config.proofs
+        path, may_create = key_path(proofs.key_file, self.storage)
+        key, created = await asyncio.to_thread(load_or_create, path, may_create)
+        if created:
+            log.info("checkpoint_key_created", path=str(path), mode="0600")
+        self.checkpointer = Checkpointer(
+            self.store, self.ledger.tree, key,
+            every_s=self.config.duration_ms("proofs", "checkpoint_every") / 1000,
+            idle_s=self.config.duration_ms("proofs", "idle_every") / 1000,
+            publish_file=proofs.publish_file, publish_command=proofs.publish_command)
+        await self.checkpointer.open()
+        log.info("checkpoints_opened", origin=self.checkpointer.origin, key=str(path),
+                 tree_size=self.ledger.tree.size, vkey=self.checkpointer.vkey_text)
+
+    async def _final_checkpoint(self) -> None:
+        if self.checkpointer is None:
+            return
+        unusable = self.writer.database_fault
+        if unusable is not None:
+            # Nothing new was committed to sign, and the file refuses reads and writes:
+            # the journal keeps the events for the next start, which signs them.
+            log.warning("checkpoint_skipped_at_shutdown", reason=unusable)
+            return
+        await self.checkpointer.final()
 
     async def _abandon_start(self) -> None:
         """A start that failed part-way: stop tasks and close what was opened, so the
@@ -305,6 +343,7 @@ class Daemon:
             ("followers", self.feed.aclose),  # a final line each, before the server goes
             ("status_server", self.status.aclose),
             ("projections", self.projections.aclose),
+            ("checkpoint", self._final_checkpoint),
             ("journal_release", self._release_journal),
             ("journal", self.journal.close),
             ("dead_letter_store", self.dead_letters.close),

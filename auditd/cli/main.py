@@ -174,7 +174,19 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     return bench_main(args, config)
 
 
+def _proofs_command(name: str) -> Command:
+    def run(args: argparse.Namespace, config: Config) -> int:
+        from auditd.cli import proofs
+
+        function: Command = getattr(proofs, f"cmd_{name}")
+        return function(args, config)
+    return run
+
+
 COMMANDS: dict[str, Command] = {
+    "verify": _proofs_command("verify"), "prove": _proofs_command("prove"),
+    "verify-proof": _proofs_command("verify_proof"), "keygen": _proofs_command("keygen"),
+    "export-vkey": _proofs_command("export_vkey"),
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,

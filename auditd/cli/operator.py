@@ -130,6 +130,11 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
         lag = max((p.get("lag", 0) for p in projections.values()), default=0)
         lines.insert(-1, f"projections:  {live} of {len(projections)} live, lag {lag} events"
                      + ("" if live == len(projections) else "; rebuilding the others"))
+    checkpoint = stats.get("checkpoint")
+    lines.insert(-1, "checkpoint:   none yet" if not checkpoint else (
+        f"checkpoint:   size {checkpoint.get('size')} at {checkpoint.get('time')} "
+        f"(unix), {checkpoint.get('issued', 0)} issued since start"
+        + (f"; REFUSED: {checkpoint['refused']}" if checkpoint.get("refused") else "")))
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ wins (main reads `config_sub` first). Usage errors exit 2 with one line.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from importlib import metadata
 from typing import NoReturn
 
@@ -85,11 +86,47 @@ def build_parser() -> Parser:
         "projections", "read models (counts, actor summaries): position and lag, or "
                        "rebuild one from the events, through the running daemon")))
 
+    _proofs(command)
+
     from auditd.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(command("bench", "load generator, storage baseline and replay "
                                          "timing; prints events/s, latencies, peak RSS"))
     return parser
+
+
+def _proofs(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    verify = command("verify", "check the database, every record against its Merkle leaf "
+                               "and the tree against its signed checkpoints; exit 1 names "
+                               "the first bad seq, 2 when it cannot verify")
+    verify.add_argument("--state", metavar="FILE",
+                        help="remember the newest verified checkpoint and the key here, "
+                             "and check the store is consistent with the one remembered")
+    verify.add_argument("--checkpoint", metavar="FILE",
+                        help="a checkpoint (as GET /checkpoint serves it) the store must "
+                             "be consistent with")
+    verify.add_argument("--vkey", metavar="KEY",
+                        help="the verifier key (text or file; default: --state's, else "
+                             "the store's own key)")
+    verify.add_argument("--workers", type=_positive, metavar="N",
+                        help="worker processes (default: one per CPU)")
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    prove = command("prove", "an inclusion proof of SEQ, or a consistency proof between "
+                             "two checkpoint sizes (proofs.md), read from the database")
+    prove.add_argument("seq", metavar="SEQ", type=_positive, nargs="?",
+                       help="the event's seq")
+    prove.add_argument("--size", type=_positive, metavar="N",
+                       help="a stored checkpoint's size (default: the newest)")
+    prove.add_argument("--consistency", type=_positive, nargs=2, metavar=("OLD", "NEW"),
+                       help="prove checkpoint size OLD a prefix of size NEW")
+    prove.add_argument("--json", action="store_true", help="compact JSON on one line")
+    check = command("verify-proof", "check a saved proof offline: no daemon, no database")
+    check.add_argument("file", metavar="FILE", help="the proof (JSON), - for stdin")
+    check.add_argument("--vkey", metavar="KEY", required=True,
+                       help="the verifier key: its text, or a file that holds it")
+    command("keygen", "make the checkpoint signing key, or rotate it (the old one is kept "
+                      "beside it)")
+    command("export-vkey", "print the verifier key of the store's checkpoint key")
 
 
 def _send(send: argparse.ArgumentParser) -> None:

@@ -28,6 +28,9 @@ from auditd.journal.journal import Journal
 from auditd.logs import configure_logging
 from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
+from auditd.proofs import access as proofs_access
+from auditd.proofs.checkpointer import Checkpointer
+from auditd.proofs.ledger import Ledger
 from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
 from auditd.ring import RingBuffer
@@ -109,6 +112,12 @@ class DaemonView(Protocol):
     def status_line(self) -> str: ...
 
     @property
+    def checkpointer(self) -> Checkpointer | None: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
     def feed(self) -> CommitFeed: ...
 
 
@@ -158,12 +167,36 @@ class DaemonControl:
             stopping=daemon.stop_requested.is_set(),
             held_connections=daemon.ingest.held_counts(),
             seal_fault=daemon.sealer.figures.fault or daemon.writer.held_for,
+            tree_wait=daemon.ledger.waiting,
             partitions=daemon.sealer.document(len(daemon.store.sealed)),
             projections=daemon.projections.document(daemon.stats.last_committed_seq),
+            checkpoint=self._checkpoint_figures(),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "
                 f"moved to {daemon.damaged[0]}; a fresh one holds the journal's events; "
                 f"run `auditd recover {daemon.damaged[0]}`"))
+
+    def _checkpoint_figures(self) -> dict[str, Any] | None:
+        checkpointer = self.daemon.checkpointer
+        if checkpointer is None or checkpointer.newest_text is None:
+            return None
+        text = checkpointer.newest_text
+        lines = text.split("\n")
+        unix_time = next((int(x[5:]) for x in lines[3:] if x.startswith("time ")), None)
+        return {"size": int(lines[1]), "time": unix_time, "text": text,
+                "issued": checkpointer.issued, "refused": checkpointer.refused}
+
+    def checkpoint_text(self) -> str | None:
+        checkpointer = self.daemon.checkpointer
+        return None if checkpointer is None else checkpointer.newest_text
+
+    async def proof(self, seq: int, size: int | None, uid: int | None) -> dict[str, Any]:
+        return await asyncio.to_thread(proofs_access.inclusion_for, self.daemon.storage,
+                                       seq, size, uid)
+
+    async def consistency_proof(self, old: int, new: int) -> dict[str, Any]:
+        return await asyncio.to_thread(proofs_access.consistency_for, self.daemon.storage,
+                                       old, new)
 
     async def refresh(self) -> None:
         """Keep the dead-letter figures current and the ingest quota enforced."""
@@ -300,6 +333,9 @@ class DaemonControl:
         streams = daemon.sequencer.streams
         for stream, version in result.stream_versions.items():
             streams[stream] = max(streams.get(stream, 0), version)
+        if daemon.ledger.waiting is not None and daemon.ledger.waiting_path == str(damaged):
+            while not await daemon.store.on_writer(daemon.ledger.resume_step):
+                pass
         log.info("database_recovered", source=path, copied=result.copied,
                  already_present=result.already_present, unreadable=result.unreadable)
         document = result.document(str(daemon.store.path))

@@ -117,6 +117,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "fairness": fairness_document(source),
         "partitions": gauges.partitions,
         "projections": gauges.projections,
+        "checkpoint": gauges.checkpoint,
         "id_lookup": {"failures": stats.id_lookup_failures,
                       "refused_frames": stats.id_lookup_refused_frames,
                       "fault": gauges.id_lookup_fault},

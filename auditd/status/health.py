@@ -42,6 +42,7 @@ class HealthInputs:
     journal_fault: str | None = None
     id_lookup_fault: str | None = None
     seal_fault: str | None = None
+    tree_wait: str | None = None
     stopping: bool = False
     database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
@@ -102,6 +103,7 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         journal_fault=gauges.journal_fault,
         id_lookup_fault=gauges.id_lookup_fault,
         seal_fault=gauges.seal_fault,
+        tree_wait=gauges.tree_wait,
         stopping=gauges.stopping,
         database_replaced=gauges.database_replaced,
     )
@@ -125,6 +127,9 @@ def evaluate(h: HealthInputs) -> Health:
                             "failing"),
         # Degraded: ingest goes on in the hot table, which grows past its bound.
         "sealing": _fault(h.seal_fault, "the hot table is sealed as it fills", "degraded"),
+        # Degraded: events are taken and stored, but new checkpoints cover none of them.
+        "proofs_tree": _fault(h.tree_wait, "the Merkle tree covers every committed seq",
+                              "degraded"),
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
     }

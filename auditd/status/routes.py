@@ -19,6 +19,7 @@ from aiohttp import web
 
 from auditd.ingest import depth
 from auditd.projections.params import BadParameter, parse_counts
+from auditd.proofs.prove import ProofError
 from auditd.query.feed import FeedRefused
 from auditd.query.follow import FollowSession, parse_tail
 from auditd.query.spec import BadQuery, QuerySpec
@@ -121,6 +122,38 @@ async def get_actor(call: Call) -> web.StreamResponse:
 async def get_projections(call: Call) -> web.StreamResponse:
     return reply({"last_committed_seq": call.source.stats.last_committed_seq,
                   "projections": call.source.gauges().projections})
+
+
+async def get_checkpoint(call: Call) -> web.StreamResponse:
+    text = call.source.checkpoint_text()
+    if text is None:
+        raise Problem(404, "no_checkpoint", "no checkpoint has been issued yet")
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def get_inclusion_proof(call: Call) -> web.StreamResponse:
+    """A non-reader gets proofs of its own events only (403 for another's)."""
+    raw = call.request.match_info["seq"]
+    seq = _int_param(raw, "seq", 1, 2**63 - 1)
+    size = _int_param(call.request.query.get("size"), "size", 1, 2**63 - 1)
+    assert seq is not None
+    try:
+        return reply(await call.source.proof(seq, size, _uid_filter(call)))
+    except ProofError as exc:
+        raise Problem(exc.status, exc.code, str(exc)) from None
+
+
+async def get_consistency_proof(call: Call) -> web.StreamResponse:
+    query = call.request.query
+    old = _int_param(query.get("from"), "from", 1, 2**63 - 1)
+    new = _int_param(query.get("to"), "to", 1, 2**63 - 1)
+    if old is None or new is None:
+        raise Problem(400, "bad_request", "from and to are required: two checkpoint sizes")
+    _uid_filter(call)
+    try:
+        return reply(await call.source.consistency_proof(old, new))
+    except ProofError as exc:
+        raise Problem(exc.status, exc.code, str(exc)) from None
 
 
 def _uid_filter(call: Call) -> int | None:
@@ -284,6 +317,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/counts", read=get_counts),
     Route("GET", "/actors/{actor:.+}", read=get_actor),  # an actor may hold a "/"
     Route("GET", "/projections", read=get_projections),
+    Route("GET", "/checkpoint", read=get_checkpoint),
+    Route("GET", "/proofs/consistency", read=get_consistency_proof),
+    Route("GET", "/proofs/{seq}", read=get_inclusion_proof),
     Route("POST", "/projections/rebuild", admin=post_projection_rebuild,
           action="projections.rebuild"),
 )

@@ -61,10 +61,13 @@ class Gauges:
     # naming where it went, until the daemon restarts on a sound file.
     database_replaced: str | None = None
     seal_fault: str | None = None  # why sealing the hot table fails now (retried)
+    tree_wait: str | None = None  # why the Merkle tree waits (proofs.ledger.waiting)
     # The partitioned store: count, sealed_through, hot_events, seal_backlog, ...
     partitions: dict[str, Any] = field(default_factory=dict)
     # Per projection: version, state, position, lag (and a rebuild's progress).
     projections: dict[str, Any] = field(default_factory=dict)
+    # The newest signed checkpoint: size, time, text (None before the first).
+    checkpoint: dict[str, Any] | None = None
 
 
 class StatusSource(Protocol):
@@ -87,6 +90,19 @@ class StatusSource(Protocol):
 
     def gauges(self) -> Gauges:
         """A fresh snapshot of the figures `Gauges` lists."""
+        ...
+
+    def checkpoint_text(self) -> str | None:
+        """The newest signed checkpoint's text, None before the first."""
+        ...
+
+    async def proof(self, seq: int, size: int | None, uid: int | None) -> dict[str, Any]:
+        """The inclusion proof document of `seq` (proofs.md); `uid` set: only for an
+        event that uid wrote (ProofError 403 otherwise)."""
+        ...
+
+    async def consistency_proof(self, old: int, new: int) -> dict[str, Any]:
+        """The consistency proof document between two stored checkpoint sizes."""
         ...
 
     @property

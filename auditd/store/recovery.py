@@ -128,6 +128,11 @@ class Salvage:
         return document
 
 
+# meta key, set by the proofs' ledger: the damaged file whose seqs the Merkle tree waits
+# for ({"path", "through_seq"}); a salvage of that file ends the wait.
+TREE_WAIT_KEY = "tree_waits_for"
+
+
 def salvage(damaged: Path, live: Path,
             progress: Callable[[int, int], None] | None = None) -> Salvage:
     """Copy every readable event row and dead letter of `damaged` into `live`;
@@ -154,10 +159,17 @@ def salvage(damaged: Path, live: Path,
             if progress is not None:
                 progress(min(top, start + _CHUNK - 1), top)
         _salvage_dead_letters(source, target, result)
+        _end_tree_wait(target, damaged)
     finally:
         source.close()
         target.close()
     return result
+
+
+def _end_tree_wait(target: sqlite3.Connection, damaged: Path) -> None:
+    with transaction(target):
+        target.execute("DELETE FROM meta WHERE key = ? AND json_extract(value, '$.path') = ?",
+                       (TREE_WAIT_KEY, str(damaged)))
 
 
 _EVENT_ROWS = "SELECT * FROM events WHERE seq"

@@ -87,6 +87,24 @@ class BatchProjector(Protocol):
 
     def committed(self, checkpoint: int) -> None: ...
 
+
+class BatchLedger(Protocol):
+    """The Merkle tree kept in the batch's transaction (auditd.proofs.ledger.Ledger).
+
+    `load` at open (after migrations, on the store's thread); `extend` inside each
+    batch's transaction with its events and dead letters; then `committed` after its
+    COMMIT or `rolled_back` when it failed."""
+
+    def load(self, db: sqlite3.Connection, progress: Progress | None) -> None: ...
+
+    def extend(self, db: sqlite3.Connection, events: Sequence[Any],
+               dead: Sequence[Any]) -> None: ...
+
+    def committed(self) -> None: ...
+
+    def rolled_back(self) -> None: ...
+
+
 @dataclass(slots=True)
 class DeadLetter:
     """One dead-letter entry to write; `seq` is set for accepted events."""
@@ -164,6 +182,7 @@ class Store:
         self.after_seal: Callable[[int], None] | None = None
         # Set before the first batch (the daemon sets auditd.projections' Projector).
         self.projector: BatchProjector | None = None
+        self.ledger: BatchLedger | None = None  # set before open (auditd.proofs)
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run `function` on the store's thread, after everything queued before it."""
@@ -174,6 +193,8 @@ class Store:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
             self._db = await self._call(_open_writer, self.path, progress)
+            if self.ledger is not None:
+                await self._call(self.ledger.load, self._db, progress)
             await self.sealed.add(await self._call(self._catalog_at_start))
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="auditd-checkpoint")
             self._checkpoint_db = await _on(self._checkpointer, connect_sync, self.path)
@@ -350,6 +371,8 @@ class Store:
                 streams = {e.stream: (e.stream_seq, e.seq) for e in events if e.stream}
                 insert_rows(db, STREAMS, [(lookup[s], v, q) for s, (v, q) in streams.items()])
                 insert_rows(db, DEAD_LETTERS, [_dead_row(d) for d in dead])
+                if self.ledger is not None:
+                    self.ledger.extend(db, events, dead)
                 if resolved_dead:
                     db.execute(
                         "DELETE FROM dead_letters WHERE dlq_id IN (SELECT value FROM json_each(?))",
@@ -357,7 +380,11 @@ class Store:
                 db.execute(
                     "UPDATE meta SET value = ? WHERE key = 'committed_seq' AND value < ?",
                     (checkpoint, checkpoint))
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            if self.ledger is not None:
+                self.ledger.rolled_back()
+            if not isinstance(exc, sqlite3.Error):
+                raise
             error = classify(exc, "committing a batch")
             if isinstance(error, StoreFaultError):
                 # A statement that failed to prepare (a trigger naming a missing table)
@@ -368,6 +395,8 @@ class Store:
             raise error from exc
         self._checkpoint = max(self._checkpoint, checkpoint)
         self.commits += 1
+        if self.ledger is not None:
+            self.ledger.committed()
         if self.after_commit is not None and events:
             self._tell_after_commit(events, rows)
         if self.projector is not None:

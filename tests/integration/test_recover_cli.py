@@ -15,6 +15,7 @@ from typing import Any
 
 from conftest import DaemonProcess, committed_seq, wait_for, write_lock
 from projection_truth import assert_counts_match
+from proofs_store import checkpoint_size, get, verify
 
 from auditd.store.recovery import move_aside, read_remnant
 
@@ -167,7 +168,17 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
     # The file's highest seq was a dead letter's: seq must continue past it even without
     # the journal that also told the daemon.
     assert read_remnant(moved).max_seq == 30
+    # A leaf is forever: the tree waits for the moved file's seqs instead of sealing
+    # them as missing, and says so (events are still taken and stored).
+    health = json.loads(get(daemon, "/health")[1])
+    assert health["checks"]["proofs_tree"]["severity"] == "degraded", health
+    assert str(moved) in health["checks"]["proofs_tree"]["detail"], health
+    assert checkpoint_size(daemon) == 0
     first = recover(daemon, moved)  # through the running daemon
+    # The rows are back under their seqs: the tree catches up over them.
+    wait_for(lambda: json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"],
+             30, "the tree to catch up")
+    wait_for(lambda: checkpoint_size(daemon) >= 31, 90, "a checkpoint over every seq")
     # The copied events went in beside the writer: the projections are rebuilt and
     # count them (and the admin event of the recover) like every other.
     assert first["projections"] == "rebuilding", first
@@ -176,6 +187,8 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
 
     seqs, letters = events_and_letters(daemon.db_path)
     assert letters == old_letters  # every column, the raw bytes and failure times too
+    code, verified = verify(daemon.config_path)
+    assert code == 0, verified  # each recovered row is the leaf of its seq
     dead = {row[0] for row in letters if row[0] is not None}
     assert not dead & set(seqs), "a seq both stored and dead-lettered"
     assert sorted(set(seqs) | dead) == list(range(1, max(seqs) + 1)), "a seq gap"
@@ -207,3 +220,29 @@ def test_an_offline_recover_has_the_projections_rebuilt_at_the_next_start(
     assert len(assert_counts_match(daemon)) == len(old_seqs) + 1
     assert {e["name"] for e in log_named(daemon, "projection_rebuilt")} >= {
         "counts_by_type", "actor_summary"}
+
+
+def test_a_deleted_damaged_file_gives_its_seqs_up_as_missing(
+        make_daemon: Callable[..., DaemonProcess]) -> None:
+    """The tree waits for a moved damaged file only while it exists: deleted, its seqs
+    get `missing` dead letters at the next start and the tree covers every seq."""
+    daemon = make_daemon()
+    store_with_every_kind_of_dead_letter(daemon)
+    damage_an_index_page(daemon.db_path, "events_id_hash")
+    daemon.start()
+    moved = Path(log_named(daemon, "database_damaged")[0]["moved_to"])
+    with daemon.connect() as conn:
+        assert conn.request({"type": "after.damage", "id": "after"})["first"] == 31
+    assert not json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"]
+    assert daemon.stop() == 0
+    moved.unlink()
+
+    daemon.start()
+    assert log_named(daemon, "tree_wait_abandoned")
+    assert json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"]
+    wait_for(lambda: checkpoint_size(daemon) >= 31, 90, "a checkpoint over every seq")
+    assert daemon.stop() == 0
+    assert daemon.query("SELECT seq FROM dead_letters WHERE code = 'missing' ORDER BY seq") \
+        == [(seq,) for seq in range(1, 31)]
+    code, verified = verify(daemon.config_path)
+    assert code == 0, verified

@@ -19,6 +19,7 @@ from auditd.store.migrations import (
     m0002_id_key,
     m0003_partitions,
     m0004_projections,
+    m0005_merkle,
 )
 from auditd.store.statements import transaction
 
@@ -42,6 +43,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "id_key", m0002_id_key.UP, m0002_id_key.DOWN),
     Migration(3, "partitions", m0003_partitions.UP, m0003_partitions.DOWN),
     Migration(4, "projections", m0004_projections.UP, m0004_projections.DOWN),
+    Migration(5, "merkle", m0005_merkle.UP, m0005_merkle.DOWN),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -1,0 +1,57 @@
+"""`auditd verify` on a store that is being written, sealed and SIGKILLed: it reads one
+snapshot and verifies up to the newest checkpoint in it, so every run exits 0 (newer
+events are reported as not yet checkpointed). A short loop here; the bench runs long."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from conftest import DaemonProcess, wait_for
+from proofs_store import SETTINGS, checkpoint_size, verify
+
+
+class Load(threading.Thread):
+    """Batches of events, one after another, until stopped; reconnects after a kill."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        super().__init__(daemon=True)
+        self.daemon_process = daemon
+        self.stopping = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with self.daemon_process.connect() as conn:
+                    while not self.stopping.is_set():
+                        events = [{"type": "live", "actor": f"a{i % 9}", "data": {"i": i}}
+                                  for i in range(self.sent, self.sent + 50)]
+                        conn.request(events)
+                        self.sent += 50
+            except OSError:
+                continue
+
+
+def test_verify_during_load_and_sigkills_never_alarms(make_daemon: Any,
+                                                      short_tmp: Path) -> None:
+    daemon = make_daemon(SETTINGS)
+    load = Load(daemon)
+    load.start()
+    state = short_tmp / "state.json"
+    try:
+        for round_ in range(6):
+            wait_for(lambda: checkpoint_size(daemon) > 0, 30, "a checkpoint")
+            code, doc = verify(daemon.config_path, "--state", str(state))
+            assert code == 0, doc
+            if round_ in (2, 4):
+                daemon.stop(signal.SIGKILL)
+                daemon.start()
+    finally:
+        load.stopping.set()
+        load.join(30)
+    code, doc = verify(daemon.config_path, "--state", str(state))
+    assert code == 0, doc
+    assert doc["verified_events"] > 0
