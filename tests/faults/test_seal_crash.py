@@ -155,6 +155,12 @@ def sealing_children(daemon: DaemonProcess) -> list[tuple[int, int, int]]:
     return found
 
 
+def niceness(pid: int) -> int:
+    # /proc/PID/stat: the field after the command's closing parenthesis is the state;
+    # niceness is the 19th field overall, the 17th after it.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def test_commits_wait_while_sealing_is_two_partitions_behind(make_daemon: Any) -> None:
     daemon = make_daemon({"storage": {"partition_events": PARTITION}})
     fill(daemon, PARTITION)
@@ -162,10 +168,17 @@ def test_commits_wait_while_sealing_is_two_partitions_behind(make_daemon: Any) -
     pid, first, last = wait_for(lambda: next(iter(sealing_children(daemon)), None), 30,
                                 "the sealing process")
     os.kill(pid, signal.SIGSTOP)
+    assert daemon.proc is not None
+    # Nothing waits for it yet: it yields the CPU to ingest.
+    assert wait_for(lambda: niceness(pid) == niceness(daemon.proc.pid) + 10, 30,
+                    "the seal's low priority")
     try:
         behind = first - 1 + 2 * PARTITION  # sealed_through stays first - 1 meanwhile
         fill(daemon, behind - PARTITION, PARTITION)
         wait_for(lambda: daemon.stats()["partitions"]["commits_held"], 30, "commits held")
+        # Commits wait for it: it runs at the daemon's priority, not below it.
+        assert wait_for(lambda: niceness(pid) == niceness(daemon.proc.pid), 30,
+                        "the seal's priority raised")
         with daemon.connect() as conn:  # acknowledged (journaled), but not committed
             for start in range(behind, behind + 300, 100):
                 reply = conn.request([{"type": "test.crash", "id": f"ev-{i}"}

@@ -14,7 +14,6 @@ core away from ingest.
 from __future__ import annotations
 
 import base64
-import contextlib
 import ctypes
 import json
 import os
@@ -30,7 +29,6 @@ from auditd.store.partition.build import seal_partition
 from auditd.store.records import merged_records, record_bytes
 from auditd.store.sealing.catalog import pack_keys
 
-NICE = 10
 _PR_SET_PDEATHSIG = 1
 _EVENTS = """SELECT e.seq, e.id, e.ts, e.received_at, t.value, a.value, g.value, s.value,
     e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data, e.pid, e.uid, e.gid,
@@ -89,8 +87,6 @@ def main(argv: list[str]) -> int:
     db_path, directory, first, last = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
     if len(argv) > 4:
         die_with_parent(int(argv[4]))
-    with contextlib.suppress(OSError):  # a courtesy: sealing works without it
-        os.nice(NICE)
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
         try:

@@ -35,6 +35,11 @@ _RETRY_FIRST_S = 1.0
 # Past this many partitions' worth of committed, unsealed events, commits wait for the
 # seal: one partition filling while the one before it is sealed, and no more.
 HOLD_PARTITIONS = 2
+# The sealing process's niceness above the daemon's while nothing waits for it: it
+# yields the CPU to ingest. While commits are held for it, it runs at the daemon's own
+# priority: held at +10 beside other busy processes it got a tenth of a core and held
+# ingest for minutes (priority inversion), found by the suite beside a CPU burner.
+NICE = 10
 _RETRY_MAX_S = 60.0
 
 
@@ -77,6 +82,7 @@ class Sealer:
         self.frozen_through = 0
         self._wake = asyncio.Event()
         self._child: asyncio.subprocess.Process | None = None
+        self._priority_refused = False  # said once: raising the child's priority failed
 
     def committed(self, seq: int) -> None:
         """The writer committed through `seq` (its on_committed hook): cheap, no I/O."""
@@ -95,6 +101,7 @@ class Sealer:
                    and self.figures.fault is None)
         if holding != self.holding:
             self.holding = holding
+            self._prioritise()
             self.hold(f"sealing is behind: {behind} committed events are not sealed yet; "
                       "commits wait for the seal in progress" if holding else None)
 
@@ -178,6 +185,7 @@ class Sealer:
             str(store.partitions_dir), str(first), str(last), str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
+        self._prioritise()
         try:
             out, err = await child.communicate()
         finally:
@@ -192,6 +200,28 @@ class Sealer:
         entry = entry_from_seal(json.loads(out))
         log.debug("seal_child_finished", seconds=round(time.monotonic() - started, 3))
         return entry
+
+
+    def _prioritise(self) -> None:
+        """The sealing process's niceness: the daemon's while commits wait for it, NICE
+        above it otherwise. Raising a priority needs CAP_SYS_NICE (or RLIMIT_NICE): a
+        daemon without it says so once and the seal goes on at its niceness."""
+        child = self._child
+        if child is None:
+            return
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        wanted = own if self.holding else min(own + NICE, 19)
+        try:
+            os.setpriority(os.PRIO_PROCESS, child.pid, wanted)
+        except ProcessLookupError:
+            return  # it has just finished
+        except PermissionError as exc:
+            if not self._priority_refused:
+                self._priority_refused = True
+                log.warning("seal_priority_not_raised", pid=child.pid, niceness=wanted,
+                            error=str(exc), note="commits wait for a seal at low priority")
+            return
+        log.debug("seal_priority", pid=child.pid, niceness=wanted, urgent=self.holding)
 
 
 class SealError(Exception):
