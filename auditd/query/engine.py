@@ -76,6 +76,10 @@ class QueryEngine:
             self._conn = connect_reader(self.db_path)
         return self._conn
 
+    def figures(self) -> dict[str, Any]:
+        """The /stats `query` section: what the partitions' term filters did."""
+        return self.partitions.figures.document()
+
     async def warm(self) -> None:
         """Open the partitions for reads now, so the first query does not pay for it."""
         started = time.perf_counter()

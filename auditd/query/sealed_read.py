@@ -7,18 +7,32 @@ partition is catalogued. Every filter is answered by the partition's own index
 (SealedPartition.query); prefixes of `q`, which it does not index, are rechecked here
 against the records, as is everything else (cheap, and it keeps one definition of a
 match).
+
+Before a partition's index is asked, its term filter (term_filter.py, read once when
+the partition is opened and kept while it is catalogued) may rule it out: a value
+absent from most partitions (a causation or correlation id, an actor gone quiet, a
+misspelt word) then costs a few bit tests per partition, not a probe of its index. A
+file sealed before there were filters has none and is always asked.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from auditd.query.spec import QuerySpec, matches
 from auditd.schema import StoredEvent
+from auditd.store.partition.layout import STREAM, term_key
 from auditd.store.partition.read import SealedPartition
+from auditd.store.partition.term_filter import TermFilter, filter_key_groups
 from auditd.store.records import event_from_record, is_dead_letter
+
+log = structlog.get_logger("auditd.query.sealed_read")
 
 Files = list[tuple[int, int, Path]]
 _CACHE_KB = 512
@@ -26,14 +40,35 @@ _CACHED_BLOCKS = 128  # while a query runs; _KEPT_BLOCKS between queries
 _KEPT_BLOCKS = 16
 
 
+@dataclass(slots=True)
+class FilterFigures:
+    """What the term filters did, since start (written on the engine's thread; ints,
+    so the loop reads them without a lock, at worst one query behind)."""
+
+    probed: int = 0  # partitions whose index a query asked
+    skipped: int = 0  # partitions a term filter ruled out, their index not asked
+    unfiltered: int = 0  # of those probed: no filter to consult (sealed before filters)
+    loaded: int = 0  # partitions open with a filter in memory now
+    bytes: int = 0  # those filters' bits
+
+    def document(self) -> dict[str, Any]:
+        return {"partitions_probed": self.probed, "partitions_skipped": self.skipped,
+                "partitions_unfiltered": self.unfiltered, "filters": self.loaded,
+                "filter_bytes": self.bytes}
+
+
 class SealedReader:
     def __init__(self) -> None:
         self._open: dict[Path, SealedPartition] = {}
+        self._filters: dict[Path, TermFilter | None] = {}
+        self.figures = FilterFigures()
 
     def close(self) -> None:
         for part in self._open.values():
             part.close()
         self._open.clear()
+        self._filters.clear()
+        self.figures.loaded = self.figures.bytes = 0
 
     def _part(self, path: Path) -> SealedPartition:
         part = self._open.get(path)
@@ -48,7 +83,25 @@ class SealedReader:
             # (rest()), as few as the store's set keeps, so that memory stays bounded
             # however many partitions queries touch.
             part.cached_blocks = _CACHED_BLOCKS
+            self._filters[path] = found = _read_filter(part)
+            if found is not None:
+                self.figures.loaded += 1
+                self.figures.bytes += found.nbytes
         return part
+
+    def _may_hold(self, path: Path, groups: list[list[int]]) -> bool:
+        """Whether the partition at `path` may hold events with these keys (see
+        term_filter.filter_key_groups); counts the answer."""
+        if groups:
+            self._part(path)
+            found = self._filters.get(path)
+            if found is None:
+                self.figures.unfiltered += 1
+            elif found.rules_out(groups):
+                self.figures.skipped += 1
+                return False
+        self.figures.probed += 1
+        return True
 
     def warm(self, files: Files) -> int:
         """Open every partition and read its zone map ahead of the first query."""
@@ -66,18 +119,28 @@ class SealedReader:
         live = {path for _, _, path in files}
         for path in [p for p in self._open if p not in live]:
             self._open.pop(path).close()
+            dropped = self._filters.pop(path, None)
+            if dropped is not None:
+                self.figures.loaded -= 1
+                self.figures.bytes -= dropped.nbytes
 
     def query(self, files: Files, spec: QuerySpec, through: int,
               wanted: int) -> list[StoredEvent]:
         """Up to `wanted` matching events with seq <= through, in the spec's order."""
         self.forget_missing(files)
         filters = spec.partition_filters()
+        # Every tag key's values, though the index is asked for the first key's only.
+        groups = filter_key_groups(filters) + [
+            keys for values in list(spec.tag_groups.values())[1:]
+            for keys in filter_key_groups({"tag": list(values)})]
         after = spec.after
         before = through + 1 if spec.before is None else min(spec.before, through + 1)
         out: list[StoredEvent] = []
         order = reversed(files) if spec.descending else iter(files)
         for first, last, path in order:
             if (after is not None and last <= after) or first >= before:
+                continue
+            if not self._may_hold(path, groups):
                 continue
             part = self._part(path)
             low, high = after, before
@@ -129,8 +192,11 @@ class SealedReader:
         """Sealed events of the spec's one stream with first_ss <= stream_seq <= last_ss,
         by stream_seq, up to spec.limit."""
         (stream,) = spec.values["stream"]
+        groups = [[term_key(STREAM + stream)]]
         out: list[StoredEvent] = []
         for _, _, path in files:
+            if not self._may_hold(path, groups):
+                continue
             part = self._part(path)
             pairs = part.stream_range(stream, first_ss, last_ss)
             for record in part.records([seq for _, seq in pairs]):
@@ -140,3 +206,13 @@ class SealedReader:
                     if len(out) == spec.limit:
                         return out
         return out
+
+
+def _read_filter(part: SealedPartition) -> TermFilter | None:
+    """The partition's term filter; a damaged one is logged and the partition read
+    without (its index still answers)."""
+    try:
+        return part.term_filter()
+    except ValueError as exc:
+        log.warning("term_filter_unreadable", partition=part.path.name, error=str(exc))
+        return None
