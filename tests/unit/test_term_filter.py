@@ -92,6 +92,21 @@ def test_the_builders_filter_holds_every_value_of_its_partition(tmp_path: Path) 
         assert not held.rules_out(groups), event
 
 
+def test_check_finds_a_filter_that_misses_terms(tmp_path: Path) -> None:
+    items = varied_items(1200)
+    info = seal_partition(((seq, record) for seq, record, _ in items), tmp_path, 1, 1200)
+    with SealedPartition(info.path) as part:
+        assert part.check() == []
+        held = part.term_filter()
+    assert held is not None
+    with sqlite3.connect(info.path) as db:
+        db.execute("UPDATE meta SET value = ? WHERE key = ?",
+                   (TermFilter(bytes(held.nbytes), held.size).to_bytes(), FILTER_META))
+    with SealedPartition(info.path) as part:
+        problems = part.check()
+    assert problems and all("not in the term filter" in p for p in problems)
+
+
 # --- the engine over a store ---------------------------------------------------------
 
 COUNT, PARTITION = 5000, 1000  # 4 partitions sealed (1-4000), 1000 hot
