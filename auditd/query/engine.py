@@ -88,8 +88,9 @@ class QueryEngine:
         except Exception as exc:  # a courtesy: queries open what they need anyway
             log.warning("query_partitions_open_failed", error=repr(exc))
             return
-        log.info("query_partitions_opened", partitions=opened,
-                 ms=round((time.perf_counter() - started) * 1000, 1))
+        figures = self.partitions.figures
+        log.info("query_partitions_opened", partitions=opened, term_filters=figures.loaded,
+                 filter_bytes=figures.bytes, ms=round((time.perf_counter() - started) * 1000, 1))
 
     async def aclose(self) -> None:
         def close() -> None:

@@ -225,9 +225,10 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
                 f"the records ended at seq {expected - 1}, before the range's last {last_seq}")
         if collector.ts:
             _end_run(collector, run, stripes, zone_min, zone_max)
-        singles_by_field = collector.singles_by_field
-        term_filter = TermFilter.build(collector.filter_keys)
-        del collector
+        singles_by_field, filter_keys = collector.singles_by_field, collector.filter_keys
+        del collector  # first: the filter's build reuses the memory of its dicts
+        term_filter = TermFilter.build(filter_keys)
+        del filter_keys
         blocks.finish(block)
         bits = bucket_bits(stripes.entries)
         assembler = Assembler(conn, run_records, bits)

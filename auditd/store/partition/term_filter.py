@@ -40,6 +40,7 @@ _HEADER: Final = 6
 _MULTIPLIERS: Final = (0xBAAC04E6FF57BE67, 0x8DCC4BF6463F7749, 0x87FC4FCE29DD4EE9,
                        0x8EF5E715FD4C1479)
 _MASK64: Final = (1 << 64) - 1
+_CHUNK_KEYS: Final = 1 << 16  # keys hashed at once: ~1 MB integers, whatever the partition
 
 
 class TermFilter:
@@ -62,21 +63,10 @@ class TermFilter:
     def build(cls, keys: Iterable[int], hashes: int = HASHES) -> TermFilter:
         """The filter of these keys (repeats allowed: sized by the distinct count)."""
         distinct = array("I", set(keys))
-        count = len(distinct)
-        size = max(64, -(-count * BITS_PER_KEY // 64) * 64)
+        size = max(64, -(-len(distinct) * BITS_PER_KEY // 64) * 64)
         marks = bytearray(size)  # one byte per bit until packed
-        if count:
-            wide = array("I", bytes(16 * count))
-            wide[0::4] = distinct
-            lanes = int.from_bytes(array_bytes(wide), "little")
-            hashed = array("I", bytes(8 * count))
-            for multiplier in _MULTIPLIERS[:hashes]:
-                product = array_from("I", (lanes * multiplier).to_bytes(16 * count + 8, "little"))
-                hashed[0::2] = product[1:4 * count:4]  # bits 32..63 of key * multiplier
-                spread = (int.from_bytes(array_bytes(hashed), "little") * size).to_bytes(
-                    8 * count + 8, "little")
-                positions = array_from("I", spread)[1:2 * count:2]  # hash * size >> 32
-                deque(map(marks.__setitem__, positions, repeat(1)), maxlen=0)
+        for start in range(0, len(distinct), _CHUNK_KEYS):
+            _mark(marks, distinct[start:start + _CHUNK_KEYS], size, _MULTIPLIERS[:hashes])
         packed = 0
         for bit in range(8):
             packed |= int.from_bytes(marks[bit::8], "little") << bit
@@ -105,6 +95,22 @@ class TermFilter:
         if len(data) < _HEADER or data[0] != _VERSION:
             raise ValueError(f"term filter: not version {_VERSION} ({len(data)} bytes)")
         return cls(bytes(data[_HEADER:]), int.from_bytes(data[2:_HEADER], "little"), data[1])
+
+
+def _mark(marks: bytearray, keys: array[int], size: int, multipliers: Sequence[int]) -> None:
+    """Set the byte of every probe of every key (see the module's docstring)."""
+    count = len(keys)
+    wide = array("I", bytes(16 * count))
+    wide[0::4] = keys
+    lanes = int.from_bytes(array_bytes(wide), "little")
+    hashed = array("I", bytes(8 * count))
+    for multiplier in multipliers:
+        product = array_from("I", (lanes * multiplier).to_bytes(16 * count + 8, "little"))
+        hashed[0::2] = product[1:4 * count:4]  # bits 32..63 of key * multiplier
+        spread = (int.from_bytes(array_bytes(hashed), "little") * size).to_bytes(
+            8 * count + 8, "little")
+        positions = array_from("I", spread)[1:2 * count:2]  # hash * size >> 32
+        deque(map(marks.__setitem__, positions, repeat(1)), maxlen=0)
 
 
 def filter_key_groups(filters: Mapping[str, Sequence[str]]) -> list[list[int]]:
