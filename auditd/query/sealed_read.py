@@ -128,6 +128,8 @@ class SealedReader:
               wanted: int) -> list[StoredEvent]:
         """Up to `wanted` matching events with seq <= through, in the spec's order."""
         self.forget_missing(files)
+        if wanted <= 0:
+            return []
         filters = spec.partition_filters()
         # Every tag key's values, though the index is asked for the first key's only.
         groups = filter_key_groups(filters) + [
