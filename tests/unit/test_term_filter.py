@@ -232,6 +232,10 @@ def test_a_partition_that_cannot_hold_the_value_is_skipped(
     either = figures_of(stores, index, "filtered", [("target", in_p1.target or ""),
                                                     ("target", in_p3.target or "")])
     assert either["partitions_probed"] >= 2
+    # A second tag key, which the index is not asked for, rules partitions out too.
+    tags = figures_of(stores, index, "filtered", [("tag.region", "eu-central-1"),
+                                                  ("tag.env", "nowhere")])
+    assert tags["partitions_skipped"] == 4
     # No filter field at all: nothing to rule out.
     newest = figures_of(stores, index, "filtered", [])
     assert (newest["partitions_skipped"], newest["partitions_probed"]) == (0, 4)
