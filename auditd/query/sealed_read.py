@@ -29,12 +29,13 @@ from auditd.query.spec import QuerySpec, matches
 from auditd.schema import StoredEvent
 from auditd.store.partition.layout import STREAM, term_key
 from auditd.store.partition.read import SealedPartition
-from auditd.store.partition.term_filter import TermFilter, filter_key_groups
+from auditd.store.partition.term_filter import Probes, TermFilter, probe_groups, probes
 from auditd.store.records import event_from_record, is_dead_letter
 
 log = structlog.get_logger("auditd.query.sealed_read")
 
 Files = list[tuple[int, int, Path]]
+_UNOPENED = TermFilter(bytes(8), 64)  # a sentinel: the partition is not open yet
 _CACHE_KB = 512
 _CACHED_BLOCKS = 128  # while a query runs; _KEPT_BLOCKS between queries
 _KEPT_BLOCKS = 16
@@ -61,6 +62,7 @@ class SealedReader:
     def __init__(self) -> None:
         self._open: dict[Path, SealedPartition] = {}
         self._filters: dict[Path, TermFilter | None] = {}
+        self._catalogued = (0, 0, 0)  # what forget_missing saw last
         self.figures = FilterFigures()
 
     def close(self) -> None:
@@ -68,6 +70,7 @@ class SealedReader:
             part.close()
         self._open.clear()
         self._filters.clear()
+        self._catalogued = (0, 0, 0)
         self.figures.loaded = self.figures.bytes = 0
 
     def _part(self, path: Path) -> SealedPartition:
@@ -89,18 +92,21 @@ class SealedReader:
                 self.figures.bytes += found.nbytes
         return part
 
-    def _may_hold(self, path: Path, groups: list[list[int]]) -> bool:
+    def _may_hold(self, path: Path, groups: list[list[Probes]]) -> bool:
         """Whether the partition at `path` may hold events with these keys (see
-        term_filter.filter_key_groups); counts the answer."""
+        term_filter.probe_groups); counts the answer."""
+        figures = self.figures
         if groups:
-            self._part(path)
-            found = self._filters.get(path)
+            found = self._filters.get(path, _UNOPENED)
+            if found is _UNOPENED:
+                self._part(path)
+                found = self._filters[path]
             if found is None:
-                self.figures.unfiltered += 1
+                figures.unfiltered += 1
             elif found.rules_out(groups):
-                self.figures.skipped += 1
+                figures.skipped += 1
                 return False
-        self.figures.probed += 1
+        figures.probed += 1
         return True
 
     def warm(self, files: Files) -> int:
@@ -116,6 +122,12 @@ class SealedReader:
 
     def forget_missing(self, files: Files) -> None:
         """Close partitions no longer catalogued (retention dropped them)."""
+        # The catalog is contiguous ranges in seq order: the same count, first and last
+        # seq are the same files, and this runs before every query.
+        signature = (len(files), files[0][0], files[-1][1]) if files else (0, 0, 0)
+        if signature == self._catalogued:
+            return
+        self._catalogued = signature
         live = {path for _, _, path in files}
         for path in [p for p in self._open if p not in live]:
             self._open.pop(path).close()
@@ -132,9 +144,9 @@ class SealedReader:
             return []
         filters = spec.partition_filters()
         # Every tag key's values, though the index is asked for the first key's only.
-        groups = filter_key_groups(filters) + [
+        groups = probe_groups(filters) + [
             keys for values in list(spec.tag_groups.values())[1:]
-            for keys in filter_key_groups({"tag": list(values)})]
+            for keys in probe_groups({"tag": list(values)})]
         after = spec.after
         before = through + 1 if spec.before is None else min(spec.before, through + 1)
         out: list[StoredEvent] = []
@@ -194,7 +206,7 @@ class SealedReader:
         """Sealed events of the spec's one stream with first_ss <= stream_seq <= last_ss,
         by stream_seq, up to spec.limit."""
         (stream,) = spec.values["stream"]
-        groups = [[term_key(STREAM + stream)]]
+        groups = [[probes(term_key(STREAM + stream))]]
         out: list[StoredEvent] = []
         for _, _, path in files:
             if not self._may_hold(path, groups):

@@ -46,14 +46,14 @@ _CHUNK_KEYS: Final = 1 << 16  # keys hashed at once: ~1 MB integers, whatever th
 class TermFilter:
     """A Bloom filter of 32-bit term keys. Immutable once built; any thread may read it."""
 
-    __slots__ = ("bits", "multipliers", "size")
+    __slots__ = ("bits", "hashes", "size")
 
     def __init__(self, bits: bytes, size: int, hashes: int = HASHES) -> None:
         if size <= 0 or size % 8 or len(bits) != size // 8:
             raise ValueError(f"term filter: {len(bits)} bytes for {size} bits")
         if not 1 <= hashes <= len(_MULTIPLIERS):
             raise ValueError(f"term filter: {hashes} hashes, at most {len(_MULTIPLIERS)}")
-        self.bits, self.size, self.multipliers = bits, size, _MULTIPLIERS[:hashes]
+        self.bits, self.size, self.hashes = bits, size, hashes
 
     @property
     def nbytes(self) -> int:
@@ -73,20 +73,27 @@ class TermFilter:
         return cls(packed.to_bytes(size // 8, "little"), size, hashes)
 
     def may_hold(self, key: int) -> bool:
-        bits, size = self.bits, self.size
-        for multiplier in self.multipliers:
-            position = (((key * multiplier) & _MASK64) >> 32) * size >> 32
-            if not bits[position >> 3] >> (position & 7) & 1:
-                return False
-        return True
+        return not self.rules_out([[probes(key)]])
 
-    def rules_out(self, groups: Sequence[Sequence[int]]) -> bool:
-        """Whether no record here can match: the groups AND, the keys of a group OR, so
-        one group none of whose keys may be here rules the partition out."""
-        return any(not any(map(self.may_hold, keys)) for keys in groups)
+    def rules_out(self, groups: Sequence[Sequence[Probes]]) -> bool:
+        """Whether no record here can match: the groups AND, the keys of a group OR (as
+        `probes` of each), so one group none of whose keys may be here rules it out.
+        Plain loops: a query runs this once per partition."""
+        bits, size, count = self.bits, self.size, self.hashes
+        for group in groups:
+            for hashes in group:
+                for at in range(count):
+                    position = hashes[at] * size >> 32
+                    if not bits[position >> 3] >> (position & 7) & 1:
+                        break
+                else:
+                    break  # this key may be here: the group may match
+            else:
+                return True
+        return False
 
     def to_bytes(self) -> bytes:
-        header = bytes((_VERSION, len(self.multipliers))) + self.size.to_bytes(4, "little")
+        header = bytes((_VERSION, self.hashes)) + self.size.to_bytes(4, "little")
         return header + self.bits
 
     @classmethod
@@ -113,8 +120,17 @@ def _mark(marks: bytearray, keys: array[int], size: int, multipliers: Sequence[i
         deque(map(marks.__setitem__, positions, repeat(1)), maxlen=0)
 
 
-def filter_key_groups(filters: Mapping[str, Sequence[str]]) -> list[list[int]]:
-    """The keys a partition must hold to match these filters (as SealedPartition.query
-    takes them): one group per term list the query ANDs, each group an OR."""
-    return [[term_key(term) for term in terms]
+Probes = tuple[int, ...]  # a key's 32-bit hash under each multiplier
+
+
+def probes(key: int) -> Probes:
+    """A key's hashes, the same for every partition's filter (each maps them onto its own
+    bit count): computed once per query, tested against each partition."""
+    return tuple(((key * multiplier) & _MASK64) >> 32 for multiplier in _MULTIPLIERS)
+
+
+def probe_groups(filters: Mapping[str, Sequence[str]]) -> list[list[Probes]]:
+    """What a partition must hold to match these filters (as SealedPartition.query
+    takes them): one group per term list the query ANDs, each group an OR of keys."""
+    return [[probes(term_key(term)) for term in terms]
             for name, values in filters.items() for terms in filter_terms(name, values)]
