@@ -32,7 +32,7 @@ import structlog
 from auditd.query.hot_index import NAME_FIELDS, Columns, HotIndex
 from auditd.query.hot_search import candidate_slots
 from auditd.query.rows import connect_reader, hot_rows, name_ids
-from auditd.query.sealed_read import SealedReader
+from auditd.query.sealed_read import DEFAULT_FILTER_BUDGET, SealedReader
 from auditd.query.spec import QuerySpec, matches
 from auditd.schema import StoredEvent, id_hash
 
@@ -61,11 +61,11 @@ class SealedFiles(Protocol):
 
 class QueryEngine:
     def __init__(self, db_path: Path, hot: HotIndex, sealed: SealedFiles,
-                 recent: RecentEvents) -> None:
+                 recent: RecentEvents, filter_budget: int = DEFAULT_FILTER_BUDGET) -> None:
         self.db_path, self.hot, self.sealed, self.recent = db_path, hot, sealed, recent
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-query")
         self._conn: sqlite3.Connection | None = None  # only on _thread
-        self.partitions = SealedReader()  # only on _thread
+        self.partitions = SealedReader(filter_budget)  # only on _thread
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ log = structlog.get_logger("auditd.query.sealed_read")
 
 Files = list[tuple[int, int, Path]]
 _UNOPENED = TermFilter(bytes(8), 64)  # a sentinel: the partition is not open yet
+DEFAULT_FILTER_BUDGET = 32 << 20  # storage.term_filter_bytes: ~83 partitions of the soak's
 _CACHE_KB = 512
 _CACHED_BLOCKS = 128  # while a query runs; _KEPT_BLOCKS between queries
 _KEPT_BLOCKS = 16
@@ -51,15 +53,21 @@ class FilterFigures:
     unfiltered: int = 0  # of those probed: no filter to consult (sealed before filters)
     loaded: int = 0  # partitions open with a filter in memory now
     bytes: int = 0  # those filters' bits
+    left_out: int = 0  # filters not kept (or let go) to stay within the memory budget
 
     def document(self) -> dict[str, Any]:
         return {"partitions_probed": self.probed, "partitions_skipped": self.skipped,
                 "partitions_unfiltered": self.unfiltered, "filters": self.loaded,
-                "filter_bytes": self.bytes}
+                "filter_bytes": self.bytes, "filters_over_budget": self.left_out}
 
 
 class SealedReader:
-    def __init__(self) -> None:
+    """`filter_budget`: bytes the term filters may hold (storage.term_filter_bytes).
+    Past it the oldest partitions' filters are let go, so the newest, which queries
+    read first, keep theirs; a partition without one is simply asked."""
+
+    def __init__(self, filter_budget: int = DEFAULT_FILTER_BUDGET) -> None:
+        self.filter_budget = filter_budget
         self._open: dict[Path, SealedPartition] = {}
         self._filters: dict[Path, TermFilter | None] = {}
         self._catalogued = (0, 0, 0)  # what forget_missing saw last
@@ -86,11 +94,27 @@ class SealedReader:
             # (rest()), as few as the store's set keeps, so that memory stays bounded
             # however many partitions queries touch.
             part.cached_blocks = _CACHED_BLOCKS
-            self._filters[path] = found = _read_filter(part)
-            if found is not None:
-                self.figures.loaded += 1
-                self.figures.bytes += found.nbytes
+            self._keep_filter(path, _read_filter(part))
         return part
+
+    def _keep_filter(self, path: Path, found: TermFilter | None) -> None:
+        figures = self.figures
+        while found is not None and figures.bytes + found.nbytes > self.filter_budget:
+            # Partition names sort by seq: the oldest holding a filter lets it go, unless
+            # this one is older still.
+            held = [(p, f) for p, f in self._filters.items() if f is not None]
+            figures.left_out += 1
+            if not held or min(held, key=itemgetter(0))[0] > path:
+                found = None
+                break
+            oldest, dropped = min(held, key=itemgetter(0))
+            self._filters[oldest] = None
+            figures.loaded -= 1
+            figures.bytes -= dropped.nbytes
+        self._filters[path] = found
+        if found is not None:
+            figures.loaded += 1
+            figures.bytes += found.nbytes
 
     def _may_hold(self, path: Path, groups: list[list[Probes]]) -> bool:
         """Whether the partition at `path` may hold events with these keys (see
@@ -110,8 +134,9 @@ class SealedReader:
         return True
 
     def warm(self, files: Files) -> int:
-        """Open every partition and read its zone map ahead of the first query."""
-        for _, _, path in files:
+        """Open every partition and read its zone map ahead of the first query (newest
+        first: if the filters' budget runs out, it is the oldest that go without)."""
+        for _, _, path in reversed(files):
             self._part(path).zones()
         return len(files)
 

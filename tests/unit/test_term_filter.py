@@ -162,8 +162,9 @@ def index(stores: dict[str, Path]) -> HotIndex:
     return hot
 
 
-def run(lib: Path, index: HotIndex, spec: QuerySpec) -> tuple[list[int], dict[str, Any]]:
-    engine = QueryEngine(lib / "auditd.db", index, Files(lib), lambda seqs: {})
+def run(lib: Path, index: HotIndex, spec: QuerySpec,
+        **options: Any) -> tuple[list[int], dict[str, Any]]:
+    engine = QueryEngine(lib / "auditd.db", index, Files(lib), lambda seqs: {}, **options)
 
     async def go() -> tuple[list[int], dict[str, Any]]:
         try:
@@ -279,3 +280,27 @@ def test_a_streams_partitions_are_skipped_too(stores: dict[str, Path],
             holding = {(e.seq - 1) // PARTITION for e in EVENTS
                        if e.stream == stream and e.seq <= 4000}
             assert figures["partitions_skipped"] == 4 - len(holding)
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_past_the_memory_budget_the_oldest_partitions_go_without(
+        stores: dict[str, Path], index: HotIndex, order: str) -> None:
+    sizes = []
+    for _, _, path in Files(stores["filtered"]).files():
+        with SealedPartition(path) as part:
+            held = part.term_filter()
+            assert held is not None
+            sizes.append(held.nbytes)
+    spec = parse_query(MultiDict([("actor", "nobody@nowhere.example"), ("order", order)]))
+    found, figures = run(stores["filtered"], index, spec, filter_budget=sizes[-1] + 1)
+    assert found == []
+    assert (figures["filters"], figures["filter_bytes"]) == (1, sizes[-1])
+    assert figures["filters_over_budget"] == 3
+    # Oldest first, each partition's filter serves its own check before the next one
+    # (newer) takes its place; newest first, the newest keeps it and the rest go without.
+    assert (figures["partitions_skipped"], figures["partitions_unfiltered"]) == (
+        (1, 3) if order == "desc" else (4, 0))
+    for pairs in CASES:
+        spec = parse_query(MultiDict([*pairs, ("order", order), ("limit", "10000")]))
+        assert run(stores["filtered"], index, spec, filter_budget=sizes[-1] + 1)[0] == brute(
+            spec)
