@@ -122,7 +122,7 @@ class RunCollector:
         self._last_ts = 0
         self.singles_by_field: Counter[str] = Counter()
         # Every filter field's term keys, each run's (repeats across runs): the term
-        # filter's input (term_filter.py). ~10 bytes an event at the soak's cardinalities.
+        # filter's input (term_filter.py). ~12 bytes an event at the soak's cardinalities.
         self.filter_keys = array("I")
 
     def _fresh(self) -> None:
