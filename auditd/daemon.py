@@ -88,7 +88,8 @@ class Daemon:
         self.dead_letters = DeadLetterStore(self.store.path)
         self.hot_index = HotIndex()
         self.query_engine = QueryEngine(self.store.path, self.hot_index, self.store.sealed,
-                                        lambda seqs: self.ring.committed_by_seq(seqs))
+                                        lambda seqs: self.ring.committed_by_seq(seqs),
+                                        config.size("storage", "term_filter_bytes"))
         self.feed = CommitFeed()  # committed events for /tail?follow=1
         self.control = DaemonControl(self)
         self.status = StatusServer(self.control)

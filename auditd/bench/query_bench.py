@@ -158,6 +158,7 @@ def run_query_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
                 found = len(body["events"])
             results[name] = {"events": found, "server_ms": _stats(server),
                              "server_cpu_ms": _stats(cpu), "socket_ms": _stats(through)}
+        filters = _get(conn, "/stats")[0].get("query")  # the term filters' skips, bytes
         conn.close()
         rss = peak_rss_mb(daemon.proc.pid if daemon.proc else None)
         rebuilt = [json.loads(line) for line in daemon.log_path.read_text().splitlines()
@@ -165,7 +166,7 @@ def run_query_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     medians = [r["server_ms"]["p50"] for r in results.values()]
     return {"events": count, "sealed": split(count, partition), "partition_events": partition,
             "repeat": repeat, **built, "daemon_peak_rss_mb": rss,
-            "hot_index": rebuilt[0] if rebuilt else None,
+            "hot_index": rebuilt[0] if rebuilt else None, "term_filters": filters,
             "worst_server_p50_ms": max(medians),
             "worst_server_p99_ms": max(r["server_ms"]["p99"] for r in results.values()),
             "queries": results}

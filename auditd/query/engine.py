@@ -32,7 +32,7 @@ import structlog
 from auditd.query.hot_index import NAME_FIELDS, Columns, HotIndex
 from auditd.query.hot_search import candidate_slots
 from auditd.query.rows import connect_reader, hot_rows, name_ids
-from auditd.query.sealed_read import SealedReader
+from auditd.query.sealed_read import DEFAULT_FILTER_BUDGET, SealedReader
 from auditd.query.spec import QuerySpec, matches
 from auditd.schema import StoredEvent, id_hash
 
@@ -61,11 +61,11 @@ class SealedFiles(Protocol):
 
 class QueryEngine:
     def __init__(self, db_path: Path, hot: HotIndex, sealed: SealedFiles,
-                 recent: RecentEvents) -> None:
+                 recent: RecentEvents, filter_budget: int = DEFAULT_FILTER_BUDGET) -> None:
         self.db_path, self.hot, self.sealed, self.recent = db_path, hot, sealed, recent
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-query")
         self._conn: sqlite3.Connection | None = None  # only on _thread
-        self.partitions = SealedReader()  # only on _thread
+        self.partitions = SealedReader(filter_budget)  # only on _thread
 
     def _call(self, function: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
@@ -76,6 +76,10 @@ class QueryEngine:
             self._conn = connect_reader(self.db_path)
         return self._conn
 
+    def figures(self) -> dict[str, Any]:
+        """The /stats `query` section: what the partitions' term filters did."""
+        return self.partitions.figures.document()
+
     async def warm(self) -> None:
         """Open the partitions for reads now, so the first query does not pay for it."""
         started = time.perf_counter()
@@ -84,8 +88,9 @@ class QueryEngine:
         except Exception as exc:  # a courtesy: queries open what they need anyway
             log.warning("query_partitions_open_failed", error=repr(exc))
             return
-        log.info("query_partitions_opened", partitions=opened,
-                 ms=round((time.perf_counter() - started) * 1000, 1))
+        figures = self.partitions.figures
+        log.info("query_partitions_opened", partitions=opened, term_filters=figures.loaded,
+                 filter_bytes=figures.bytes, ms=round((time.perf_counter() - started) * 1000, 1))
 
     async def aclose(self) -> None:
         def close() -> None:

@@ -122,6 +122,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
                       "refused_frames": stats.id_lookup_refused_frames,
                       "fault": gauges.id_lookup_fault},
         "follow": source.feed.figures(),
+        "query": source.events.figures(),
         "rates": sampler.rates() if sampler is not None else None,
         "uptime_s": round(time.time() - stats.started_at, 3),
         "started_at": stats.started_at,

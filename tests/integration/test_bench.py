@@ -66,6 +66,7 @@ def test_query_bench_reports_every_query(tmp_path: Any) -> None:
     doc = bench("--query", "3500", "--query-repeat", "2", "--config", str(config))["query"]
     assert doc["events"] == 3500 and doc["sealed"] == 3000
     assert doc["hot_index"]["events"] == 500
+    assert doc["term_filters"]["filters"] == 3 and doc["term_filters"]["partitions_skipped"]
     queries = doc["queries"]
     assert {"type", "type+1h", "or_two_actors", "newest_100", "page_after_cursor",
             "correlation_100", "rare_word_0.1%"} <= set(queries)

@@ -45,6 +45,7 @@ from auditd.store.partition.layout import (
     array_bytes,
     encode_block,
 )
+from auditd.store.partition.term_filter import FILTER_META, TermFilter
 
 
 class PartitionInputError(AuditdError):
@@ -63,6 +64,7 @@ class SealedInfo:
     seconds: float  # wall clock
     cpu_seconds: float
     bytes_by_field: dict[str, int] = field(default_factory=dict)  # index payload per field
+    filter_bytes: int = 0  # the term filter's bits (what a reader holds in memory)
 
 
 def partition_name(first_seq: int, last_seq: int) -> str:
@@ -223,8 +225,10 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
                 f"the records ended at seq {expected - 1}, before the range's last {last_seq}")
         if collector.ts:
             _end_run(collector, run, stripes, zone_min, zone_max)
-        singles_by_field = collector.singles_by_field
-        del collector
+        singles_by_field, filter_keys = collector.singles_by_field, collector.filter_keys
+        del collector  # first: the filter's build reuses the memory of its dicts
+        term_filter = TermFilter.build(filter_keys)
+        del filter_keys
         blocks.finish(block)
         bits = bucket_bits(stripes.entries)
         assembler = Assembler(conn, run_records, bits)
@@ -237,7 +241,7 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
             "zone_records": ZONE_RECORDS, "zone_min_ts": array_bytes(zone_min),
             "zone_max_ts": array_bytes(zone_max), "sealed_at": time.time_ns(),
             "dictionary": None if dictionary is None else dictionary.as_bytes(),
-            "dictionary_id": dictionary_id,
+            "dictionary_id": dictionary_id, FILTER_META: term_filter.to_bytes(),
         }
         conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         conn.execute("COMMIT")
@@ -261,7 +265,8 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         final, first_seq, last_seq, count, final.stat().st_size, dictionary_id,
         FORMAT_VERSION, time.perf_counter() - started, time.process_time() - cpu_started,
         dict(assembler.bytes_by_field + Counter(
-            {letter: 4 * n for letter, n in singles_by_field.items()})))
+            {letter: 4 * n for letter, n in singles_by_field.items()})),
+        term_filter.nbytes)
 
 
 def _end_run(collector: RunCollector, run: int, stripes: StripeFiles, zone_min: array[int],

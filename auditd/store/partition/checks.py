@@ -10,7 +10,7 @@ import msgspec
 import zstandard
 
 from auditd.store.partition.fields import IndexedFields, decode_fields, record_terms
-from auditd.store.partition.layout import FORMAT_VERSION, ID, ZONE_RECORDS
+from auditd.store.partition.layout import FORMAT_VERSION, ID, ZONE_RECORDS, term_key
 
 if TYPE_CHECKING:
     from auditd.store.partition.read import SealedPartition
@@ -22,7 +22,7 @@ def check_partition(part: SealedPartition) -> list[str]:
     """Problems found, empty when none: the SQLite file, the format version, every
     record (decodes, holds the seq of its place, the block's checksum holds), the dead
     letters' postings, and for a sample of records every term's postings, the id
-    lookup and the zone map."""
+    lookup, the term filter and the zone map."""
     problems = []
     try:
         problems += [f"sqlite: {line}" for (line,) in part.conn.execute("PRAGMA quick_check")
@@ -65,6 +65,11 @@ def check_partition(part: SealedPartition) -> list[str]:
 
 def _sample(part: SealedPartition, sample: list[tuple[int, IndexedFields]]) -> list[str]:
     problems = []
+    try:
+        term_filter = part.term_filter()  # None: sealed before filters, nothing to check
+    except ValueError as exc:
+        problems.append(f"{exc}")
+        term_filter = None
     zones = part.zones()
     mins, maxs = zones.mins, zones.maxs
     for offset, fields in sample:
@@ -75,6 +80,9 @@ def _sample(part: SealedPartition, sample: list[tuple[int, IndexedFields]]) -> l
                 offset in long.between(part.run, offset, offset) for long in postings.exact)
             if not held:
                 problems.append(f"seq {seq}: term {term!r} not in the index")
+            if term_filter is not None and term[0] != ID and not term_filter.may_hold(
+                    term_key(term)):
+                problems.append(f"seq {seq}: term {term!r} not in the term filter")
         if part.lookup_id(fields.id) != seq:
             problems.append(f"seq {seq}: id {fields.id} looks up {part.lookup_id(fields.id)}")
         zone = offset // ZONE_RECORDS

@@ -121,6 +121,9 @@ class RunCollector:
         self.ts = array("q")
         self._last_ts = 0
         self.singles_by_field: Counter[str] = Counter()
+        # Every filter field's term keys, each run's (repeats across runs): the term
+        # filter's input (term_filter.py). ~12 bytes an event at the soak's cardinalities.
+        self.filter_keys = array("I")
 
     def _fresh(self) -> None:
         self.words: defaultdict[bytes, Postings] = defaultdict(_new_postings)
@@ -157,7 +160,9 @@ class RunCollector:
         self.singles.append(_crc32(fields.id.encode(), _ID_SEED) << 24 | single)
         value = fields.causation_id
         if value is not None:
-            self.singles.append(_crc32(value.encode(), _CAUSATION_SEED) << 24 | single)
+            key = _crc32(value.encode(), _CAUSATION_SEED)
+            self.singles.append(key << 24 | single)
+            self.filter_keys.append(key)
         for postings in self.types[fields.type]:
             postings.append(offset)
         value = fields.actor
@@ -212,11 +217,13 @@ class RunCollector:
             (UID, ((str(v).encode(), p) for v, p in self.uids.items() if p)),
             (WORD, ((v, p) for v, p in self.words.items() if p)),
         ]
+        keep_key = self.filter_keys.append
         for letter, entries in sources:
             seed, alone = SEED[letter], 0
             most = SINGLE_CORRELATION_POSTINGS if letter == CORRELATION else SINGLE_POSTINGS
             for raw, one in entries:
                 key = crc32(raw, seed)
+                keep_key(key)
                 if len(one) == 1:
                     alone += 1
                     singles.append(key << 24 | base | one[0])
@@ -233,6 +240,7 @@ class RunCollector:
             if not one:
                 continue
             key = crc32(stream.encode(), seed)
+            keep_key(key)
             grouped[key >> shift].append(
                 (key, STREAM + stream, run, array_bytes(one), array_bytes(stream_seqs)))
             del one[:], stream_seqs[:]

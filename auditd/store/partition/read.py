@@ -31,6 +31,7 @@ from auditd.store.partition.layout import (
     decode_block,
 )
 from auditd.store.partition.lookup import Run, TermPostings, connection_runner, resolve
+from auditd.store.partition.term_filter import FILTER_META, TermFilter
 
 SELECT_RECORD_ROWS = "SELECT data FROM record_stream WHERE row BETWEEN ? AND ? ORDER BY row"
 SELECT_BLOCK_STARTS = "SELECT start FROM blocks WHERE block BETWEEN ? AND ? ORDER BY block"
@@ -53,7 +54,7 @@ class SealedPartition:
             self.conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
             meta = dict(self.conn.execute(
                 "SELECT key, value FROM meta WHERE key NOT IN "
-                "('dictionary', 'zone_min_ts', 'zone_max_ts')").fetchall())
+                "('dictionary', 'zone_min_ts', 'zone_max_ts', ?)", (FILTER_META,)).fetchall())
         except sqlite3.DatabaseError as exc:
             self.conn.close()
             raise PartitionFormatError(f"{path}: not a sealed partition: {exc}") from None
@@ -195,6 +196,12 @@ class SealedPartition:
             self._zones = queries.Zones(array_from("q", self._meta_blob("zone_min_ts") or b""),
                                         array_from("q", self._meta_blob("zone_max_ts") or b""))
         return self._zones
+
+    def term_filter(self) -> TermFilter | None:
+        """The filter of the terms here (read on each call: a reader keeps its own);
+        None for a file sealed before partitions had one. ValueError when damaged."""
+        blob = self._meta_blob(FILTER_META)
+        return None if blob is None else TermFilter.from_bytes(blob)
 
     def dead_offsets(self) -> set[int]:
         if self._dead is None:
