@@ -120,6 +120,7 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
     others = [f"--{name}" for name in ("target", "stream", "correlation", "causation",
                                        "tag", "grep") if getattr(args, name)]
     others += [f"--{name}" for name in ("after", "tree") if getattr(args, name)]
+    others += ["--origin-host"] if args.origin_host else []
     if others:
         raise UsageError(f"--count-by counts from the projections: {', '.join(others)} "
                          "cannot narrow it (--type, --actor, --comm, --uid, --since, "

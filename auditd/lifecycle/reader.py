@@ -183,14 +183,14 @@ def check_file(path: str, vkey: VerifierKey | None) -> FileCheck:
         previous = manifest.first_seq - 1
         for record in found:
             seq = record.seq
-            if manifest.complete and seq != previous + 1:
-                raise ManifestError(f"seq {previous + 1} is missing (the next record holds "
-                                    f"seq {seq}): the file is not the complete export its "
-                                    "manifest says")
             if seq <= previous or seq > manifest.last_seq:
                 raise ManifestError(f"record of seq {seq} is out of order or outside the "
                                     f"manifest's range {manifest.first_seq}.."
                                     f"{manifest.last_seq}")
+            if manifest.complete and seq != previous + 1:
+                raise ManifestError(f"seq {previous + 1} is missing (the next record holds "
+                                    f"seq {seq}): the file is not the complete export its "
+                                    "manifest says")
             previous = seq
             if record.dead_letter:
                 check.dead_letters += 1

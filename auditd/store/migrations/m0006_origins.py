@@ -21,6 +21,8 @@ UP: tuple[str, ...] = (
         origin_received_at INTEGER NOT NULL
     )""",
     "CREATE UNIQUE INDEX event_origins_origin ON event_origins (origin_host, origin_seq)",
+    # GET /events?origin_host=H pages through one host's imports by seq here.
+    "CREATE INDEX event_origins_host_seq ON event_origins (origin_host, seq)",
 )
 
 DOWN: tuple[str, ...] = ("DROP TABLE event_origins",)
