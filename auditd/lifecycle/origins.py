@@ -9,6 +9,7 @@ a bounded chunk per transaction so a large body never holds the write lock long.
 from __future__ import annotations
 
 import sqlite3
+from typing import Annotated
 
 import msgspec
 
@@ -19,10 +20,14 @@ MAX_BODY = 16 * 1024 * 1024  # 20,000 origins are ~0.7 MB of JSON
 _INSERT = "INSERT OR IGNORE INTO event_origins VALUES (?, ?, ?, ?)"
 
 
+Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Nanoseconds = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class OriginsRequest(msgspec.Struct, forbid_unknown_fields=True):
-    host: str
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     # [seq here, seq in the origin store, received_at there (ns)]
-    origins: list[tuple[int, int, int]]
+    origins: list[tuple[Seq, Seq, Nanoseconds]]
 
 
 def insert_origins(db: sqlite3.Connection, host: str, rows: list[tuple[int, int, int]]) -> int:
