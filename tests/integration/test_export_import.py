@@ -15,7 +15,13 @@ from typing import Any
 import msgspec
 import pytest
 import zstandard
-from conftest import DaemonProcess, wait_committed, wait_for, wait_sealed_through
+from conftest import (
+    DaemonProcess,
+    UnixHTTPConnection,
+    wait_committed,
+    wait_for,
+    wait_sealed_through,
+)
 from proofs_store import SETTINGS, checkpoint_size, get, send
 
 from auditd.proofs.records import RecordSource
@@ -252,3 +258,71 @@ def test_bad_arguments_get_one_line(source: DaemonProcess, short_tmp: Path) -> N
     done = run(source, "import", str(path))
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "running daemon" in done.stderr or "cannot reach" in done.stderr, done.stderr
+
+
+POISON = ("CREATE TRIGGER poison BEFORE INSERT ON events"
+          " WHEN NEW.type = (SELECT id FROM names WHERE value = 'poison.event')"
+          " BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+
+
+def test_dead_letters_are_exported_and_skipped_by_import(make_daemon: Any,
+                                                         short_tmp: Path) -> None:
+    """A seq the writer dead-lettered (a trigger refuses its insert) is in a complete
+    export as its dead-letter record: the root still checks; import skips it."""
+    source: DaemonProcess = make_daemon({"proofs": {"checkpoint_every": "100ms"}}, name="src")
+    send(source, 0, 10)
+    wait_committed(source, 10)
+    with contextlib.closing(sqlite3.connect(source.db_path, isolation_level=None,
+                                            timeout=10)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO names (value) VALUES ('poison.event') ON CONFLICT DO NOTHING")
+        db.execute(POISON)
+        db.execute("COMMIT")
+    with source.connect() as conn:
+        assert conn.request([{"type": "poison.event", "id": "p"},
+                             {"type": "fine", "id": "f"}])["ok"] == 2
+    wait_for(lambda: source.query("SELECT count(*) FROM dead_letters") == [(1,)], 30,
+             "the dead letter")
+    wait_for(lambda: checkpoint_size(source) >= 12, 30, "a checkpoint of 12")
+    path = short_tmp / "dl.msgpack"
+    doc = exported(source, path, "--format", "msgpack")
+    jsonl_path = short_tmp / "dl.jsonl"
+    exported(source, jsonl_path, "--until-seq", str(doc["last_seq"]))
+    lines = [json.loads(line) for line in jsonl_path.read_text().splitlines()[1:]]
+    assert [line["seq"] for line in lines if line.get("dead_letter")] == [11]
+    target: DaemonProcess = make_daemon(name="dst")
+    report = imported(target, path, "--vkey", vkey_of(source))
+    assert report["root_checked"] and report["dead_letters_skipped"] == 1
+    assert report["new"] == doc["count"] - 1
+    ids = {e.id for e in stored(target).values()}
+    assert "f" in ids and "p" not in ids
+
+
+def test_a_cut_jsonl_file_and_a_non_admin_are_refused(source: DaemonProcess,
+                                                      short_tmp: Path) -> None:
+    path = short_tmp / "cut.jsonl"
+    exported(source, path, "--until-seq", "50")
+    text = path.read_bytes()
+    cut = short_tmp / "cut2.jsonl"
+    cut.write_bytes(text[:-40])
+    done = run(source, "import", str(cut))
+    assert done.returncode == 1 and "truncated" in done.stderr, done.stderr
+    source.config_path.write_text(source.config_path.read_text().replace(
+        "admin_uids = [0]", "admin_uids = [4242]"))
+    assert get_post(source, "/reload")[0] == 200
+    before = {e.id for e in stored(source).values() if not e.type.startswith("auditd.")}
+    done = run(source, "import", str(path))
+    assert done.returncode == 1 and "403" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1
+    after = {e.id for e in stored(source).values() if not e.type.startswith("auditd.")}
+    assert after == before and source.query("SELECT count(*) FROM event_origins") == [(0,)]
+
+
+def get_post(daemon: DaemonProcess, path: str) -> tuple[int, bytes]:
+    conn = UnixHTTPConnection(daemon.status_socket)
+    try:
+        conn.request("POST", path, body=b"")
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
