@@ -173,7 +173,9 @@ def cmd_import(args: argparse.Namespace, config: Config) -> int:
               + ("; signature checked" if check.signature_checked else ""))
         return EXIT_OK
     report = import_file(args.file, check, args.socket or config.ingest.socket,
-                         str(args.status_socket or config.status.socket))
+                         str(args.status_socket or config.status.socket),
+                         max_frame_bytes=config.size("ingest", "max_frame_bytes"),
+                         max_batch=config.ingest.max_batch_events)
     doc = report.document(check)
     if args.json:
         print(json.dumps(doc))

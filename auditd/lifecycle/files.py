@@ -128,14 +128,13 @@ def msgpack_values(stream: IO[bytes]) -> Iterator[bytes]:
                 used = int(trailing.group(1)) - len(header)
                 values = _SPLITTER.decode(header + buffer[:used])
             elif "truncated" in message:
-                if not at_end and len(buffer) < 64 * _CHUNK:
+                if guess > 1:  # fewer values than guessed: try fewer first
+                    guess = max(1, guess // 4)
+                    continue
+                if not at_end:
                     more = _read(stream)
                     at_end = not more
                     buffer += more
-                    if more:
-                        continue
-                if guess > 1:
-                    guess = max(1, guess // 4)
                     continue
                 raise ManifestError(f"the stream ends inside a value ({len(buffer)} "
                                     "bytes left over): the file is truncated") from None

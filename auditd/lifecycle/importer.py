@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from auditd.client import Client
-from auditd.client.common import Reply, encode
+from auditd.client.common import Reply
 from auditd.errors import AuditdError
+from auditd.ingest.framing import encode_frame
 from auditd.lifecycle.progress import Progress
 from auditd.lifecycle.reader import FileCheck, Record, records, wire_event
 
@@ -100,8 +102,8 @@ async def _post_origins(socket_path: str, host: str, rows: list[tuple[int, int, 
                             f"{message}")
 
 
-def import_file(path: str, check: FileCheck, ingest_socket: str,
-                status_socket: str) -> ImportReport:
+def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: str, *,
+                max_frame_bytes: int = 1 << 20, max_batch: int = _BATCH) -> ImportReport:
     """Send the checked file's events to the daemon; the counts of what it did."""
     report = ImportReport(dead_letters=check.dead_letters)
     sink = OriginSink(status_socket, check.manifest.host)
@@ -113,35 +115,68 @@ def import_file(path: str, check: FileCheck, ingest_socket: str,
     except AuditdError as exc:
         raise ImportRefused(f"import needs the running daemon (it assigns the new seqs): "
                             f"{exc}") from None
+    frames = _Frames(max_frame_bytes, min(max_batch, _BATCH))
     with client, records(path) as (_, _, found):
-        batch: list[Record] = []
-        frames: list[tuple[list[Record], bytes]] = []
         for record in found:
             if record.dead_letter:
                 continue
-            batch.append(record)
-            if len(batch) == _BATCH:
-                frames.append((batch, encode([wire_event(r) for r in batch])))
-                batch = []
-                if len(frames) == _FRAMES:
-                    _exchange(client, frames, report, sink)
-                    progress.step(_BATCH * len(frames))
-                    frames = []
-        if batch:
-            frames.append((batch, encode([wire_event(r) for r in batch])))
-        if frames:
-            _exchange(client, frames, report, sink)
-            progress.step(sum(len(b) for b, _ in frames))
+            encoded = _encode(wire_event(record))
+            if len(encoded) > frames.room:
+                report.refused += 1
+                if len(report.refusals) < 5:
+                    report.refusals.append(f"seq {record.seq}: too_large: {len(encoded)} "
+                                           "bytes, over ingest.max_frame_bytes")
+                continue
+            frames.add(record, encoded)
+            if len(frames.ready) == _FRAMES:
+                _exchange(client, frames.take(), report, sink, progress)
+        frames.cut()
+        if frames.ready:
+            _exchange(client, frames.take(), report, sink, progress)
     sink.flush(force=True)
     report.seconds = progress.finish()
     return report
 
 
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class _Frames:
+    """Events packed into frames of at most `max_events` and `max_bytes` (ingest's
+    limits): a frame body is an array header and the events' maps, encoded once."""
+
+    def __init__(self, max_bytes: int, max_events: int) -> None:
+        self.room = max_bytes - 5  # the array header
+        self.max_events = max_events
+        self.batch: list[Record] = []
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.ready: list[tuple[list[Record], bytes]] = []
+
+    def add(self, record: Record, encoded: bytes) -> None:
+        if len(self.batch) == self.max_events or self.size + len(encoded) > self.room:
+            self.cut()
+        self.batch.append(record)
+        self.parts.append(encoded)
+        self.size += len(encoded)
+
+    def cut(self) -> None:
+        if self.batch:
+            body = b"\xdd" + len(self.batch).to_bytes(4, "big") + b"".join(self.parts)
+            self.ready.append((self.batch, encode_frame(body)))
+            self.batch, self.parts, self.size = [], [], 0
+
+    def take(self) -> list[tuple[list[Record], bytes]]:
+        ready, self.ready = self.ready, []
+        return ready
+
+
 def _exchange(client: Client, frames: list[tuple[list[Record], bytes]],
-              report: ImportReport, sink: OriginSink) -> None:
+              report: ImportReport, sink: OriginSink, progress: Progress) -> None:
     replies = client.send_frames([frame for _, frame in frames])
     for (batch, _), reply in zip(frames, replies, strict=True):
         _count(batch, reply, report, sink)
+        progress.step(len(batch))
     sink.flush()
 
 

@@ -157,7 +157,8 @@ def test_jsonl_export_of_a_stopped_store_imports_the_same_events(
     lines = path.read_text().splitlines()
     assert json.loads(lines[0])["format"] == "auditd-export"
     assert len(lines) == doc["count"] + 1
-    target: DaemonProcess = make_daemon(name="dst")
+    # small frames: import cuts its batches to the daemon's frame limit
+    target: DaemonProcess = make_daemon({"ingest": {"max_frame_bytes": "8KB"}}, name="dst")
     report = imported(target, path)
     assert report["new"] == doc["count"] and not report["root_checked"]
     assert any("JSON lines" in note for note in report["notes"])
