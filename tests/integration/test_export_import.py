@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +39,25 @@ def run(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "auditd.cli", *args, "--config",
                            str(daemon.config_path)], capture_output=True, text=True,
                           timeout=120)
+
+
+def on_a_tty(daemon: DaemonProcess, *args: str) -> str:
+    """What the command writes to stderr when stderr is a terminal (a pty)."""
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "auditd.cli", *args, "--config",
+                               str(daemon.config_path)], stderr=follower,
+                              stdout=subprocess.DEVNULL, timeout=120)
+        assert done.returncode == 0
+        os.set_blocking(leader, False)
+        chunks = []
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(leader, 65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(leader)
+        os.close(follower)
 
 
 def stored(daemon: DaemonProcess) -> dict[int, StoredEvent]:
@@ -177,6 +198,7 @@ def test_filtered_export_and_until_seq(source: DaemonProcess, short_tmp: Path) -
     assert {e["actor"] for e in events} == {"user1"}
     done = run(source, "import", str(path), "--check-only")
     assert done.returncode == 0 and "JSON lines" in done.stdout, done.stdout
+    assert "\rexport: " in on_a_tty(source, "export", "-o", str(short_tmp / "tty.jsonl"))
     path = short_tmp / "actor.msgpack"
     exported(source, path, "--actor", "user1", "--format", "msgpack")
     done = run(source, "import", str(path), "--check-only")
