@@ -45,13 +45,15 @@ class ImportReport:
     duplicates: int = 0
     refused: int = 0
     dead_letters: int = 0
+    already_imported: int = 0  # of the duplicates: known by their origin, not sent
     refusals: list[str] = field(default_factory=list)  # the first few, for the operator
     seconds: float = 0.0
 
     def document(self, check: FileCheck) -> dict[str, Any]:
         m = check.manifest
         return {"new": self.new, "duplicates": self.duplicates, "refused": self.refused,
-                "dead_letters_skipped": self.dead_letters, "refusals": self.refusals,
+                "dead_letters_skipped": self.dead_letters,
+                "already_imported": self.already_imported, "refusals": self.refusals,
                 "origin_host": m.host, "first_seq": m.first_seq, "last_seq": m.last_seq,
                 "root_checked": check.root_checked,
                 "signature_checked": check.signature_checked, "notes": check.notes,
@@ -75,9 +77,42 @@ class OriginSink:
             self.posted += len(self.pending)
             self.pending = []
 
-    def preflight(self) -> None:
-        """An empty post: the caller must be an admin before any event is sent."""
+    def preflight(self) -> list[tuple[int, int]]:
+        """An empty post: the caller must be an admin before any event is sent. Then
+        the runs of this host's seqs already imported here (a re-run skips them)."""
         asyncio.run(_post_origins(self.status_socket, self.host, []))
+        return asyncio.run(_imported_runs(self.status_socket, self.host))
+
+
+async def _imported_runs(socket_path: str, host: str) -> list[tuple[int, int]]:
+    connector = aiohttp.UnixConnector(path=socket_path)
+    limit = aiohttp.ClientTimeout(total=_TIMEOUT_S)
+    try:
+        async with (aiohttp.ClientSession(connector=connector, timeout=limit) as session,
+                    session.get("http://auditd/import/origins",
+                                params={"host": host}) as response):
+            raw = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ImportRefused(f"cannot reach the daemon's status socket {socket_path}: "
+                            f"{exc}") from None
+    if status != 200:
+        raise ImportRefused(f"the daemon did not list what was imported before (HTTP "
+                            f"{status}): {raw[:200].decode(errors='replace')}")
+    return [(int(lo), int(hi)) for lo, hi in json.loads(raw)["runs"]]
+
+
+class _Known:
+    """Membership in ascending [first, last] runs, for records met in ascending seq."""
+
+    def __init__(self, runs: list[tuple[int, int]]) -> None:
+        self.runs, self.at = runs, 0
+
+    def __contains__(self, seq: int) -> bool:
+        runs = self.runs
+        while self.at < len(runs) and runs[self.at][1] < seq:
+            self.at += 1
+        return self.at < len(runs) and runs[self.at][0] <= seq
 
 
 async def _post_origins(socket_path: str, host: str, rows: list[tuple[int, int, int]]) -> None:
@@ -107,7 +142,7 @@ def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: 
     """Send the checked file's events to the daemon; the counts of what it did."""
     report = ImportReport(dead_letters=check.dead_letters)
     sink = OriginSink(status_socket, check.manifest.host)
-    sink.preflight()
+    known = _Known(sink.preflight())
     progress = Progress("import", check.events)
     try:
         client = Client(ingest_socket, raise_on_reject=False, reconnect=False)
@@ -119,6 +154,11 @@ def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: 
     with client, records(path) as (_, _, found):
         for record in found:
             if record.dead_letter:
+                continue
+            if record.seq in known:  # imported before, its origin written: nothing to do
+                report.duplicates += 1
+                report.already_imported += 1
+                progress.step(1)
                 continue
             encoded = _encode(wire_event(record))
             if len(encoded) > frames.room:

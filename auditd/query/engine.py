@@ -44,6 +44,8 @@ _MAX_CHUNK = 4096
 _SLOW_MS = 100.0
 _ORIGIN_SEQS = """SELECT seq FROM event_origins
     WHERE origin_host IN (SELECT value FROM json_each(?)) AND seq > ? AND seq < ?"""
+_ORIGIN_RUNS = """SELECT origin_seq FROM event_origins WHERE origin_host = ?
+    ORDER BY origin_seq"""
 _ORIGINS = """SELECT seq, origin_host, origin_seq, origin_received_at FROM event_origins
     WHERE seq IN (SELECT value FROM json_each(?))"""
 
@@ -184,6 +186,23 @@ class QueryEngine:
                 _ORIGINS, (json.dumps(seqs),))}
         except sqlite3.OperationalError:  # a store migrated below schema 6
             return {}
+
+    async def origin_runs(self, host: str) -> list[list[int]]:
+        """The seqs at `host` already imported here, as ascending [first, last] runs."""
+        return await self._call(self._origin_runs, host)
+
+    def _origin_runs(self, host: str) -> list[list[int]]:
+        runs: list[list[int]] = []
+        try:
+            rows = self.conn.execute(_ORIGIN_RUNS, (host,))
+            for (seq,) in rows:
+                if runs and runs[-1][1] == seq - 1:
+                    runs[-1][1] = seq
+                else:
+                    runs.append([seq, seq])
+        except sqlite3.OperationalError:  # a store migrated below schema 6
+            return []
+        return runs
 
     def _sealed_sync(self, files: list[tuple[int, int, Path]], spec: QuerySpec, through: int,
                      wanted: int) -> list[StoredEvent]:

@@ -260,6 +260,17 @@ async def post_checkpoint(call: Call) -> dict[str, Any]:
     return result
 
 
+async def get_import_origins(call: Call) -> web.StreamResponse:
+    """{"host", "runs": [[first, last], ...]}: the seqs at `host` imported here (what a
+    re-run of an import skips). For callers who may read every event."""
+    if _uid_filter(call) is not None:
+        raise Problem(403, "forbidden", "origins are for admins and readers")
+    host = call.request.query.get("host")
+    if not host:
+        raise Problem(400, "bad_request", "host: required (the origin host id)")
+    return reply({"host": host, "runs": await call.source.events.origin_runs(host)})
+
+
 async def post_import_origins(call: Call) -> dict[str, Any]:
     """A large body (20,000 origins a post): read past the app's 64 KiB bodies, bounded."""
     raw = bytearray()
@@ -339,6 +350,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/recover", admin=post_recover, action="recover"),
     Route("POST", "/checkpoint", admin=post_checkpoint, action="checkpoint"),
     Route("POST", "/import/origins", admin=post_import_origins, action="import"),
+    Route("GET", "/import/origins", read=get_import_origins),
     Route("GET", "/counts", read=get_counts),
     Route("GET", "/actors/{actor:.+}", read=get_actor),  # an actor may hold a "/"
     Route("GET", "/projections", read=get_projections),
