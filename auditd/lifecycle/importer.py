@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import msgspec
 
 from auditd.client import Client
 from auditd.client.common import Reply
 from auditd.errors import AuditdError
 from auditd.ingest.framing import encode_frame
 from auditd.lifecycle.progress import Progress
-from auditd.lifecycle.reader import FileCheck, Record, records, wire_event
+from auditd.lifecycle.reader import FileCheck, Record, records, wire_bytes
 
 _BATCH = 1000  # events a frame
 _FRAMES = 16  # frames in flight at once
@@ -160,7 +159,7 @@ def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: 
                 report.already_imported += 1
                 progress.step(1)
                 continue
-            encoded = _encode(wire_event(record))
+            encoded = wire_bytes(record)
             if len(encoded) > frames.room:
                 report.refused += 1
                 if len(report.refusals) < 5:
@@ -176,9 +175,6 @@ def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: 
     sink.flush(force=True)
     report.seconds = progress.finish()
     return report
-
-
-_encode = msgspec.msgpack.Encoder().encode
 
 
 class _Frames:

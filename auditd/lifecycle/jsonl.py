@@ -20,7 +20,7 @@ from auditd.query.rows import event_json, rfc3339
 from auditd.query.spec import BadQuery, parse_time
 from auditd.store.records import dead_letter_from_record, event_from_record, is_dead_letter
 
-__all__ = ["from_json", "record_json", "rfc3339"]
+__all__ = ["CARRIED", "from_json", "record_json", "rfc3339"]
 
 
 def record_json(record: bytes) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def _unwrap(value: Any) -> Any:
 
 _encode = msgspec.msgpack.Encoder().encode
 # The wire fields an exported event carries over; the rest are the daemon's stamps.
-_CARRIED = ("id", "type", "actor", "target", "stream", "correlation_id", "causation_id")
+CARRIED = ("id", "type", "actor", "target", "stream", "correlation_id", "causation_id")
 
 
 def from_json(doc: Any, line: int) -> tuple[int, bool, int, dict[str, Any]]:
@@ -62,7 +62,7 @@ def from_json(doc: Any, line: int) -> tuple[int, bool, int, dict[str, Any]]:
         received = parse_time("received_at", str(doc["received_at"]))
     except (KeyError, BadQuery) as exc:
         raise ManifestError(f"line {line}: seq {doc['seq']}: {exc}") from None
-    wire: dict[str, Any] = {key: doc[key] for key in _CARRIED if doc.get(key) is not None}
+    wire: dict[str, Any] = {key: doc[key] for key in CARRIED if doc.get(key) is not None}
     wire["ts"] = ts
     if doc.get("tags") is not None:
         wire["tags"] = doc["tags"]

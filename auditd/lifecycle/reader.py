@@ -23,7 +23,6 @@ from auditd.lifecycle.files import json_lines, msgpack_values, open_input
 from auditd.lifecycle.manifest import Manifest, ManifestError, decode
 from auditd.proofs.merkle import fold, leaf_hash, node_hash
 from auditd.proofs.notes import NoteError, VerifierKey, origin, parse_checkpoint, verify_checkpoint
-from auditd.store.records import event_from_record, is_dead_letter, record_seq
 
 _json_decode = msgspec.json.Decoder().decode
 
@@ -93,10 +92,41 @@ class _Buffered:
         self.stream.close()
 
 
+class _Stamp(msgspec.Struct, gc=False):
+    """What import needs of any record besides its wire fields (the rest is skipped)."""
+
+    seq: int
+    received_at: int = 0
+    dead_letter: bool = False
+
+
+class _Resend(msgspec.Struct, omit_defaults=True, gc=False):
+    """An event record's client fields: decoded from E (the daemon's stamps skipped)
+    and encoded as the wire event to send again, with no dict in between."""
+
+    id: str
+    ts: int
+    type: str
+    actor: str | None = None
+    target: str | None = None
+    stream: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    tags: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_stamp_decoder = msgspec.msgpack.Decoder(_Stamp)
+_resend_decoder = msgspec.msgpack.Decoder(_Resend)
+_encode = msgspec.msgpack.Encoder().encode
+
+
 def _msgpack_record(raw: bytes) -> Record:
-    if is_dead_letter(raw):
-        return Record(record_seq(raw), True, raw=raw)
-    return Record(record_seq(raw), False, raw=raw)
+    try:
+        stamp = _stamp_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ManifestError(f"a record is not an export record: {exc}") from None
+    return Record(stamp.seq, stamp.dead_letter, stamp.received_at, raw=raw)
 
 
 def _json_records(lines: Iterator[bytes]) -> Iterator[Record]:
@@ -110,23 +140,14 @@ def _json_records(lines: Iterator[bytes]) -> Iterator[Record]:
         yield Record(seq, dead, received, wire=None if dead else wire)
 
 
-_CARRIED = ("id", "type", "actor", "target", "stream", "correlation_id", "causation_id")
-
-
-def wire_event(record: Record) -> dict[str, Any]:
-    """The event to send again: its client fields (the daemon stamps the rest)."""
+def wire_bytes(record: Record) -> bytes:
+    """The event to send again, encoded: its client fields (the daemon stamps the rest)."""
     if record.wire is not None:
-        return record.wire
-    event = event_from_record(record.raw)
-    record.received_at = event.received_at
-    wire: dict[str, Any] = {key: getattr(event, key) for key in _CARRIED
-                            if getattr(event, key) is not None}
-    wire["ts"] = event.ts
-    if event.tags is not None:
-        wire["tags"] = msgspec.Raw(event.tags)
-    if event.data is not None:
-        wire["data"] = msgspec.Raw(event.data)
-    return wire
+        return _encode(record.wire)
+    try:
+        return _encode(_resend_decoder.decode(record.raw))
+    except msgspec.DecodeError as exc:
+        raise ManifestError(f"seq {record.seq}: not an event record: {exc}") from None
 
 
 @dataclass
