@@ -128,21 +128,26 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         output.abandon()
         raise
     m = result.manifest
+    size = int(m.checkpoint.split("\n")[1])
+    alone = m.complete and m.first_seq == 1 and m.last_seq == size
     doc: dict[str, Any] = {
         "file": args.output or "-", "format": args.format, "host": m.host,
         "first_seq": m.first_seq, "last_seq": m.last_seq, "count": m.count,
         "filters": m.filters, "bytes": result.bytes_written,
         "seconds": round(result.seconds, 3),
         "events_per_s": round(m.count / result.seconds) if result.seconds > 0 else None,
-        "not_exported_newer": result.newer_than_checkpoint, "checkpoint_note": said}
+        "not_exported_newer": result.newer_than_checkpoint, "checkpoint_note": said,
+        "checkpoint_size": size, "verifiable_alone": alone}
     if args.json:
         print(json.dumps(doc), file=sys.stderr if not args.output else sys.stdout)
     else:
         newer = (f"; {result.newer_than_checkpoint:,} newer events are past the checkpoint"
                  if result.newer_than_checkpoint else "")
+        checkable = ("its records rebuild the checkpoint's root" if alone else
+                     f"not checkable against the checkpoint of size {size:,} on its own")
         print(f"exported {m.count:,} records (seqs {m.first_seq}..{m.last_seq} of host "
               f"{m.host}) to {args.output or 'stdout'}: {result.bytes_written:,} bytes in "
-              f"{result.seconds:.2f} s ({said}{newer})", file=sys.stderr)
+              f"{result.seconds:.2f} s; {checkable} ({said}{newer})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -182,6 +182,8 @@ class QueryEngine:
 
     def _origins_of(self, seqs: list[int]) -> dict[int, tuple[str, int, int]]:
         try:
+            if self.conn.execute("SELECT 1 FROM event_origins LIMIT 1").fetchone() is None:
+                return {}  # a store that never imported: no lookup a page
             return {int(r[0]): (str(r[1]), int(r[2]), int(r[3])) for r in self.conn.execute(
                 _ORIGINS, (json.dumps(seqs),))}
         except sqlite3.OperationalError:  # a store migrated below schema 6

@@ -134,6 +134,7 @@ def test_msgpack_zst_round_trip_is_idempotent_and_keeps_origins(
     doc = exported(source, path, "--format", "msgpack")  # live: the daemon runs
     assert doc["first_seq"] == 1 and doc["last_seq"] >= 1000
     assert doc["count"] == doc["last_seq"] and doc["filters"] == {}
+    assert doc["verifiable_alone"] and doc["checkpoint_size"] == doc["last_seq"]
     assert path.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # one zstd frame
     last = doc["last_seq"]
     target: DaemonProcess = make_daemon(name="dst")
@@ -204,6 +205,7 @@ def test_filtered_export_and_until_seq(source: DaemonProcess, short_tmp: Path) -
     path = short_tmp / "actor.jsonl.zst"
     doc = exported(source, path, "--actor", "user1", "--until-seq", "500")
     assert doc["filters"] == {"actor": ["user1"]} and doc["last_seq"] == 500
+    assert not doc["verifiable_alone"]
     with path.open("rb") as raw:
         lines = zstandard.ZstdDecompressor().stream_reader(raw).read().splitlines()
     events = [json.loads(line) for line in lines[1:]]
