@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from auditd.schema import StoredEvent
 from auditd.store.partition.read import SealedPartition
-from auditd.store.records import dead_letter_record, record_bytes
+from auditd.store.records import merged_records, record_bytes
 
 # Names are ids here, resolved through RecordSource's cache: the five joins on `names`
 # cost more than the rest of a row's record together.
@@ -109,26 +110,14 @@ def hot_records(db: sqlite3.Connection, first: int, last: int,
     if wanted:
         names.update(db.execute(_NAMES, (json.dumps(list(wanted)),)).fetchall())
     dead = db.execute(_DEAD, (first, last)).fetchall()
-    letters = iter(dead)
-    letter = next(letters, None)
-    seen = 0
     get = names.get
-    for row in events:
-        seq = row[0]
-        while letter is not None and letter[0] <= seq:
-            if letter[0] < seq and letter[0] != seen:  # a seq's first letter only
-                seen = letter[0]
-                yield seen, dead_letter_record(*letter)
-            letter = next(letters, None)
-        seen = seq
+
+    def record_of(row: Sequence[Any]) -> bytes:
         actor, target, stream = row[5], row[6], row[7]
-        yield seq, record_bytes(StoredEvent(
-            seq, row[1], row[2], row[3], names[row[4]],
+        return record_bytes(StoredEvent(
+            row[0], row[1], row[2], row[3], names[row[4]],
             None if actor is None else get(actor), None if target is None else get(target),
             None if stream is None else get(stream), row[8], row[9], row[10], row[11],
             row[12], row[13], row[14], row[15], names[row[16]], row[17]))
-    while letter is not None:
-        if letter[0] != seen:
-            seen = letter[0]
-            yield seen, dead_letter_record(*letter)
-        letter = next(letters, None)
+
+    yield from merged_records(events, dead, record_of)

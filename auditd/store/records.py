@@ -16,6 +16,8 @@ ingest path.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import msgspec
 from msgspec import Raw, Struct
@@ -152,3 +154,27 @@ def is_dead_letter(record: bytes) -> bool:
 def record_seq(record: bytes) -> int:
     """The seq a record holds, of either kind."""
     return _kind_decoder.decode(record).seq
+
+
+def merged_records(rows: Sequence[Sequence[Any]], dead: Sequence[Sequence[Any]],
+                   record_of: Callable[[Sequence[Any]], bytes]) -> Iterator[tuple[int, bytes]]:
+    """(seq, E) of event rows and dead-letter rows (seq, code, reason, raw), both in seq
+    order, merged by seq: an event's seq is its record (a letter whose retry committed
+    is not), and a seq dead-lettered twice is its first letter."""
+    letters = iter(dead)
+    letter = next(letters, None)
+    seen = 0
+    for row in rows:
+        seq = row[0]
+        while letter is not None and letter[0] <= seq:
+            if letter[0] < seq and letter[0] != seen:  # a seq's first letter only
+                seen = letter[0]
+                yield seen, dead_letter_record(*letter)
+            letter = next(letters, None)
+        seen = seq
+        yield seq, record_of(row)
+    while letter is not None:
+        if letter[0] != seen:
+            seen = letter[0]
+            yield seen, dead_letter_record(*letter)
+        letter = next(letters, None)

@@ -91,13 +91,16 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-_words_cache: dict[tuple[int, str], set[str]] = {}
+# Keyed by everything the words come from: tests make events of the same seq and id
+# with other content (another seed), and a stale entry made one of them fail.
+_words_cache: dict[tuple[object, ...], set[str]] = {}
 
 
 def event_words(event: StoredEvent) -> set[str]:
-    found = _words_cache.get((event.seq, event.id))
+    key = (event.seq, event.id, event.type, event.actor, event.target, event.tags, event.data)
+    found = _words_cache.get(key)
     if found is None:
-        found = _words_cache[(event.seq, event.id)] = _event_words(event)
+        found = _words_cache[key] = _event_words(event)
     return found
 
 

@@ -21,12 +21,13 @@ import os
 import sqlite3
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from auditd.schema import StoredEvent
 from auditd.store.partition.build import seal_partition
-from auditd.store.records import dead_letter_record, record_bytes
+from auditd.store.records import merged_records, record_bytes
 from auditd.store.sealing.catalog import pack_keys
 
 NICE = 10
@@ -64,25 +65,12 @@ def _chunk(db: sqlite3.Connection, first: int, last: int,
     events = db.execute(_EVENTS, (first, last)).fetchall()
     dead = db.execute(_DEAD, (first, last)).fetchall()
     db.execute("COMMIT")
-    letters = iter(dead)
-    letter = next(letters, None)
-    seen = 0
-    for row in events:
-        seq = row[0]
-        while letter is not None and letter[0] <= seq:
-            if letter[0] < seq and letter[0] != seen:  # a seq's first letter only
-                seen = letter[0]
-                yield seen, dead_letter_record(*letter)
-            letter = next(letters, None)
-        seen = seq
+    def record_of(row: Sequence[Any]) -> bytes:
         event = StoredEvent(*row)
         id_keys.append(event.id_hash)
-        yield seq, record_bytes(event)
-    while letter is not None:
-        if letter[0] != seen:
-            seen = letter[0]
-            yield seen, dead_letter_record(*letter)
-        letter = next(letters, None)
+        return record_bytes(event)
+
+    yield from merged_records(events, dead, record_of)
 
 
 def die_with_parent(parent: int) -> None:
