@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from auditd.lifecycle.files import Output, json_lines, msgpack_values, open_input
-from auditd.lifecycle.manifest import ManifestError
+from auditd.lifecycle.manifest import ManifestError, decode
 
 
 def _values(count: int) -> list[bytes]:
@@ -56,3 +56,24 @@ def test_json_lines_keep_a_last_line_without_newline(tmp_path: Path) -> None:
     path.write_bytes(b'{"a": 1}\n\n{"b": 2}')
     with path.open("rb") as stream:
         assert list(json_lines(stream)) == [b'{"a": 1}', b'{"b": 2}']
+
+
+def _manifest(**changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "format": "auditd-export", "version": 1, "host": "h", "first_seq": 1,
+        "last_seq": 0, "count": 0, "filters": {}, "checkpoint": "x"}
+    fields.update(changes)
+    return msgspec.msgpack.encode(fields)
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"format": "tar"}, "manifest format 'tar'"),
+    ({"version": 2}, "manifest version 2"),
+    ({"first_seq": 5, "last_seq": 2}, "seq range 5..2"),
+    ({"count": -1}, "count -1"),
+    ({"host": 7}, "host"),
+])
+def test_a_bad_manifest_is_named(changes: dict[str, object], words: str) -> None:
+    with pytest.raises(ManifestError, match=words):
+        decode(_manifest(**changes), "msgpack")
+    assert decode(_manifest(), "msgpack").complete
