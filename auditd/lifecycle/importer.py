@@ -15,6 +15,7 @@ Dead letters are counted, not imported: they hold no event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,20 @@ def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: 
         raise ImportRefused(f"import needs the running daemon (it assigns the new seqs): "
                             f"{exc}") from None
     frames = _Frames(max_frame_bytes, min(max_batch, _BATCH))
+    try:
+        _send(path, client, frames, known, report, sink, progress)
+    except BaseException:
+        # What the daemon acknowledged before the failure keeps its origin.
+        with contextlib.suppress(AuditdError):
+            sink.flush(force=True)
+        raise
+    sink.flush(force=True)
+    report.seconds = progress.finish()
+    return report
+
+
+def _send(path: str, client: Client, frames: _Frames, known: _Known, report: ImportReport,
+          sink: OriginSink, progress: Progress) -> None:
     with client, records(path) as (_, _, found):
         for record in found:
             if record.dead_letter:
@@ -181,9 +196,6 @@ def import_file(path: str, check: FileCheck, ingest_socket: str, status_socket: 
         frames.cut()
         if frames.ready:
             _exchange(client, frames.take(), report, sink, progress)
-    sink.flush(force=True)
-    report.seconds = progress.finish()
-    return report
 
 
 class _Frames:
