@@ -20,6 +20,7 @@ import zstandard
 from conftest import (
     DaemonProcess,
     UnixHTTPConnection,
+    committed_seq,
     wait_committed,
     wait_for,
     wait_sealed_through,
@@ -364,3 +365,37 @@ def get_post(daemon: DaemonProcess, path: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def test_an_import_cut_by_a_daemon_crash_is_finished_by_a_rerun(
+        source: DaemonProcess, make_daemon: Any, short_tmp: Path) -> None:
+    """SIGKILL the receiving daemon mid-import: the import fails with one line; after
+    a restart the same import sends the rest, and every event is there once, each with
+    its origin (the acknowledged ones come back as duplicates and get theirs)."""
+    path = short_tmp / "all.msgpack.zst"
+    doc = exported(source, path, "--format", "msgpack")
+    last = doc["last_seq"]
+    # small frames at 400 events/s: the import takes seconds, time to cut it
+    target: DaemonProcess = make_daemon({"ingest": {"max_frame_bytes": "8KB",
+                                                    "rate_limit": "400/s burst 20"}},
+                                        name="dst")
+    running = subprocess.Popen([sys.executable, "-m", "auditd.cli", "import", str(path),
+                                "--config", str(target.config_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: committed_seq(target) >= 200, 60, "part of the import committed")
+        target.kill()
+        out, err = running.communicate(timeout=60)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
+    assert running.returncode == 1 and err.count("\n") == 1, (out, err)
+    target.start()
+    again = imported(target, path)
+    assert again["new"] + again["duplicates"] == last and again["duplicates"] >= 1
+    events = events_of(target, imported_only=True)
+    assert events == events_of(source, last)
+    ids = [e.id for e in stored(target).values()]
+    assert len(ids) == len(set(ids))
+    assert target.query("SELECT count(*) FROM event_origins") == [(last,)]
