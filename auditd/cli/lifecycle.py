@@ -57,7 +57,9 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     add("--status-socket", metavar="PATH",
         help="the running daemon's status socket, asked for a fresh checkpoint first "
              "(default: status.socket from the config; skipped when none answers)")
-    add("--json", action="store_true", help="print the summary as one JSON document")
+    add("--json", action="store_true",
+        help="print the summary as one JSON document (on stdout; on stderr when the "
+             "export itself goes to stdout)")
 
 
 def add_import_arguments(imported: argparse.ArgumentParser) -> None:

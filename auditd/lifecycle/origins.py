@@ -13,6 +13,7 @@ from typing import Annotated
 
 import msgspec
 
+from auditd.proofs.checkpointer import host_id_of
 from auditd.store.statements import transaction
 
 CHUNK = 2000
@@ -31,9 +32,12 @@ class OriginsRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def insert_origins(db: sqlite3.Connection, host: str, rows: list[tuple[int, int, int]]) -> int:
-    """Write one chunk of origins; the rows that were new."""
+    """Write one chunk of origins; the rows that were new. A store's own export
+    imported back names its events' own seqs: those say nothing and are left out."""
+    own = host == host_id_of(db)
     with transaction(db):
         before = db.total_changes
         db.executemany(_INSERT, [(seq, host, origin_seq, received)
-                                 for seq, origin_seq, received in rows])
+                                 for seq, origin_seq, received in rows
+                                 if not (own and seq == origin_seq)])
         return db.total_changes - before
