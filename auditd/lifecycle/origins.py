@@ -13,7 +13,6 @@ from typing import Annotated
 
 import msgspec
 
-from auditd.proofs.checkpointer import host_id_of
 from auditd.store.statements import transaction
 
 CHUNK = 2000
@@ -32,12 +31,9 @@ class OriginsRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def insert_origins(db: sqlite3.Connection, host: str, rows: list[tuple[int, int, int]]) -> int:
-    """Write one chunk of origins; the rows that were new. A store's own export
-    imported back names its events' own seqs: those say nothing and are left out."""
-    own = host == host_id_of(db)
+    """Write one chunk of origins; the rows that were new."""
     with transaction(db):
         before = db.total_changes
         db.executemany(_INSERT, [(seq, host, origin_seq, received)
-                                 for seq, origin_seq, received in rows
-                                 if not (own and seq == origin_seq)])
+                                 for seq, origin_seq, received in rows])
         return db.total_changes - before
