@@ -30,6 +30,7 @@ from proofs_store import SETTINGS, checkpoint_size, get, send
 from auditd.proofs.records import RecordSource
 from auditd.query.rows import rfc3339
 from auditd.schema import StoredEvent
+from auditd.store.migrations import migrate
 from auditd.store.records import event_from_record, is_dead_letter
 
 FIELDS = ("id", "ts", "type", "actor", "target", "stream", "correlation_id",
@@ -402,3 +403,17 @@ def test_an_import_cut_by_a_daemon_crash_is_finished_by_a_rerun(
     ids = [e.id for e in stored(target).values()]
     assert len(ids) == len(set(ids))
     assert target.query("SELECT count(*) FROM event_origins") == [(last,)]
+
+
+def test_a_store_without_a_database_or_checkpoint_is_refused(make_daemon: Any) -> None:
+    never: DaemonProcess = make_daemon(start=False)
+    done = run(never, "export")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "no database at" in done.stderr
+    never.storage.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(never.db_path, isolation_level=None)) as db:
+        migrate(db)  # a store that never signed a checkpoint
+    done = run(never, "export", "-o", str(never.root / "x.jsonl"))
+    assert done.returncode == 1 and "no signed checkpoint" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and not (never.root / "x.jsonl").exists()
+    assert not list(never.root.glob(".x.jsonl.partial*"))
