@@ -120,6 +120,7 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
     others = [f"--{name}" for name in ("target", "stream", "correlation", "causation",
                                        "tag", "grep") if getattr(args, name)]
     others += [f"--{name}" for name in ("after", "tree") if getattr(args, name)]
+    others += ["--origin-host"] if args.origin_host else []
     if others:
         raise UsageError(f"--count-by counts from the projections: {', '.join(others)} "
                          "cannot narrow it (--type, --actor, --comm, --uid, --since, "
@@ -168,6 +169,18 @@ def cmd_projections(args: argparse.Namespace, config: Config) -> int:
                                not args.no_wait)
 
 
+def cmd_export(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import lifecycle
+
+    return lifecycle.cmd_export(args, config)
+
+
+def cmd_import(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import lifecycle
+
+    return lifecycle.cmd_import(args, config)
+
+
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     from auditd.bench import main as bench_main
 
@@ -191,6 +204,7 @@ COMMANDS: dict[str, Command] = {
     "query": cmd_query,
     "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
     "bench": cmd_bench, "projections": cmd_projections, "tail": cmd_tail,
+    "export": cmd_export, "import": cmd_import,
 }
 
 

@@ -87,6 +87,14 @@ def build_parser() -> Parser:
                        "rebuild one from the events, through the running daemon")))
 
     _proofs(command)
+    from auditd.cli.lifecycle import add_export_arguments, add_import_arguments
+
+    add_export_arguments(command("export", "events out of the store with a manifest and a "
+                                           "signed checkpoint (proofs.md): JSON lines or "
+                                           "the records E, zstd for a .zst FILE"))
+    add_import_arguments(command("import", "an export's events into the running daemon: "
+                                           "checked against its manifest first, new seqs "
+                                           "here, idempotent by id"))
 
     from auditd.bench import add_arguments as add_bench_arguments
 

@@ -24,7 +24,7 @@ Call = Callable[[str, str, str], tuple[int, dict[str, Any]]]
 # option dest -> GET /events parameter
 _REPEATED = {"type": "type", "actor": "actor", "target": "target", "stream": "stream",
              "correlation": "correlation_id", "causation": "causation_id", "uid": "uid",
-             "comm": "comm"}
+             "comm": "comm", "origin_host": "origin_host"}
 
 
 def add_query_arguments(query: argparse.ArgumentParser) -> None:
@@ -33,8 +33,9 @@ def add_query_arguments(query: argparse.ArgumentParser) -> None:
                          ("target", "target, e.g. /srv/app"), ("stream", "stream name"),
                          ("correlation", "correlation id"), ("causation", "causation id"),
                          ("uid", "uid of the writing process"),
-                         ("comm", "command name of the writing process")):
-        add(f"--{dest}", action="append", default=[], metavar="VALUE",
+                         ("comm", "command name of the writing process"),
+                         ("origin_host", "origin host (imported events, `auditd import`)")):
+        add(f"--{dest.replace('_', '-')}", action="append", default=[], metavar="VALUE",
             help=f"only events with this {helped}; repeat to OR several")
     add("--tag", action="append", default=[], metavar="K=V",
         help="only events with tag K=V; repeat: values of one key OR, keys AND")

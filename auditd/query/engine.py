@@ -18,6 +18,7 @@ OFFSET, so a page is the same while events arrive. Dead letters never match.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from bisect import bisect_left
@@ -41,6 +42,12 @@ _T = TypeVar("_T")
 _FIRST_CHUNK = 32
 _MAX_CHUNK = 4096
 _SLOW_MS = 100.0
+_ORIGIN_SEQS = """SELECT seq FROM event_origins
+    WHERE origin_host IN (SELECT value FROM json_each(?)) AND seq > ? AND seq < ?"""
+_ORIGIN_RUNS = """SELECT origin_seq FROM event_origins WHERE origin_host = ?
+    ORDER BY origin_seq"""
+_ORIGINS = """SELECT seq, origin_host, origin_seq, origin_received_at FROM event_origins
+    WHERE seq IN (SELECT value FROM json_each(?))"""
 
 
 @dataclass(slots=True)
@@ -107,7 +114,9 @@ class QueryEngine:
         started = time.perf_counter()
         found: list[StoredEvent] = []
         cpu_ms = 0.0
-        if not spec.empty:
+        if spec.origin_hosts is not None:
+            found, cpu_ms = await self._call(_timed, self._origins_sync, spec)
+        elif not spec.empty:
             columns = self.hot.columns  # first: see the module's docstring
             files = self.sealed.files()
             through = files[-1][1] if files else 0
@@ -151,6 +160,56 @@ class QueryEngine:
                         break
         return _merge(out, [e for e in self.hot.stragglers
                             if e.seq > through and matches(e, spec)], spec, wanted)
+
+    def _origins_sync(self, spec: QuerySpec) -> list[StoredEvent]:
+        """Imported events of spec.origin_hosts, by seq from event_origins, each
+        checked against the other filters."""
+        order = "DESC" if spec.descending else "ASC"
+        hosts = json.dumps(list(spec.origin_hosts or ()))
+        after, before = spec.after or 0, 2**63 - 1 if spec.before is None else spec.before
+        out: list[StoredEvent] = []
+        while len(out) < spec.limit:
+            seqs = [int(row[0]) for row in self.conn.execute(
+                f"{_ORIGIN_SEQS} ORDER BY seq {order} LIMIT ?",
+                (hosts, after, before, _MAX_CHUNK))]
+            if not seqs:
+                break
+            events = self._events_sync(seqs)
+            out.extend(e for e in (events.get(seq) for seq in seqs)
+                       if e is not None and matches(e, spec))
+            after, before = (after, seqs[-1]) if spec.descending else (seqs[-1], before)
+        return out[:spec.limit]
+
+    async def origins(self, seqs: Sequence[int]) -> dict[int, tuple[str, int, int]]:
+        """Where each imported one of these events came from: seq -> (origin host, its
+        seq there, its received_at there); the others are absent."""
+        return await self._call(self._origins_of, list(seqs))
+
+    def _origins_of(self, seqs: list[int]) -> dict[int, tuple[str, int, int]]:
+        try:
+            if self.conn.execute("SELECT 1 FROM event_origins LIMIT 1").fetchone() is None:
+                return {}  # a store that never imported: no lookup a page
+            return {int(r[0]): (str(r[1]), int(r[2]), int(r[3])) for r in self.conn.execute(
+                _ORIGINS, (json.dumps(seqs),))}
+        except sqlite3.OperationalError:  # a store migrated below schema 6
+            return {}
+
+    async def origin_runs(self, host: str) -> list[list[int]]:
+        """The seqs at `host` already imported here, as ascending [first, last] runs."""
+        return await self._call(self._origin_runs, host)
+
+    def _origin_runs(self, host: str) -> list[list[int]]:
+        runs: list[list[int]] = []
+        try:
+            rows = self.conn.execute(_ORIGIN_RUNS, (host,))
+            for (seq,) in rows:
+                if runs and runs[-1][1] == seq - 1:
+                    runs[-1][1] = seq
+                else:
+                    runs.append([seq, seq])
+        except sqlite3.OperationalError:  # a store migrated below schema 6
+            return []
+        return runs
 
     def _sealed_sync(self, files: list[tuple[int, int, Path]], spec: QuerySpec, through: int,
                      wanted: int) -> list[StoredEvent]:

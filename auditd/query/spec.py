@@ -67,6 +67,9 @@ class QuerySpec:
     before: int | None = None
     limit: int = DEFAULT_LIMIT
     descending: bool = False
+    # Imported events of these origin hosts only (GET /events?origin_host=; None: any
+    # event). Not a field of StoredEvent: the engine reads it from event_origins.
+    origin_hosts: tuple[str, ...] | None = None
 
     @property
     def tags(self) -> tuple[tuple[str, str], ...]:

@@ -25,6 +25,7 @@ from auditd.ingest.sequencer import Peer, Sequencer
 from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.journal.journal import Journal
+from auditd.lifecycle import origins
 from auditd.logs import configure_logging
 from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
@@ -193,6 +194,25 @@ class DaemonControl:
     async def proof(self, seq: int, size: int | None, uid: int | None) -> dict[str, Any]:
         return await asyncio.to_thread(proofs_access.inclusion_for, self.daemon.storage,
                                        seq, size, uid)
+
+    async def issue_checkpoint(self) -> dict[str, Any]:
+        """Sign a checkpoint of everything committed now (export's first step)."""
+        checkpointer = self.daemon.checkpointer
+        if checkpointer is None:
+            raise ActionRefused("this daemon signs no checkpoints (no proofs key)")
+        await self.daemon.store.checkpoint_wal()  # what is committed becomes durable
+        await checkpointer.issue()
+        if checkpointer.newest_text is None:
+            raise ActionRefused("no event is committed yet: nothing to checkpoint")
+        return {"size": int(checkpointer.newest_text.split("\n")[1]),
+                "checkpoint": checkpointer.newest_text}
+
+    async def record_origins(self, host: str, rows: list[tuple[int, int, int]]) -> dict[str, Any]:
+        written = 0
+        for at in range(0, len(rows), origins.CHUNK):
+            written += await self.daemon.store.on_writer(
+                origins.insert_origins, host, rows[at:at + origins.CHUNK])
+        return {"host": host, "origins": len(rows), "new": written}
 
     async def consistency_proof(self, old: int, new: int) -> dict[str, Any]:
         return await asyncio.to_thread(proofs_access.consistency_for, self.daemon.storage,

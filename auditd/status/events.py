@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from auditd.query.engine import Page
-from auditd.query.rows import event_json
+from auditd.query.rows import event_json, rfc3339
 from auditd.query.spec import MAX_LIMIT, BadQuery, QuerySpec, parse_query
 from auditd.schema import StoredEvent
 from auditd.status.replies import Problem, reply
@@ -34,9 +34,22 @@ def _bad(exc: BadQuery) -> Problem:
     return Problem(400, "bad_request", str(exc))
 
 
-def _events_reply(events: list[StoredEvent], extra: dict[str, Any],
-                  page: Page | None = None) -> web.Response:
-    response = reply({"events": [event_json(e) for e in events], **extra})
+async def _with_origins(call: Call, events: list[StoredEvent]) -> list[dict[str, Any]]:
+    """The events' JSON, an imported one's with its origin (interfaces.md)."""
+    shown = [event_json(e) for e in events]
+    if events:
+        origins = await call.source.events.origins([e.seq for e in events])
+        for doc in shown:
+            origin = origins.get(doc["seq"])
+            if origin is not None:
+                doc.update(origin_host=origin[0], origin_seq=origin[1],
+                           origin_received_at=rfc3339(origin[2]))
+    return shown
+
+
+async def _events_reply(call: Call, events: list[StoredEvent], extra: dict[str, Any],
+                        page: Page | None = None) -> web.Response:
+    response = reply({"events": await _with_origins(call, events), **extra})
     if page is not None:  # what `auditd bench --query` reads
         response.headers["X-Query-Ms"] = f"{page.ms:.3f}"
         response.headers["X-Query-Cpu-Ms"] = f"{page.cpu_ms:.3f}"
@@ -46,11 +59,14 @@ def _events_reply(events: list[StoredEvent], extra: dict[str, Any],
 async def get_events(call: Call) -> web.StreamResponse:
     uid = _uid_filter(call)
     try:
-        spec = parse_query(call.request.query)
+        spec = parse_query(call.request.query, allow=("origin_host",))
     except BadQuery as exc:
         raise _bad(exc) from None
+    hosts = call.request.query.getall("origin_host", [])
+    if hosts:
+        spec = spec.replace(origin_hosts=tuple(dict.fromkeys(hosts)))
     page = await call.source.events.query(spec.restricted_to(uid))
-    return _events_reply(page.events, {"next": page.next}, page)
+    return await _events_reply(call, page.events, {"next": page.next}, page)
 
 
 async def get_event(call: Call) -> web.StreamResponse:
@@ -62,7 +78,7 @@ async def get_event(call: Call) -> web.StreamResponse:
         event = await engine.event_by_id(key)
     if event is None or (uid is not None and event.uid != uid):
         raise Problem(404, "not_found", f"no event with seq or id {key!r}")
-    return reply(event_json(event))
+    return reply((await _with_origins(call, [event]))[0])
 
 
 def _int(call: Call, name: str, default: int, low: int, high: int) -> int:
@@ -93,7 +109,7 @@ async def get_stream(call: Call) -> web.StreamResponse:
     following = None
     if len(events) == limit and events[-1].stream_seq is not None:
         following = events[-1].stream_seq + 1
-    return _events_reply(events, {"stream": stream, "next": following})
+    return await _events_reply(call, events, {"stream": stream, "next": following})
 
 
 async def get_correlation(call: Call) -> web.StreamResponse:
@@ -105,5 +121,5 @@ async def get_correlation(call: Call) -> web.StreamResponse:
     limit = _int(call, "limit", MAX_LIMIT, 1, MAX_LIMIT)
     spec = QuerySpec(values={"correlation_id": (correlation,)}, limit=limit)
     page = await call.source.events.query(spec.restricted_to(uid))
-    return _events_reply(page.events, {"correlation_id": correlation, "next": page.next},
-                         page)
+    return await _events_reply(call, page.events,
+                               {"correlation_id": correlation, "next": page.next}, page)

@@ -18,6 +18,7 @@ import msgspec
 from aiohttp import web
 
 from auditd.ingest import depth
+from auditd.lifecycle import origins
 from auditd.projections.params import BadParameter, parse_counts
 from auditd.proofs.prove import ProofError
 from auditd.query.feed import FeedRefused
@@ -252,6 +253,39 @@ async def post_recover(call: Call) -> dict[str, Any]:
     return await call.source.recover(request.path)
 
 
+async def post_checkpoint(call: Call) -> dict[str, Any]:
+    await _body(call, ReloadRequest)  # takes no arguments
+    result = await call.source.issue_checkpoint()
+    call.audit["size"] = result["size"]
+    return result
+
+
+async def get_import_origins(call: Call) -> web.StreamResponse:
+    """{"host", "runs": [[first, last], ...]}: the seqs at `host` imported here (what a
+    re-run of an import skips). For callers who may read every event."""
+    if _uid_filter(call) is not None:
+        raise Problem(403, "forbidden", "origins are for admins and readers")
+    host = call.request.query.get("host")
+    if not host:
+        raise Problem(400, "bad_request", "host: required (the origin host id)")
+    return reply({"host": host, "runs": await call.source.events.origin_runs(host)})
+
+
+async def post_import_origins(call: Call) -> dict[str, Any]:
+    """A large body (20,000 origins a post): read past the app's 64 KiB bodies, bounded."""
+    raw = bytearray()
+    async for chunk in call.request.content.iter_chunked(1 << 16):
+        raw += chunk
+        if len(raw) > origins.MAX_BODY:
+            raise Problem(413, "too_large", f"the body is over {origins.MAX_BODY} bytes")
+    try:
+        request = msgspec.json.decode(bytes(raw), type=origins.OriginsRequest)
+    except msgspec.DecodeError as exc:  # ValidationError too: it names the field
+        raise Problem(400, "bad_request", f"the body does not fit: {exc}") from None
+    call.audit.update(host=request.host, origins=len(request.origins))
+    return await call.source.record_origins(request.host, request.origins)
+
+
 async def _selection(call: Call) -> list[int] | None:
     """{"ids": [...]} -> those ids; {"all": true} -> None (every entry)."""
     selection = await _body(call, Selection)
@@ -314,6 +348,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/reload", admin=post_reload, action="reload"),
     Route("POST", "/backup", admin=post_backup, action="backup"),
     Route("POST", "/recover", admin=post_recover, action="recover"),
+    Route("POST", "/checkpoint", admin=post_checkpoint, action="checkpoint"),
+    Route("POST", "/import/origins", admin=post_import_origins, action="import"),
+    Route("GET", "/import/origins", read=get_import_origins),
     Route("GET", "/counts", read=get_counts),
     Route("GET", "/actors/{actor:.+}", read=get_actor),  # an actor may hold a "/"
     Route("GET", "/projections", read=get_projections),

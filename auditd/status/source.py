@@ -96,6 +96,17 @@ class StatusSource(Protocol):
         """The newest signed checkpoint's text, None before the first."""
         ...
 
+    async def issue_checkpoint(self) -> dict[str, Any]:
+        """Make what is committed durable and sign a checkpoint of it: {"size",
+        "checkpoint": text} (the newest, when nothing new was committed). ActionRefused
+        when no checkpoint can be signed."""
+        ...
+
+    async def record_origins(self, host: str, rows: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """Write imported events' origins (seq here, seq at `host`, received_at there):
+        {"host", "origins": n, "new": n}; rows already written are left as they are."""
+        ...
+
     async def proof(self, seq: int, size: int | None, uid: int | None) -> dict[str, Any]:
         """The inclusion proof document of `seq` (proofs.md); `uid` set: only for an
         event that uid wrote (ProofError 403 otherwise)."""

@@ -20,9 +20,10 @@ from conftest import DaemonProcess, UnixHTTPConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ADMIN = ["/dlq/retry", "/dlq/drop", "/reload", "/backup", "/recover", "/projections/rebuild"]
+ADMIN = ["/dlq/retry", "/dlq/drop", "/reload", "/backup", "/recover", "/projections/rebuild",
+         "/checkpoint", "/import/origins"]
 READ = ["/health", "/stats", "/metrics", "/dlq", "/counts", "/actors/ok", "/actors/%00",
-        "/projections"]
+        "/projections", "/import/origins"]
 
 
 @pytest.fixture(scope="module")

@@ -220,14 +220,13 @@ def test_restore_on_a_fresh_file_does_nothing(conn: sqlite3.Connection) -> None:
 
 def test_plan_and_losses_say_what_a_roll_back_would_delete(conn: sqlite3.Connection) -> None:
     assert migrations.current(conn) == 0
-    assert [(d, m.version) for d, m in migrations.plan(conn)] == [
-        ("up", 1), ("up", 2), ("up", 3), ("up", 4), ("up", 5)]
+    every = range(1, migrations.LATEST + 1)
+    assert [(d, m.version) for d, m in migrations.plan(conn)] == [("up", v) for v in every]
     migrations.migrate(conn)
     assert migrations.current(conn) == migrations.LATEST
     assert migrations.plan(conn) == []
     steps = migrations.plan(conn, to=0)
-    assert [(d, m.version) for d, m in steps] == [("down", 5), ("down", 4), ("down", 3),
-                                                  ("down", 2), ("down", 1)]
+    assert [(d, m.version) for d, m in steps] == [("down", v) for v in reversed(every)]
     assert migrations.losses(conn, steps) == []  # nothing stored: nothing to lose
     insert_event(conn, 1)
     insert_event(conn, 2)

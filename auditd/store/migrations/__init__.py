@@ -20,6 +20,7 @@ from auditd.store.migrations import (
     m0003_partitions,
     m0004_projections,
     m0005_merkle,
+    m0006_origins,
 )
 from auditd.store.statements import transaction
 
@@ -44,6 +45,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "partitions", m0003_partitions.UP, m0003_partitions.DOWN),
     Migration(4, "projections", m0004_projections.UP, m0004_projections.DOWN),
     Migration(5, "merkle", m0005_merkle.UP, m0005_merkle.DOWN),
+    Migration(6, "origins", m0006_origins.UP, m0006_origins.DOWN,
+              down_deletes=("event_origins",)),
 )
 LATEST = MIGRATIONS[-1].version
 
