@@ -12,6 +12,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import NoReturn
 
+from auditd.cli.argtypes import positive
+from auditd.cli.lifecycle_args import add_export_arguments, add_import_arguments
 from auditd.errors import AuditdError
 from auditd.store.migrations import LATEST
 
@@ -87,8 +89,6 @@ def build_parser() -> Parser:
                        "rebuild one from the events, through the running daemon")))
 
     _proofs(command)
-    from auditd.cli.lifecycle import add_export_arguments, add_import_arguments
-
     add_export_arguments(command("export", "events out of the store with a manifest and a "
                                            "signed checkpoint (proofs.md): JSON lines or "
                                            "the records E, zstd for a .zst FILE"))
@@ -116,16 +116,16 @@ def _proofs(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     verify.add_argument("--vkey", metavar="KEY",
                         help="the verifier key (text or file; default: --state's, else "
                              "the store's own key)")
-    verify.add_argument("--workers", type=_positive, metavar="N",
+    verify.add_argument("--workers", type=positive, metavar="N",
                         help="worker processes (default: one per CPU)")
     verify.add_argument("--json", action="store_true", help="print one JSON document")
     prove = command("prove", "an inclusion proof of SEQ, or a consistency proof between "
                              "two checkpoint sizes (proofs.md), read from the database")
-    prove.add_argument("seq", metavar="SEQ", type=_positive, nargs="?",
+    prove.add_argument("seq", metavar="SEQ", type=positive, nargs="?",
                        help="the event's seq")
-    prove.add_argument("--size", type=_positive, metavar="N",
+    prove.add_argument("--size", type=positive, metavar="N",
                        help="a stored checkpoint's size (default: the newest)")
-    prove.add_argument("--consistency", type=_positive, nargs=2, metavar=("OLD", "NEW"),
+    prove.add_argument("--consistency", type=positive, nargs=2, metavar=("OLD", "NEW"),
                        help="prove checkpoint size OLD a prefix of size NEW")
     prove.add_argument("--json", action="store_true", help="compact JSON on one line")
     check = command("verify-proof", "check a saved proof offline: no daemon, no database")
@@ -178,7 +178,7 @@ def _dlq(dlq: argparse.ArgumentParser) -> None:
                           "take ids or --all, not both")
     dlq.add_argument("--all", action="store_true",
                      help="every entry (retry and drop only; not together with ids)")
-    dlq.add_argument("--limit", type=_positive, default=100, metavar="N",
+    dlq.add_argument("--limit", type=positive, default=100, metavar="N",
                      help="at most N entries to list (default 100)")
 
 
@@ -218,14 +218,3 @@ def _projections(projections: argparse.ArgumentParser) -> None:
                                   + ", ".join(p.name for p in PROJECTIONS))
     projections.add_argument("--no-wait", action="store_true",
                              help="rebuild: return once the rebuild has begun")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a number >= 1")
-    return value
-

@@ -33,7 +33,6 @@ from auditd.query.spec import QuerySpec, matches
 from auditd.store.records import event_from_record, is_dead_letter
 from auditd.store.sealing.catalog import PARTITIONS_DIR
 
-FORMATS = ("jsonl", "msgpack")
 _CHUNK = 4096
 
 

@@ -14,6 +14,8 @@ import msgspec
 
 from auditd.errors import AuditdError
 
+FORMATS = ("jsonl", "msgpack")  # an export file's two formats (--format)
+
 FORMAT = "auditd-export"
 VERSION = 1
 
