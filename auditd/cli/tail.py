@@ -19,8 +19,11 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
+from auditd.cli.argtypes import at_least
 from auditd.cli.parser import UsageError
 from auditd.errors import AuditdError
+
+_count = at_least(0)  # -n, --after: zero is allowed
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 _BACKOFF_FIRST_S, _BACKOFF_MOST_S = 0.1, 5.0
@@ -67,16 +70,6 @@ def add_arguments(tail: argparse.ArgumentParser) -> None:
         help="print each event as one JSON line, as the daemon sends it")
     add("--status-socket", metavar="PATH",
         help="the daemon's status socket (default: status.socket from the config)")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: expected a number >= 0")
-    return value
 
 
 def parameters(args: argparse.Namespace) -> list[tuple[str, str]]:
