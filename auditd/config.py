@@ -76,8 +76,10 @@ class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RetentionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    max_age: Duration = "30d"
-    max_bytes: Size = "5GB"
+    max_age: Duration = "30d"  # "0s": no limit by age
+    max_bytes: Size = "5GB"  # "0": no limit by size
+    archive_dir: str = ""  # what retention deletes is exported here first (zstd)
+    interval: Duration = "60s"  # how often retention runs
 
 
 class ProofsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -186,6 +188,7 @@ _SIZE_KEYS = [("ingest", "max_frame_bytes"), ("ingest", "max_event_bytes"),
               ("storage", "reserve_bytes"), ("storage", "dlq_max_bytes"),
               ("retention", "max_bytes"), ("storage", "term_filter_bytes")]
 _DURATION_KEYS = [("writer", "retry_max_delay"), ("retention", "max_age"),
+                  ("retention", "interval"),
                   ("proofs", "checkpoint_every"), ("proofs", "idle_every")]
 _POSITIVE_KEYS = [("ingest", "max_batch_events"), ("ingest", "max_connections"),
                   ("buffer", "capacity"), ("writer", "batch_max")]
@@ -214,6 +217,9 @@ def _check(config: Config) -> None:
     if not 100 <= config.storage.partition_events <= 16_000_000:
         raise ConfigError(f"storage.partition_events = {config.storage.partition_events}: "
                           "expected an integer from 100 to 16000000")
+    if config.duration_ms("retention", "interval") < 100:
+        raise ConfigError(f"retention.interval = {config.retention.interval!r}: expected "
+                          "at least 100ms")
     if config.writer.batch_delay_ms < 0:
         raise ConfigError(
             f"writer.batch_delay_ms = {config.writer.batch_delay_ms}: expected an integer >= 0"

@@ -29,11 +29,13 @@ from auditd.errors import AuditdError
 from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
+from auditd.lifecycle.retention import Retention, RetentionError
 from auditd.logs import RecurringFault
 from auditd.projections import Projections
 from auditd.proofs.checkpointer import Checkpointer
 from auditd.proofs.keys import key_path, load_or_create
 from auditd.proofs.ledger import Ledger
+from auditd.proofs.notes import sign_checkpoint
 from auditd.query.engine import QueryEngine
 from auditd.query.feed import CommitFeed
 from auditd.query.hot_index import HotIndex
@@ -131,6 +133,7 @@ class Daemon:
             raise
         self.ready = True
         self._spawn(self.query_engine.warm(), "query_warm")
+        self._spawn(self.retention.run(), "retention")
         self._cancel_task(_EXTENDER)  # READY=1 below ends the start timeout
         # Start-up objects (modules, config, replayed state) never die: keep full
         # collections from walking them, which showed up as 15-30 ms loop pauses.
@@ -190,6 +193,7 @@ class Daemon:
             fallback_path=self.storage / "dead-letters.fallback",
             on_committed=self._committed, on_batch=self.feed.publish)
         self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
+        self.retention = Retention(self.store, config, self._sign_prune_point)
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
                                     self.sequencer, self.stats, progress)
@@ -221,6 +225,13 @@ class Daemon:
         await self.checkpointer.open()
         log.info("checkpoints_opened", origin=self.checkpointer.origin, key=str(path),
                  tree_size=self.ledger.tree.size, vkey=self.checkpointer.vkey_text)
+
+    def _sign_prune_point(self, size: int, root: bytes) -> str:
+        """The checkpoint of a prune point (retention, proofs.md "After retention")."""
+        if self.checkpointer is None or self.checkpointer.refused:
+            raise RetentionError("no checkpoint can be signed now, so nothing is pruned")
+        return sign_checkpoint(self.checkpointer.key, self.checkpointer.origin, size, root,
+                               int(time.time())).text
 
     async def _final_checkpoint(self) -> None:
         if self.checkpointer is None:

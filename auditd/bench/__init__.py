@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from auditd.bench import fair, query_bench, soak, stalls
+from auditd.bench import fair, query_bench, retention_soak, soak, stalls
 from auditd.bench import follow as follow_bench
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", action="store_true", help="print one JSON document")
     fair.add_arguments(parser)
     soak.add_arguments(parser)
+    retention_soak.add_arguments(parser)
     stalls.add_arguments(parser)
     query_bench.add_arguments(parser)
     follow_bench.add_arguments(parser)
@@ -169,13 +170,15 @@ def print_human(doc: dict[str, Any], prefix: str = "") -> None:
 def main(args: argparse.Namespace, config: Config) -> int:
     # Killed by a timeout, the bench still stops its daemon and removes the temp dir.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    if args.batch is None:
+    if args.batch is None and not args.retention_soak:
         args.batch = 1000 if args.soak is not None else 100
     if args.soak is not None:
         doc: dict[str, Any] = {"soak": soak.run_soak(args, config)}
         if not args.json:
             soak.print_report(doc["soak"])
             return 0
+    elif args.retention_soak:
+        doc = {"retention_soak": retention_soak.run_retention_soak(args, config)}
     elif args.query is not None:
         doc = {"query": query_bench.run_query_bench(args, config)}
     elif args.projections:

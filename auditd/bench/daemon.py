@@ -34,7 +34,8 @@ class ThrowawayDaemon:
     """`auditd run` as a subprocess in a short temp dir; the dir goes away on exit."""
 
     def __init__(self, config: Config, durability: str, capacity: int | None,
-                 prepare: Callable[[Path], None] | None = None) -> None:
+                 prepare: Callable[[Path], None] | None = None,
+                 extra: dict[str, dict[str, Any]] | None = None) -> None:
         # A short /tmp dir: a Unix socket path must fit in 107 bytes.
         self.root = Path(tempfile.mkdtemp(dir="/tmp", prefix="adbench"))
         self.socket = str(self.root / "ingest.sock")
@@ -52,6 +53,8 @@ class ThrowawayDaemon:
             "status": {"socket": str(self.root / "status.sock")},
             "log": {"format": "json"},
         }
+        for name, keys in (extra or {}).items():  # a bench's own settings (retention...)
+            sections.setdefault(name, {}).update(keys)
         (self.root / "auditd.toml").write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
             for name, keys in sections.items()))

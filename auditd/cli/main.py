@@ -138,6 +138,12 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     return operator.backup(_status_socket(args, config), args.dest, args.json)
 
 
+def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import operator
+
+    return operator.vacuum(_status_socket(args, config), args.dry_run, args.json)
+
+
 def cmd_tail(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import tail
 
@@ -202,7 +208,7 @@ COMMANDS: dict[str, Command] = {
     "export-vkey": _proofs_command("export_vkey"),
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "query": cmd_query,
-    "backup": cmd_backup, "recover": cmd_recover, "migrate": cmd_migrate,
+    "backup": cmd_backup, "vacuum": cmd_vacuum, "recover": cmd_recover, "migrate": cmd_migrate,
     "bench": cmd_bench, "projections": cmd_projections, "tail": cmd_tail,
     "export": cmd_export, "import": cmd_import,
 }

@@ -10,6 +10,7 @@ traceback. Usage errors (`UsageError`) are found before anything is sent.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import sys
@@ -86,6 +87,10 @@ def _size(value: float) -> str:
     return str(value)
 
 
+def _when(unix: float) -> str:
+    return datetime.datetime.fromtimestamp(unix, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
     """The readable summary: state first, then throughput, backlog, latency, storage."""
     lines = [f"state:        {health.get('status', '?')}"]
@@ -130,6 +135,23 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
         lag = max((p.get("lag", 0) for p in projections.values()), default=0)
         lines.insert(-1, f"projections:  {live} of {len(projections)} live, lag {lag} events"
                      + ("" if live == len(projections) else "; rebuilding the others"))
+    retention = stats.get("retention") or {}
+    disk = retention.get("disk") or {}
+    if disk:
+        limit = retention.get("max_bytes") or 0
+        lines.insert(-1, (
+            f"disk use:     {_size(disk.get('total', 0))}"
+            + (f" of {_size(limit)}" if limit else "") + f": partitions "
+            f"{_size(disk.get('partitions', 0))} ({disk.get('partition_files', 0)} files), "
+            f"database {_size(disk.get('database', 0))}, WAL {_size(disk.get('wal', 0))}, "
+            f"journal {_size(disk.get('journal', 0))}, archive {_size(disk.get('archive', 0))}"))
+        oldest = retention.get("oldest_received_at")
+        lines.insert(-1, (
+            f"retention:    max_age {retention.get('max_age')}; oldest event seq "
+            f"{retention.get('oldest_seq')}"
+            + (f" received {_when(oldest)}" if oldest else "")
+            + (f"; next deletion by age {_when(retention['next_deletion_by_age_at'])}"
+               if retention.get("next_deletion_by_age_at") else "")))
     checkpoint = stats.get("checkpoint")
     lines.insert(-1, "checkpoint:   none yet" if not checkpoint else (
         f"checkpoint:   size {checkpoint.get('size')} at {checkpoint.get('time')} "
@@ -197,4 +219,33 @@ def backup(socket_path: str, dest: str, as_json: bool) -> int:
     print(json.dumps(document) if as_json else
           f"backup written to {result.get('dest', target)}: {result.get('bytes', '?')} bytes "
           f"in {result.get('seconds', '?')} s")
+    return EXIT_OK
+
+
+def vacuum(socket_path: str, dry_run: bool, as_json: bool) -> int:
+    """Apply retention now, through the daemon (it waits until retention is done)."""
+    code, document = call(socket_path, "POST", "/vacuum", {"dry_run": dry_run})
+    if code != 200:
+        return _refusal(code, document)
+    result = document.get("result", document)
+    if as_json:
+        print(json.dumps(document))
+        return EXIT_OK
+    drops = result.get("would_delete" if dry_run else "deleted", [])
+    verb = "would delete" if dry_run else "deleted"
+    for drop in drops:
+        what = (f"partition {drop['file']}" if drop["kind"] == "partition"
+                else f"archive file {drop['file']}")
+        print(f"{verb} {what}: seqs {drop['first_seq']}-{drop['last_seq']}, "
+              f"{drop['events']} events, {_size(drop['bytes'])} ({drop['reason']})")
+    disk = result.get("disk", {})
+    limit = result.get("max_bytes") or 0
+    print(f"{len(drops)} {'would go' if dry_run else 'deleted'}; disk use "
+          f"{_size(disk.get('total', 0))}"
+          + (f" of max_bytes {_size(limit)}" if limit else " (no max_bytes)")
+          + (f"; {result['waiting']}" if result.get("waiting") else ""))
+    if result.get("over_max_bytes_after"):
+        print("auditd: still over retention.max_bytes: only the hot table, the journal and "
+              "the database are left, or the rest waits for a checkpoint", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK

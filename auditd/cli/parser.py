@@ -75,6 +75,11 @@ def build_parser() -> Parser:
     backup.add_argument("dest", metavar="DEST",
                         help="path of the copy, relative to the current directory; it must "
                              "not exist (a backup never overwrites) and its directory must")
+    vacuum = _operator(command("vacuum", "apply retention now: the oldest partitions (and "
+                                         "archive files) past max_age or over max_bytes "
+                                         "go; waits until done"))
+    vacuum.add_argument("--dry-run", action="store_true",
+                        help="say what would be deleted, delete nothing")
     _recover(command("recover", "copy every readable event and dead letter of a damaged "
                                 "database into the live store (idempotent)"))
     from auditd.cli.tail import add_arguments as add_tail_arguments

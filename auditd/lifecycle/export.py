@@ -15,6 +15,7 @@ way the daemon encoded them), so a MessagePack export holds the records E byte f
 
 from __future__ import annotations
 
+import io
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from auditd.lifecycle.files import Output
 from auditd.lifecycle.manifest import FORMAT, VERSION, Manifest, encode
 from auditd.lifecycle.progress import Progress
 from auditd.proofs.checkpointer import host_id_of
+from auditd.proofs.prune_point import pruned_through
 from auditd.proofs.records import RecordSource
 from auditd.query.spec import QuerySpec, matches
 from auditd.store.records import event_from_record, is_dead_letter
@@ -103,29 +105,56 @@ def _records(source: RecordSource, first: int, last: int,
 
 def export_store(storage: Path, output: Output, *, fmt: str, spec: QuerySpec | None,
                  filters: dict[str, list[str]], until_seq: int | None) -> ExportResult:
-    """Write the manifest and the records of [1, last_seq] (matching `spec`, if any)."""
+    """Write the manifest and the records of [first, last_seq] (matching `spec`, if any):
+    first is 1, or the seq after retention's prune point."""
     db = read_snapshot(storage)
     source = RecordSource(db, storage / PARTITIONS_DIR)
     try:
         last, checkpoint, newest = _checkpoint_for(db, until_seq)
         committed = int(db.execute("SELECT value FROM meta WHERE key = 'committed_seq'")
                         .fetchone()[0])
-        first = 1
-        complete = spec is None
-        count = last - first + 1 if spec is None else _count(source, first, last, spec)
-        manifest = Manifest(FORMAT, VERSION, host_id_of(db), first, last, count, filters,
-                            checkpoint)
-        output.write(encode(manifest, fmt))
-        progress = Progress("export", last - first + 1)
-        for chunk in _records(source, first, last, complete):
-            output.write(_encode_chunk(chunk, fmt, spec))
-            progress.step(len(chunk))
-        seconds = progress.finish()
+        first = pruned_through(db) + 1  # retention deleted what lies below
+        manifest, seconds = _write(db, source, output, fmt, spec, filters, first, last,
+                                   checkpoint, Progress("export", max(0, last - first + 1)))
     finally:
         source.close()
         db.close()
     size = output.commit()
     return ExportResult(manifest, size, seconds, max(0, committed - newest))
+
+
+def archive_range(storage: Path, output: Output, first: int, last: int) -> ExportResult:
+    """Retention's archive of seqs [first, last] before it deletes them: a complete
+    MessagePack export of exactly that range (`output` a .zst file), durable when this
+    returns. Its checkpoint is the smallest stored one that covers the range."""
+    db = read_snapshot(storage)
+    source = RecordSource(db, storage / PARTITIONS_DIR)
+    try:
+        row = db.execute("SELECT text FROM checkpoints WHERE size >= ? ORDER BY size, id"
+                         " DESC LIMIT 1", (last,)).fetchone()
+        if row is None:
+            raise ExportError(f"no checkpoint covers seq {last} yet: archived once one does")
+        # The daemon does this: nothing to redraw, its log line says what was archived.
+        quiet = Progress("archive", last - first + 1, io.StringIO())
+        manifest, seconds = _write(db, source, output, "msgpack", None, {}, first, last,
+                                   str(row[0]), quiet)
+    finally:
+        source.close()
+        db.close()
+    return ExportResult(manifest, output.commit(), seconds, 0)
+
+
+def _write(db: sqlite3.Connection, source: RecordSource, output: Output, fmt: str,
+           spec: QuerySpec | None, filters: dict[str, list[str]], first: int, last: int,
+           checkpoint: str, progress: Progress) -> tuple[Manifest, float]:
+    count = max(0, last - first + 1) if spec is None else _count(source, first, last, spec)
+    manifest = Manifest(FORMAT, VERSION, host_id_of(db), first, last, count, filters,
+                        checkpoint)
+    output.write(encode(manifest, fmt))
+    for chunk in _records(source, first, last, spec is None):
+        output.write(_encode_chunk(chunk, fmt, spec))
+        progress.step(len(chunk))
+    return manifest, progress.finish()
 
 
 def _count(source: RecordSource, first: int, last: int, spec: QuerySpec) -> int:

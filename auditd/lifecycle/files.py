@@ -67,6 +67,11 @@ class Output:
         self._raw.close()
         os.replace(self._temp, self.path)
         self._temp = None
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the rename itself durable: retention deletes what it archived after this
+            os.fsync(directory)
+        finally:
+            os.close(directory)
         return size
 
     def abandon(self) -> None:

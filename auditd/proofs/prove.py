@@ -5,7 +5,9 @@ and of height 8 or more (merkle_nodes) or 4 (a tile's 16-leaf groups),
 from its two halves otherwise, and from the leaves of its 16-leaf group below height
 4: those are hashed from the group's records (at most 16, read once per proof).
 
-Sizes must be those of stored checkpoints: the daemon keeps every one it issued.
+Sizes must be those of stored checkpoints: the daemon keeps every one it issued, until
+retention deletes those smaller than its prune point (prune_point.py); the prune point's
+own checkpoint stands for its size, and a subtree below it comes from its compact range.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from auditd.errors import AuditdError
+from auditd.proofs import prune_point
 from auditd.proofs.merkle import (
     HASH_BYTES,
+    compact_heights,
     consistency_path,
     inclusion_path,
     leaf_hash,
@@ -51,6 +55,9 @@ class StoredTree:
         self.source = RecordSource(db, partitions_dir)
         self._leaves: dict[int, list[bytes]] = {}  # group -> leaf hashes
         self._groups: dict[int, bytes] = {}  # tile -> its groups' roots
+        self.pruned = prune_point.load(db)
+        self.pruned_size = 0 if self.pruned is None else self.pruned.size
+        self._pruned_nodes = {} if self.pruned is None else self.pruned.nodes()
 
     def close(self) -> None:
         self.source.close()
@@ -61,14 +68,18 @@ class StoredTree:
     def group_leaves(self, group: int) -> list[bytes]:
         leaves = self._leaves.get(group)
         if leaves is None:
-            first = group * GROUP_WIDTH + 1
-            last = min(self.size, first + GROUP_WIDTH - 1)
+            start = group * GROUP_WIDTH + 1
+            # Seqs at or below the prune point are gone: placeholders nobody reads
+            # (a subtree reaching below it is _across_prune's).
+            first = max(start, self.pruned_size + 1)
+            last = min(self.size, start + GROUP_WIDTH - 1)
             got = dict(self.source.records(first, last))
             if len(got) != last - first + 1:
                 gone = next(s for s in range(first, last + 1) if s not in got)
                 raise ProofError(500, "record_missing", f"seq {gone} holds no record: "
                                  "run `auditd verify`")
-            leaves = self._leaves[group] = [leaf_hash(got[s]) for s in range(first, last + 1)]
+            leaves = self._leaves[group] = [b""] * (first - start) + [
+                leaf_hash(got[s]) for s in range(first, last + 1)]
         return leaves
 
     def group_root(self, group: int) -> bytes:
@@ -90,6 +101,8 @@ class StoredTree:
     def subtree(self, lo: int, hi: int) -> bytes:
         """The hash of leaves [lo, hi) (leaf index = seq - 1)."""
         n = hi - lo
+        if lo < self.pruned_size:
+            return self._across_prune(lo, hi)
         if n & (n - 1) == 0 and lo % n == 0:
             height = n.bit_length() - 1
             if height < GROUP_HEIGHT:
@@ -107,6 +120,34 @@ class StoredTree:
         k = split_point(n) if n & (n - 1) else n // 2
         return node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
 
+    def _across_prune(self, lo: int, hi: int) -> bytes:
+        """A subtree that starts below the prune point: a compact hash of it when it
+        lies wholly below, else a stored node (retention keeps those that reach past
+        the prune point) or its two halves; never a record or a group below it."""
+        if hi <= self.pruned_size:
+            found = self._pruned_nodes.get((lo, hi))
+            if found is None:
+                raise ProofError(404, "pruned", f"seqs {lo + 1}..{hi} were deleted by "
+                                 f"retention (prune point {self.pruned_size})")
+            return found
+        n = hi - lo
+        if n & (n - 1) == 0 and lo % n == 0 and n >= TILE_WIDTH:
+            row = self.db.execute("SELECT hash FROM merkle_nodes WHERE height = ? AND idx = ?",
+                                  (n.bit_length() - 1, lo // n)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+        k = split_point(n) if n & (n - 1) else n // 2
+        return node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
+
+
+def compact_range(tree: StoredTree, size: int) -> tuple[bytes, ...]:
+    """The compact range of the tree's first `size` leaves, from what is stored."""
+    hashes, lo = [], 0
+    for height in compact_heights(size):
+        hashes.append(tree.subtree(lo, lo + (1 << height)))
+        lo += 1 << height
+    return tuple(hashes)
+
 
 def checkpoint_at(db: sqlite3.Connection, size: int | None) -> tuple[int, str]:
     """The newest stored checkpoint of `size` (default: the newest of all)."""
@@ -118,6 +159,12 @@ def checkpoint_at(db: sqlite3.Connection, size: int | None) -> tuple[int, str]:
     else:
         row = db.execute("SELECT size, text FROM checkpoints WHERE size = ?"
                          " ORDER BY id DESC LIMIT 1", (size,)).fetchone()
+        pruned = prune_point.load(db)
+        if row is None and pruned is not None and size <= pruned.size:
+            if size == pruned.size:
+                return size, pruned.checkpoint
+            raise ProofError(404, "pruned", f"size {size}: retention deleted the seqs "
+                             f"through {pruned.size}, and the checkpoints below that")
         if row is None:
             raise ProofError(404, "no_checkpoint",
                              f"size {size}: no stored checkpoint has that size")
@@ -135,6 +182,9 @@ def inclusion(db: sqlite3.Connection, partitions_dir: Path, seq: int,
                              f"size {tree_size}")
         tree = StoredTree(db, partitions_dir)
         try:
+            if seq <= tree.pruned_size:
+                raise ProofError(404, "pruned", f"seq {seq} was deleted by retention "
+                                 f"(prune point {tree.pruned_size})")
             record = tree.record(seq)
             if record is None:
                 raise ProofError(404, "not_found", f"seq {seq}: no record is stored")

@@ -4,7 +4,8 @@ A worker reads seqs [first, last] (hot rows or sealed partitions: every seq is
 immutable once committed, so any snapshot that holds it gives the same record), hashes
 each record into its leaf, checks it against the leaf fingerprints the tree stored, and
 returns the range's tile hashes (256 leaves each), the leaves of the tiles that hold a
-checkpoint's edge, and the problems it found, first seq first. Ranges start on a tile.
+checkpoint's edge, and the problems it found, first seq first. Ranges start on a tile
+(the first one after a prune point may start inside one).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class RangeResult:
 class RangeTask:
     db_path: str
     partitions_dir: str
-    first: int  # seq; first - 1 is a multiple of TILE_WIDTH
+    first: int  # seq; first - 1 is a multiple of TILE_WIDTH, or the prune point
     last: int
     wanted_tiles: frozenset[int]  # tiles whose leaves the caller needs
     edge_tile: int  # the tree's unfinished tile

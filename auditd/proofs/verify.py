@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from auditd.proofs import prune_point
 from auditd.proofs.merkle import fold, node_hash
 from auditd.proofs.notes import Checkpoint, NoteError, VerifierKey, verify_checkpoint
+from auditd.proofs.prune_point import PrunePoint
 from auditd.proofs.scan import Problem, RangeResult, RangeTask, scan_range
 from auditd.proofs.tree import TILE_HEIGHT, TILE_WIDTH, load_edge
 
@@ -91,6 +93,7 @@ class Snapshot:
     tree_size: int
     committed: int
     edge_fingerprints: bytes
+    pruned: PrunePoint | None  # retention deleted seqs 1..pruned.size
 
 
 def read_snapshot(db_path: Path) -> Snapshot:
@@ -101,11 +104,12 @@ def read_snapshot(db_path: Path) -> Snapshot:
             "SELECT size, root, text FROM checkpoints ORDER BY id")]
         edge = load_edge(db)
         row = db.execute("SELECT value FROM meta WHERE key = 'committed_seq'").fetchone()
+        pruned = prune_point.load(db)
         db.execute("COMMIT")
     finally:
         db.close()
     return Snapshot(stored[-1][2] if stored else None, stored, edge.size,
-                    int(row[0] or 0) if row else 0, bytes(edge.fingerprints))
+                    int(row[0] or 0) if row else 0, bytes(edge.fingerprints), pruned)
 
 
 def integrity(db_path: Path) -> str | None:
@@ -166,17 +170,29 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
                             "with different roots")
     report.checkpoint = newest = verify_checkpoint(snap.newest, vkey)
     report.checkpoints_checked = len(checkpoints)
+    floor = _check_prune_point(snap.pruned, vkey, report)
+    # Below the prune point only signatures can be checked: the records are gone.
+    checkpoints = {size: root for size, root in checkpoints.items() if size >= floor}
     target = newest.size
     if outside is not None:
         if outside.size > newest.size:
             report.notes.append(f"the given checkpoint ({outside.size}) is newer than the "
                                 f"store's newest ({newest.size})")
         target = max(target, outside.size)
-        if checkpoints.get(outside.size, outside.root) != outside.root:
+        if outside.size < floor:
+            report.notes.append(f"the given checkpoint ({outside.size}) is older than the "
+                                f"prune point ({floor}): retention deleted what it covers, "
+                                "so only its signature is checked")
+            outside = None
+        elif snap.pruned is not None and outside.size == floor \
+                and outside.root != snap.pruned.root:
+            raise _tampered("inconsistent history", f"the prune point at size {floor} has "
+                            "another root than the given checkpoint")
+        elif checkpoints.get(outside.size, outside.root) != outside.root:
             raise _tampered("inconsistent history", f"the store's checkpoint of size "
                             f"{outside.size} has another root than the given one")
     results = _scan_all(db_path, storage / "partitions", target, snap,
-                        {*checkpoints, target}, workers, progress)
+                        {*checkpoints, target}, workers, progress, floor)
     problems = sorted((p for r in results for p in r.problems), key=lambda p: p.seq)
     held = sum(r.records for r in results)
     if problems:
@@ -185,7 +201,10 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
             raise _tampered("truncated", f"seqs {first.seq}..{target} are gone: the store "
                             f"ends before what checkpoint {target} covers", first.seq)
         raise _tampered(first.kind, first.detail, first.seq)
-    roots = _roots_at(results, sorted({*checkpoints, target}))
+    roots = _roots_at(results, sorted({*checkpoints, target} - {floor} if floor else
+                                      {*checkpoints, target}), snap.pruned)
+    if snap.pruned is not None:
+        roots[floor] = snap.pruned.root
     for size in sorted(checkpoints):
         if roots[size] != checkpoints[size]:
             raise _tampered("modified", f"the records' root at size {size} is not the "
@@ -199,6 +218,22 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
                         "newer checkpoints were removed", newest.size + 1)
     report.verified_events = held
     report.not_yet_checkpointed = max(0, snap.committed - newest.size)
+
+
+def _check_prune_point(point: PrunePoint | None, vkey: VerifierKey, report: Report) -> int:
+    """The prune point's signed checkpoint must hold its compact range's root; the
+    size below which records are retention's, not missing (0: nothing pruned)."""
+    if point is None:
+        return 0
+    try:
+        signed = verify_checkpoint(point.checkpoint, vkey)
+    except NoteError as exc:
+        raise _tampered("forged checkpoint", f"the prune point's checkpoint: {exc}") from None
+    if signed.size != point.size or signed.root != point.root:
+        raise _tampered("modified", f"the prune point at size {point.size} does not hold "
+                        "the root its checkpoint signs")
+    report.notes.append(f"seqs 1..{point.size} were deleted by retention (prune point)")
+    return point.size
 
 
 def _check_given(text: str | None, vkey: VerifierKey) -> Checkpoint | None:
@@ -220,11 +255,16 @@ def _runs_to_end(problems: list[Problem], first: int, target: int) -> bool:
 
 def _scan_all(db_path: Path, partitions: Path, target: int, snap: Snapshot,
               sizes: set[int], workers: int | None,
-              progress: Callable[[int, int], None] | None) -> list[RangeResult]:
+              progress: Callable[[int, int], None] | None, floor: int) -> list[RangeResult]:
+    """Seqs floor+1..target in ranges of RANGE_SEQS (the first one cut by the prune
+    point, the rest aligned)."""
     wanted = frozenset((s - 1) >> TILE_HEIGHT for s in sizes if s % TILE_WIDTH)
-    tasks = [RangeTask(str(db_path), str(partitions), lo, min(target, lo + RANGE_SEQS - 1),
+    aligned = range(floor // RANGE_SEQS * RANGE_SEQS + RANGE_SEQS + 1, target + 1, RANGE_SEQS)
+    starts = [floor + 1, *aligned]
+    tasks = [RangeTask(str(db_path), str(partitions), lo,
+                       min(target, (lo - 1) // RANGE_SEQS * RANGE_SEQS + RANGE_SEQS),
                        wanted, snap.tree_size >> TILE_HEIGHT, snap.edge_fingerprints)
-             for lo in range(1, target + 1, RANGE_SEQS)]
+             for lo in starts if lo <= target]
     count = workers if workers is not None else min(len(tasks), os.cpu_count() or 1)
     done = 0
     if count <= 1 or len(tasks) <= 1:
@@ -233,7 +273,7 @@ def _scan_all(db_path: Path, partitions: Path, target: int, snap: Snapshot,
             results.append(scan_range(task))
             done += task.last - task.first + 1
             if progress is not None:
-                progress(done, target)
+                progress(done, target - floor)
         return results
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
@@ -242,38 +282,45 @@ def _scan_all(db_path: Path, partitions: Path, target: int, snap: Snapshot,
             result = future.result()
             done += result.last - result.first + 1
             if progress is not None:
-                progress(done, target)
+                progress(done, target - floor)
         return [f.result() for f in futures]
 
 
-def _roots_at(results: list[RangeResult], sizes: list[int]) -> dict[int, bytes]:
-    """The tree's root at each size, from the ranges' tile hashes and edge leaves."""
+def _roots_at(results: list[RangeResult], sizes: list[int],
+              start: PrunePoint | None) -> dict[int, bytes]:
+    """The tree's root at each size (ascending, none below the prune point), from the
+    prune point's compact range, the ranges' tile hashes and their edge leaves."""
     roots: dict[int, bytes] = {}
-    compact: list[bytes] = []  # over whole tiles, heights >= TILE_HEIGHT
-    tiles_seen = 0
-    pending = iter(sizes)
-    size = next(pending, None)
+    compact = list(start.compact) if start is not None else []  # of the first `count`
+    count = first_leaf = start.size if start is not None else 0
     edge_leaves = {t: leaves for r in results for t, leaves in r.edge_leaves.items()}
     tile_hashes = (h for r in results for h in r.tiles)
-    while size is not None:
-        whole = size >> TILE_HEIGHT
-        while tiles_seen < whole:
-            _append(compact, tiles_seen, next(tile_hashes))
-            tiles_seen += 1
-        rest = size % TILE_WIDTH
-        partial: list[bytes] = []
-        if rest:
-            leaves = edge_leaves[whole][:rest]
-            for index, leaf in enumerate(leaves):
-                _append(partial, index, leaf)
-        roots[size] = fold(compact + partial)
-        size = next(pending, None)
+
+    def leaf(index: int) -> bytes:
+        tile = index >> TILE_HEIGHT
+        return edge_leaves[tile][index - max(tile << TILE_HEIGHT, first_leaf)]
+
+    for size in sizes:
+        whole = size >> TILE_HEIGHT << TILE_HEIGHT
+        while count < whole:
+            if count % TILE_WIDTH == 0:
+                _append(compact, count, next(tile_hashes), TILE_HEIGHT)
+                count += TILE_WIDTH
+            else:  # the tile the prune point cuts: its remaining leaves one by one
+                _append(compact, count, leaf(count), 0)
+                count += 1
+        partial = list(compact)
+        for index in range(count, size):
+            _append(partial, index, leaf(index), 0)
+        roots[size] = fold(partial)
     return roots
 
 
-def _append(compact: list[bytes], count: int, h: bytes) -> None:
+def _append(compact: list[bytes], count: int, h: bytes, height: int) -> None:
+    """Append the subtree `h` of 2**height leaves to the compact range of the first
+    `count` leaves (a multiple of 2**height)."""
+    count >>= height
     while count & 1:
         h = node_hash(compact.pop(), h)
         count >>= 1
     compact.append(h)
-

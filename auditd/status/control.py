@@ -20,12 +20,13 @@ import msgspec
 import structlog
 
 from auditd.config import Config, load_config, parse_rate_limit
-from auditd.errors import AuditdError, ConfigError, ProtocolError
+from auditd.errors import AuditdError, ConfigError, ProtocolError, StoreError
 from auditd.ingest.sequencer import Peer, Sequencer
 from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
 from auditd.journal.journal import Journal
 from auditd.lifecycle import origins
+from auditd.lifecycle.retention import Retention, RetentionError
 from auditd.logs import configure_logging
 from auditd.projections import BY_NAME as PROJECTION_NAMES
 from auditd.projections import CountsQuery, Projections
@@ -50,6 +51,7 @@ log = structlog.get_logger("auditd.status.control")
 
 # Keys a reload may change while running; the rest are wired into sockets and files.
 RELOADABLE = {"log.level", "log.format", "retention.max_age", "retention.max_bytes",
+              "retention.archive_dir", "retention.interval",
               "buffer.overflow", "status.admin_uids", "status.reader_gids",
               "ingest.rate_limit"}
 # How long an admin call waits for ingest to take its audit event (and a dead-letter
@@ -93,6 +95,8 @@ class DaemonView(Protocol):
 
     @property
     def sealer(self) -> Sealer: ...
+    @property
+    def retention(self) -> Retention: ...
     @property
     def query_engine(self) -> QueryEngine: ...
     @property
@@ -169,6 +173,8 @@ class DaemonControl:
             held_connections=daemon.ingest.held_counts(),
             seal_fault=daemon.sealer.figures.fault or daemon.writer.held_for,
             tree_wait=daemon.ledger.waiting,
+            retention_fault=daemon.retention.figures.fault or daemon.retention.figures.short,
+            retention=daemon.retention.document(),
             partitions=daemon.sealer.document(len(daemon.store.sealed)),
             projections=daemon.projections.document(daemon.stats.last_committed_seq),
             checkpoint=self._checkpoint_figures(),
@@ -194,6 +200,12 @@ class DaemonControl:
     async def proof(self, seq: int, size: int | None, uid: int | None) -> dict[str, Any]:
         return await asyncio.to_thread(proofs_access.inclusion_for, self.daemon.storage,
                                        seq, size, uid)
+
+    async def vacuum(self, dry_run: bool) -> dict[str, Any]:
+        try:
+            return await self.daemon.retention.apply(dry_run)
+        except (RetentionError, StoreError, OSError) as exc:
+            raise ActionRefused(f"retention stopped: {exc}") from exc
 
     async def issue_checkpoint(self) -> dict[str, Any]:
         """Sign a checkpoint of everything committed now (export's first step)."""
@@ -323,6 +335,8 @@ class DaemonControl:
             log.info("config_reloaded", applied=applied, needs_restart=needs_restart)
             configure_logging(daemon.config.log.level, daemon.config.log.format)
             daemon.ingest.limits.overflow = daemon.config.buffer.overflow
+            if any(key.startswith("retention.") for key in applied):
+                daemon.retention.wake()
             daemon.ingest.set_rate_limit(
                 parse_rate_limit("ingest.rate_limit", daemon.config.ingest.rate_limit))
             return {"applied": applied, "needs_restart": needs_restart}

@@ -118,6 +118,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "partitions": gauges.partitions,
         "projections": gauges.projections,
         "checkpoint": gauges.checkpoint,
+        "retention": gauges.retention,
         "id_lookup": {"failures": stats.id_lookup_failures,
                       "refused_frames": stats.id_lookup_refused_frames,
                       "fault": gauges.id_lookup_fault},

@@ -43,6 +43,7 @@ class HealthInputs:
     id_lookup_fault: str | None = None
     seal_fault: str | None = None
     tree_wait: str | None = None
+    retention_fault: str | None = None
     stopping: bool = False
     database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
@@ -104,6 +105,7 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         id_lookup_fault=gauges.id_lookup_fault,
         seal_fault=gauges.seal_fault,
         tree_wait=gauges.tree_wait,
+        retention_fault=gauges.retention_fault,
         stopping=gauges.stopping,
         database_replaced=gauges.database_replaced,
     )
@@ -130,6 +132,9 @@ def evaluate(h: HealthInputs) -> Health:
         # Degraded: events are taken and stored, but new checkpoints cover none of them.
         "proofs_tree": _fault(h.tree_wait, "the Merkle tree covers every committed seq",
                               "degraded"),
+        # Degraded: events are taken and kept; what is due for deletion stays for now.
+        "retention": _fault(h.retention_fault, "retention keeps the store within its "
+                            "limits", "degraded"),
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
     }

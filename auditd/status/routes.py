@@ -260,6 +260,19 @@ async def post_checkpoint(call: Call) -> dict[str, Any]:
     return result
 
 
+class VacuumRequest(msgspec.Struct, forbid_unknown_fields=True):
+    dry_run: bool = False
+
+
+async def post_vacuum(call: Call) -> dict[str, Any]:
+    body = await _body(call, VacuumRequest) or VacuumRequest()
+    result = await call.source.vacuum(body.dry_run)
+    call.audit["dry_run"] = body.dry_run
+    call.audit["deleted"] = [[d["first_seq"], d["last_seq"]]
+                             for d in result.get("deleted", []) if d["kind"] == "partition"]
+    return result
+
+
 async def get_import_origins(call: Call) -> web.StreamResponse:
     """{"host", "runs": [[first, last], ...]}: the seqs at `host` imported here (what a
     re-run of an import skips). For callers who may read every event."""
@@ -349,6 +362,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/backup", admin=post_backup, action="backup"),
     Route("POST", "/recover", admin=post_recover, action="recover"),
     Route("POST", "/checkpoint", admin=post_checkpoint, action="checkpoint"),
+    Route("POST", "/vacuum", admin=post_vacuum, action="vacuum"),
     Route("POST", "/import/origins", admin=post_import_origins, action="import"),
     Route("GET", "/import/origins", read=get_import_origins),
     Route("GET", "/counts", read=get_counts),

@@ -62,6 +62,10 @@ class Gauges:
     database_replaced: str | None = None
     seal_fault: str | None = None  # why sealing the hot table fails now (retried)
     tree_wait: str | None = None  # why the Merkle tree waits (proofs.ledger.waiting)
+    # Why retention cannot delete what is due, or cannot get under max_bytes.
+    retention_fault: str | None = None
+    # Limits, disk use by component (at the last run), prune point, what went.
+    retention: dict[str, Any] = field(default_factory=dict)
     # The partitioned store: count, sealed_through, hot_events, seal_backlog, ...
     partitions: dict[str, Any] = field(default_factory=dict)
     # Per projection: version, state, position, lag (and a rebuild's progress).
@@ -94,6 +98,10 @@ class StatusSource(Protocol):
 
     def checkpoint_text(self) -> str | None:
         """The newest signed checkpoint's text, None before the first."""
+        ...
+
+    async def vacuum(self, dry_run: bool) -> dict[str, Any]:
+        """Apply retention now and answer what went (`dry_run`: what would go)."""
         ...
 
     async def issue_checkpoint(self) -> dict[str, Any]:

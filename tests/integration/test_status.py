@@ -38,7 +38,7 @@ STATS_KEYS = {"accepted", "committed", "rejected", "duplicates", "dead_letters",
 HEALTH_CHECKS = {"running", "replay_finished", "writer_progress", "pending_age",
                  "database_writable", "journal_writable", "ingest_accepting", "disk_space",
                  "dead_letter_quota", "database_intact", "id_lookup", "sealing",
-                 "proofs_tree"}
+                 "proofs_tree", "retention"}
 
 as_root_only = pytest.mark.skipif(not can_run_as_other_uid(),
                                   reason="calling as another uid needs root")

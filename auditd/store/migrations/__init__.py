@@ -21,6 +21,7 @@ from auditd.store.migrations import (
     m0004_projections,
     m0005_merkle,
     m0006_origins,
+    m0007_prune_points,
 )
 from auditd.store.statements import transaction
 
@@ -47,6 +48,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "merkle", m0005_merkle.UP, m0005_merkle.DOWN),
     Migration(6, "origins", m0006_origins.UP, m0006_origins.DOWN,
               down_deletes=("event_origins",)),
+    Migration(7, "prune_points", m0007_prune_points.UP, m0007_prune_points.DOWN,
+              down_deletes=("prune_points",)),
 )
 LATEST = MIGRATIONS[-1].version
 

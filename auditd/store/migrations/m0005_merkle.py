@@ -31,7 +31,7 @@ def _set_host_id(db: sqlite3.Connection) -> None:
     db.execute("INSERT OR IGNORE INTO meta VALUES ('host_id', ?)", (host_id(),))
 
 
-def _no_change(table: str) -> tuple[str, str]:
+def no_change(table: str) -> tuple[str, str]:
     return (f"""CREATE TRIGGER {table}_no_update BEFORE UPDATE ON {table}
        BEGIN SELECT RAISE(ABORT, '{table} are append-only'); END""",
             f"""CREATE TRIGGER {table}_no_delete BEFORE DELETE ON {table}
@@ -63,8 +63,8 @@ UP: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         text TEXT NOT NULL
     )""",
     "CREATE INDEX checkpoints_size ON checkpoints (size)",
-    *_no_change("merkle_nodes"),
-    *_no_change("checkpoints"),
+    *no_change("merkle_nodes"),
+    *no_change("checkpoints"),
     _set_host_id,
 )
 

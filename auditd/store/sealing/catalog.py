@@ -13,7 +13,9 @@ long; a restart resumes the deletion.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
+import os
 import re
 import sqlite3
 import time
@@ -28,6 +30,7 @@ from auditd.store.statements import transaction
 PARTITIONS_DIR = "partitions"
 _NAME = re.compile(r"p(\d{12})-(\d{12})\.db")
 _RELEASE_CHUNK = 4096
+_LOWEST_STORED_HEIGHT = 8  # merkle_nodes start at 256-leaf tiles (proofs.tree.TILE_HEIGHT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +136,60 @@ def unpack_keys(blob: bytes) -> array[int]:
         total = (total + delta + 2**63) % 2**64 - 2**63
         keys.append(total)
     return keys
+
+
+@dataclass(frozen=True, slots=True)
+class PruneRecord:
+    """What retention records when it drops the oldest partition (prune_points row)."""
+
+    size: int  # the partition's last seq: seqs 1..size are gone after the drop
+    compact: bytes  # the compact range of the first `size` leaves, 32 bytes a hash
+    checkpoint: str  # signed, of that size
+    events: int
+    file_bytes: int
+
+
+def drop_oldest(db: sqlite3.Connection, entry: CatalogEntry, prune: PruneRecord) -> None:
+    """Retention's one deleting transaction: the oldest partition leaves the catalog,
+    with every row at or below its last seq (hot rows not yet released, dead letters,
+    origins), the tree's stored nodes wholly below it and the checkpoints smaller than
+    it, and the prune point is recorded. The file itself is the caller's to unlink,
+    after this commits (before, a crash would leave a catalogued file missing).
+
+    Refuses anything but the oldest catalogued partition, or a prune point that is not
+    its last seq: retention deletes from the front, a whole partition at a time."""
+    with transaction(db):
+        oldest = db.execute("SELECT first_seq, last_seq FROM partitions"
+                            " ORDER BY first_seq LIMIT 1").fetchone()
+        if oldest is None or (int(oldest[0]), int(oldest[1])) != (entry.first_seq,
+                                                                 entry.last_seq):
+            raise ValueError(f"partition {entry.file} is not the oldest catalogued one")
+        if prune.size != entry.last_seq:
+            raise ValueError(f"prune point {prune.size} is not partition {entry.file}'s "
+                             f"last seq {entry.last_seq}")
+        through = prune.size
+        db.execute("UPDATE meta SET value = 1 WHERE key = 'retention_gate'")
+        db.execute("DELETE FROM partitions WHERE first_seq = ?", (entry.first_seq,))
+        db.execute("DELETE FROM events WHERE seq <= ?", (through,))
+        db.execute("DELETE FROM dead_letters WHERE seq <= ?", (through,))
+        db.execute("DELETE FROM event_origins WHERE seq <= ?", (through,))
+        # The stored subtrees wholly below the prune point: (idx + 1) << height <= through.
+        for height in range(_LOWEST_STORED_HEIGHT, through.bit_length()):
+            db.execute("DELETE FROM merkle_nodes WHERE height = ? AND idx < ?",
+                       (height, through >> height))
+        db.execute("DELETE FROM checkpoints WHERE size < ?", (through,))
+        db.execute("INSERT INTO prune_points VALUES (?, ?, ?, ?, ?, ?)",
+                   (prune.size, prune.compact, prune.checkpoint, time.time_ns(),
+                    prune.events, prune.file_bytes))
+        db.execute("UPDATE meta SET value = 0 WHERE key = 'retention_gate'")
+
+
+def unlink_durably(path: Path) -> None:
+    """Remove a dropped partition's file and make the removal itself durable."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

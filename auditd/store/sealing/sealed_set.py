@@ -44,6 +44,15 @@ class SealedSet:
                 self._open.append(part)
         await self._call(open_all)
 
+    async def drop(self, first_seq: int) -> None:
+        """Close the partition that begins at `first_seq` (retention took it out of the
+        catalog); queries that hold it open read on until they close it."""
+        def close_one() -> None:
+            for part in [p for p in self._open if p.first_seq == first_seq]:
+                self._open.remove(part)
+                part.close()
+        await self._call(close_one)
+
     def __len__(self) -> int:
         return len(self._open)
 

@@ -1,0 +1,143 @@
+"""`auditd bench --retention-soak`: a throw-away daemon held at `retention.max_bytes`
+(`--max-bytes`, default 200MB) under a paced load (`--rate`, default 5,000 events/s,
+for `--duration` s, default 600), to see that retention keeps disk use under the
+limit without costing ingest its latency (issue 15's soak bar).
+
+Clients send the soak's realistic events (`soak_events`, made as they are sent) in
+`--batch`-event frames (default 50) at the offered rate. Every second the bench
+samples disk use (allocated blocks of everything under the daemon's storage, as
+retention counts it) and retention's /stats figures. Reported: the offered, acknowledged
+and committed events; reply latency p50/p99/max over the run; disk use at its peak,
+its peak once retention first deleted (before that the store is filling), the seconds
+sampled over the limit, and at the end; what retention deleted; the daemon's peak RSS.
+Retention runs every 5 s here (the deployment default is 60 s), so the store overshoots
+the limit by at most about five seconds of ingest; journal segments are 8 MB (the
+default 64 MB alone would take a third of a 200 MB budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+from functools import partial
+from typing import Any
+
+from auditd.bench.clients import ClientSpec, run_clients
+from auditd.bench.daemon import ThrowawayDaemon, peak_rss_mb
+from auditd.bench.micro import percentile
+from auditd.bench.soak import SoakPlan, soak_client
+from auditd.bench.soak_events import client_events
+from auditd.bench.soak_progress import _StatusConnection, disk_usage
+from auditd.config import Config, parse_size
+from auditd.errors import AuditdError, ConfigError
+
+_RATE = 5000.0
+_DURATION_S = 600.0
+_BATCH = 50
+_SAMPLE_S = 1.0
+_RETENTION_EVERY = "5s"
+_JOURNAL_SEGMENT = "8MB"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retention-soak", action="store_true",
+        help="only the retention soak: a throw-away daemon held at --max-bytes under "
+        "--rate events/s (default 5000) for --duration s (default 600): disk use against "
+        "the limit, reply latency, what retention deleted")
+    parser.add_argument("--max-bytes", default="200MB", metavar="SIZE",
+                        help="with --retention-soak: retention.max_bytes (default 200MB)")
+
+
+class Sampler(threading.Thread):
+    """Disk use and retention's figures, once a second, until stopped."""
+
+    def __init__(self, bench_daemon: ThrowawayDaemon, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.bench_daemon, self.limit = bench_daemon, limit
+        self.disk: list[tuple[float, int]] = []
+        self.first_drop_at: float | None = None
+        self.retention: dict[str, Any] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        conn = _StatusConnection(str(self.bench_daemon.root / "status.sock"))
+        try:
+            while not self.stopped.wait(_SAMPLE_S):
+                now = time.monotonic()
+                self.disk.append((now, sum(disk_usage(self.bench_daemon.db_path.parent).values())))
+                with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
+                    conn.request("GET", "/stats")
+                    self.retention = json.loads(conn.getresponse().read())["retention"]
+                    if self.first_drop_at is None and self.retention["dropped_partitions"]:
+                        self.first_drop_at = now
+        finally:
+            conn.close()
+
+    def figures(self) -> dict[str, Any]:
+        after = [b for at, b in self.disk if self.first_drop_at and at >= self.first_drop_at]
+        return {"max_bytes": self.limit,
+                "disk_peak": max((b for _, b in self.disk), default=None),
+                "disk_peak_once_retention_began": max(after, default=None),
+                "seconds_over_max_bytes": sum(_SAMPLE_S for _, b in self.disk if b > self.limit),
+                "disk_at_end": self.disk[-1][1] if self.disk else None,
+                "retention": {k: self.retention.get(k) for k in (
+                    "dropped_partitions", "dropped_events", "runs", "fault",
+                    "over_max_bytes", "pruned_through")}}
+
+
+def run_retention_soak(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    if args.socket:
+        raise ConfigError("--retention-soak starts the daemon it measures: drop --socket")
+    rate = args.rate or _RATE
+    duration = args.duration or _DURATION_S
+    batch = args.batch if args.batch is not None else _BATCH
+    if rate <= 0 or duration <= 0 or batch <= 0 or args.clients <= 0:
+        raise ConfigError("--rate, --duration, --batch and --clients must be positive")
+    limit = parse_size("--max-bytes", args.max_bytes)
+    total = int(rate * duration)
+    plan = SoakPlan(args.seed or 0, args.clients, total)
+    extra = {"retention": {"max_age": "0s", "max_bytes": args.max_bytes,
+                           "interval": _RETENTION_EVERY},
+             # A 200 MB budget has no room for the default 64 MB journal segments (the
+             # current one grows to its size before it can go): sized as an operator
+             # with such a budget would.
+             "storage": {"journal_segment_bytes": _JOURNAL_SEGMENT}}
+    with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
+        assert daemon.proc is not None
+        gap = batch * args.clients / rate  # between two frames of one client
+        specs = [ClientSpec(daemon.socket, k * batch, n, batch, max(1, 4096 // batch), gap,
+                            duration)
+                 for k in range(args.clients)
+                 if (n := client_events(k, args.clients, batch, total))]
+        sampler = Sampler(daemon, limit)
+        sampler.start()
+        started = time.monotonic()
+        try:
+            results = run_clients(specs, partial(soak_client, plan))
+        finally:
+            sampler.stopped.set()
+            sampler.join()
+        seconds = time.monotonic() - started
+        peak = peak_rss_mb(daemon.proc.pid)
+        at_end = disk_usage(daemon.db_path.parent)
+    if not sampler.disk:
+        raise AuditdError("the retention soak took no disk sample")
+    tally: Counter[str] = Counter()
+    for result in results:
+        tally.update(result["tally"])
+    latencies = [ms for r in results for ms in r["latencies"]]
+    return {
+        "offered_rate": rate, "duration_s": duration, "batch": batch, "clients": args.clients,
+        "events_sent": sum(r["sent"] for r in results), "events_acknowledged": tally["ok"],
+        "acknowledged_per_s": round(tally["ok"] / seconds, 1),
+        "frame_errors": {k[6:]: n for k, n in tally.items() if k.startswith("error:")},
+        "reply_latency_ms": {name: round(percentile(latencies, q), 2) if latencies else None
+                             for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))},
+        **sampler.figures(), "disk_by_entry_at_end": at_end, "peak_rss_mb": peak,
+    }
