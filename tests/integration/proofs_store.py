@@ -34,6 +34,18 @@ def get(daemon: DaemonProcess, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def get_json(daemon: DaemonProcess, path: str) -> tuple[int, Any]:
+    status, body = get(daemon, path)
+    return status, json.loads(body)
+
+
+def vkey_text(daemon: DaemonProcess) -> str:
+    """The daemon's verifier key, as `auditd export-vkey` prints it."""
+    done = cli(daemon.config_path, "export-vkey")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def checkpoint_size(daemon: DaemonProcess) -> int:
     status, body = get(daemon, "/checkpoint")
     return int(body.split(b"\n")[1]) if status == 200 else 0

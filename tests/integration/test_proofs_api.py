@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from as_other_uid import can_run_as_other_uid, run_as
-from conftest import DaemonProcess, wait_for
-from proofs_store import SETTINGS, checkpoint_size, cli, get, send
+from conftest import wait_for
+from proofs_store import SETTINGS, checkpoint_size, cli, get, get_json, send, vkey_text
 
 from auditd.client import Client
 from auditd.proofs.notes import parse_vkey, verify_checkpoint
@@ -23,54 +23,43 @@ from auditd.proofs.offline import ProofInvalid, check_proof
 NOBODY = 65534
 
 
-def _json(daemon: DaemonProcess, path: str) -> tuple[int, Any]:
-    status, body = get(daemon, path)
-    return status, json.loads(body)
-
-
-def _vkey(daemon: DaemonProcess) -> str:
-    done = cli(daemon.config_path, "export-vkey")
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def test_checkpoint_and_proofs_served_and_checked_offline(make_daemon: Any,
                                                          short_tmp: Path) -> None:
     daemon = make_daemon(SETTINGS)
-    status, body = _json(daemon, "/checkpoint")
+    status, body = get_json(daemon, "/checkpoint")
     assert (status, body["error"]) == (404, "no_checkpoint")
     send(daemon, 0, 300)
     wait_for(lambda: checkpoint_size(daemon) >= 300, 30, "a checkpoint of 300")
     old = checkpoint_size(daemon)
     send(daemon, 300, 300)
     wait_for(lambda: checkpoint_size(daemon) >= 600, 30, "a checkpoint of 600")
-    vkey = _vkey(daemon)
+    vkey = vkey_text(daemon)
     stats = daemon.stats()
     assert stats["checkpoint"]["size"] == 600
     assert stats["checkpoint"]["text"] == get(daemon, "/checkpoint")[1].decode()
     for seq in (1, 2, 255, 256, 257, 300, 511, 512, 513, 599, 600):
-        status, proof = _json(daemon, f"/proofs/{seq}")
+        status, proof = get_json(daemon, f"/proofs/{seq}")
         assert status == 200, proof
         assert proof["seq"] == seq and proof["index"] == seq - 1 and proof["size"] == 600
         check_proof(json.dumps(proof), parse_vkey(vkey))
-        status, older = _json(daemon, f"/proofs/{min(seq, old)}?size={old}")
+        status, older = get_json(daemon, f"/proofs/{min(seq, old)}?size={old}")
         assert status == 200 and older["size"] == old
         check_proof(json.dumps(older), parse_vkey(vkey))
-    status, body = _json(daemon, "/proofs/5?size=7")
+    status, body = get_json(daemon, "/proofs/5?size=7")
     assert (status, body["error"]) == (404, "no_checkpoint") and "size 7" in body["message"]
-    status, body = _json(daemon, "/proofs/601")
+    status, body = get_json(daemon, "/proofs/601")
     assert status == 404
-    status, body = _json(daemon, "/proofs/zero")
+    status, body = get_json(daemon, "/proofs/zero")
     assert status == 400 and "seq" in body["message"]
-    status, consistency = _json(daemon, f"/proofs/consistency?from={old}&to=600")
+    status, consistency = get_json(daemon, f"/proofs/consistency?from={old}&to=600")
     assert status == 200 and consistency["from"] == old
     check_proof(json.dumps(consistency), parse_vkey(vkey))
-    status, body = _json(daemon, "/proofs/consistency?from=600")
+    status, body = get_json(daemon, "/proofs/consistency?from=600")
     assert status == 400 and "from and to" in body["message"]
     # The CLI: the same documents, and verify-proof exits 0 / 1.
     done = cli(daemon.config_path, "prove", "257", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == _json(daemon, "/proofs/257")[1]
+    assert json.loads(done.stdout) == get_json(daemon, "/proofs/257")[1]
     proof_file = short_tmp / "proof.json"
     proof_file.write_text(done.stdout)
     (short_tmp / "vkey").write_text(vkey + "\n")
@@ -121,8 +110,8 @@ def test_every_mutation_of_a_proof_fails(make_daemon: Any) -> None:
     daemon = make_daemon(SETTINGS)
     send(daemon, 0, 700)
     wait_for(lambda: checkpoint_size(daemon) >= 700, 30, "a checkpoint of 700")
-    vkey = parse_vkey(_vkey(daemon))
-    proofs = [_json(daemon, f"/proofs/{seq}")[1] for seq in (1, 300, 700)]
+    vkey = parse_vkey(vkey_text(daemon))
+    proofs = [get_json(daemon, f"/proofs/{seq}")[1] for seq in (1, 300, 700)]
     for proof in proofs:
         check_proof(json.dumps(proof), vkey)
         for mutated in _mutations(proof):
@@ -184,4 +173,4 @@ def test_checkpoints_published_and_issued_at_shutdown(make_daemon: Any,
     (text,) = daemon.query("SELECT text FROM checkpoints ORDER BY id DESC LIMIT 1")[0]
     assert published.read_text().endswith(text) and piped.read_text().endswith(text)
     assert sum(e["event"] == "checkpoint_at_shutdown" for e in daemon.log_events()) == 2
-    assert verify_checkpoint(text, parse_vkey(_vkey(daemon))).size == 57
+    assert verify_checkpoint(text, parse_vkey(vkey_text(daemon))).size == 57

@@ -22,7 +22,7 @@ from conftest import (
     wait_sealed_through,
     write_config,
 )
-from proofs_store import checkpoint_size, cli, get, send, verify
+from proofs_store import checkpoint_size, cli, get, get_json, send, verify, vkey_text
 
 from auditd.lifecycle.files import msgpack_values, open_input
 from auditd.lifecycle.manifest import decode
@@ -81,17 +81,6 @@ def _reconfigure(daemon: DaemonProcess, **retention: Any) -> None:
     assert status == 200, body
 
 
-def _json(daemon: DaemonProcess, path: str) -> tuple[int, Any]:
-    status, body = get(daemon, path)
-    return status, json.loads(body)
-
-
-def _vkey(daemon: DaemonProcess) -> Any:
-    done = cli(daemon.config_path, "export-vkey")
-    assert done.returncode == 0, done.stderr
-    return parse_vkey(done.stdout.strip())
-
-
 def test_retention_by_age_keeps_the_tree_and_the_newest(make_daemon: Any,
                                                         short_tmp: Path) -> None:
     daemon = make_daemon(SETTINGS)
@@ -116,17 +105,17 @@ def test_retention_by_age_keeps_the_tree_and_the_newest(make_daemon: Any,
     assert stats["dropped_partitions"] == 3 and stats["dropped_events"] == 900
     assert stats["pruned_through"] == 900 and stats["oldest_seq"] == 901
 
-    status, page = _json(daemon, "/events?limit=3")
+    status, page = get_json(daemon, "/events?limit=3")
     assert status == 200 and [e["seq"] for e in page["events"]] == [901, 902, 903]
-    vkey = _vkey(daemon)
+    vkey = parse_vkey(vkey_text(daemon))
     for seq in (901, 902, 917, 1000):
-        status, proof = _json(daemon, f"/proofs/{seq}")
+        status, proof = get_json(daemon, f"/proofs/{seq}")
         assert status == 200, proof
         check_proof(json.dumps(proof), vkey)
-    status, body = _json(daemon, "/proofs/900")
+    status, body = get_json(daemon, "/proofs/900")
     assert (status, body["error"]) == (404, "pruned"), body
     newest = checkpoint_size(daemon)
-    status, proof = _json(daemon, f"/proofs/consistency?from=900&to={newest}")
+    status, proof = get_json(daemon, f"/proofs/consistency?from=900&to={newest}")
     assert status == 200, proof
     check_proof(json.dumps(proof), vkey)
 
@@ -144,7 +133,7 @@ def test_retention_by_age_keeps_the_tree_and_the_newest(make_daemon: Any,
     wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint after the restart")
     code, report = verify(daemon.config_path)
     assert code == 0 and report["verified_events"] >= last - 900, report
-    status, proof = _json(daemon, "/proofs/1200")
+    status, proof = get_json(daemon, "/proofs/1200")
     assert status == 200
     check_proof(json.dumps(proof), vkey)
 
@@ -196,7 +185,7 @@ def test_retention_by_bytes_drops_the_oldest_until_under(make_daemon: Any) -> No
     # A limit nothing left may meet: the hot table stays, health says why.
     _reconfigure(daemon, max_bytes="1KB")
     wait_for(lambda: not catalogued(daemon), 30, "every partition to go")
-    wait_for(lambda: not _json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
+    wait_for(lambda: not get_json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
              "health to show retention short of max_bytes")
     assert min(stored_seqs(daemon)) == 901
     send(daemon, 5000, 10)  # ingest goes on
@@ -210,9 +199,9 @@ def test_archive_then_delete_and_a_failing_archive_stops_deletion(make_daemon: A
     daemon = make_daemon(_settings(archive_dir=str(blocked)))
     _fill(daemon, 700)
     _reconfigure(daemon, max_age="1ms")
-    wait_for(lambda: not _json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
+    wait_for(lambda: not get_json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
              "health to show the archive fault")
-    health = _json(daemon, "/health")[1]["checks"]["retention"]
+    health = get_json(daemon, "/health")[1]["checks"]["retention"]
     assert "archiving seqs 1-300" in health["detail"], health
     assert len(catalogued(daemon)) == 2  # nothing deleted
     send(daemon, 700, 50)  # ingest goes on
@@ -223,7 +212,7 @@ def test_archive_then_delete_and_a_failing_archive_stops_deletion(make_daemon: A
     archive.mkdir()
     _reconfigure(daemon, archive_dir=str(archive))
     wait_for(lambda: not catalogued(daemon), 30, "both partitions archived and dropped")
-    wait_for(lambda: _json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
+    wait_for(lambda: get_json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
              "health to clear")
     files = sorted(p.name for p in archive.iterdir())
     host = daemon.query("SELECT value FROM meta WHERE key = 'host_id'")[0][0]
