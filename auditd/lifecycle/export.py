@@ -26,8 +26,9 @@ import msgspec
 from auditd.errors import AuditdError
 from auditd.lifecycle import jsonl
 from auditd.lifecycle.files import Output
-from auditd.lifecycle.manifest import FORMAT, VERSION, Manifest, encode
+from auditd.lifecycle.manifest import FORMAT, VERSION, Manifest, Prefix, encode
 from auditd.lifecycle.progress import Progress
+from auditd.proofs import prune_point
 from auditd.proofs.checkpointer import host_id_of
 from auditd.proofs.prune_point import pruned_through
 from auditd.proofs.records import RecordSource
@@ -123,21 +124,19 @@ def export_store(storage: Path, output: Output, *, fmt: str, spec: QuerySpec | N
     return ExportResult(manifest, size, seconds, max(0, committed - newest))
 
 
-def archive_range(storage: Path, output: Output, first: int, last: int) -> ExportResult:
+def archive_range(storage: Path, output: Output, first: int, last: int,
+                  checkpoint: str) -> ExportResult:
     """Retention's archive of seqs [first, last] before it deletes them: a complete
     MessagePack export of exactly that range (`output` a .zst file), durable when this
-    returns. Its checkpoint is the smallest stored one that covers the range."""
+    returns. `checkpoint` is of size `last` (the prune point's), so that the file
+    rebuilds its root on its own, with the previous prune point as its prefix."""
     db = read_snapshot(storage)
     source = RecordSource(db, storage / PARTITIONS_DIR)
     try:
-        row = db.execute("SELECT text FROM checkpoints WHERE size >= ? ORDER BY size, id"
-                         " DESC LIMIT 1", (last,)).fetchone()
-        if row is None:
-            raise ExportError(f"no checkpoint covers seq {last} yet: archived once one does")
         # The daemon does this: nothing to redraw, its log line says what was archived.
         quiet = Progress("archive", last - first + 1, io.StringIO())
         manifest, seconds = _write(db, source, output, "msgpack", None, {}, first, last,
-                                   str(row[0]), quiet)
+                                   checkpoint, quiet)
     finally:
         source.close()
         db.close()
@@ -148,8 +147,11 @@ def _write(db: sqlite3.Connection, source: RecordSource, output: Output, fmt: st
            spec: QuerySpec | None, filters: dict[str, list[str]], first: int, last: int,
            checkpoint: str, progress: Progress) -> tuple[Manifest, float]:
     count = max(0, last - first + 1) if spec is None else _count(source, first, last, spec)
+    point = prune_point.load(db)
+    prefix = None if point is None or point.size != first - 1 else Prefix(
+        point.size, list(point.compact), point.checkpoint)
     manifest = Manifest(FORMAT, VERSION, host_id_of(db), first, last, count, filters,
-                        checkpoint)
+                        checkpoint, prefix)
     output.write(encode(manifest, fmt))
     for chunk in _records(source, first, last, spec is None):
         output.write(_encode_chunk(chunk, fmt, spec))

@@ -3,9 +3,10 @@
 Its keys, in this order: `format` ("auditd-export"), `version` (1), `host` (the
 exporting store's host id), `first_seq`, `last_seq` (the seq range the export
 covers), `count` (the records that follow), `filters` (filter name -> values, empty
-for none) and `checkpoint` (the text of a signed checkpoint of size >= last_seq). A
-reader checks the records against it: their number, their range, and for a complete
-export the checkpoint's root over their leaves.
+for none) and `checkpoint` (the text of a signed checkpoint of size >= last_seq); after
+retention, `prefix` (the prune point the range starts after: docs/design/retention.md).
+A reader checks the records against it: their number, their range, and for a complete
+export the checkpoint's root over their leaves (the prefix's hashes first).
 """
 
 from __future__ import annotations
@@ -25,7 +26,19 @@ class ManifestError(AuditdError):
     follows it; the message names what differs."""
 
 
-class Manifest(msgspec.Struct, gc=False):
+class Prefix(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """What stands for the seqs below `first_seq` that retention deleted: its prune
+    point (the compact range of the first `size` leaves, largest subtree first, and a
+    checkpoint of that size), so that an export or archive starting after it still
+    rebuilds the tree's root (an extension of proofs.md's manifest, omitted when there
+    is no prune point)."""
+
+    size: int
+    compact: list[bytes]
+    checkpoint: str
+
+
+class Manifest(msgspec.Struct, gc=False, omit_defaults=True):
     format: str
     version: int
     host: str
@@ -34,6 +47,7 @@ class Manifest(msgspec.Struct, gc=False):
     count: int
     filters: dict[str, list[str]]
     checkpoint: str
+    prefix: Prefix | None = None
 
     @property
     def complete(self) -> bool:

@@ -20,8 +20,8 @@ import msgspec
 
 from auditd.lifecycle import jsonl
 from auditd.lifecycle.files import json_lines, msgpack_values, open_input
-from auditd.lifecycle.manifest import Manifest, ManifestError, decode
-from auditd.proofs.merkle import fold, leaf_hash, node_hash
+from auditd.lifecycle.manifest import Manifest, ManifestError, Prefix, decode
+from auditd.proofs.merkle import HASH_BYTES, compact_heights, fold, leaf_hash, node_hash
 from auditd.proofs.notes import NoteError, VerifierKey, origin, parse_checkpoint, verify_checkpoint
 
 _json_decode = msgspec.json.Decoder().decode
@@ -164,10 +164,11 @@ class FileCheck:
 
 
 class _Root:
-    """The RFC 6962 root of leaves appended one by one (a compact range)."""
+    """The RFC 6962 root of leaves appended one by one (a compact range), after those
+    of the prefix."""
 
-    def __init__(self) -> None:
-        self.stack: list[tuple[int, bytes]] = []
+    def __init__(self, prefix: Prefix) -> None:
+        self.stack = list(zip(compact_heights(prefix.size), prefix.compact, strict=True))
 
     def append(self, leaf: bytes) -> None:
         height, node = 0, leaf
@@ -198,9 +199,10 @@ def check_file(path: str, vkey: VerifierKey | None) -> FileCheck:
         if vkey is not None:
             verify_checkpoint(manifest.checkpoint, vkey)
             check.signature_checked = True
-        whole_tree = manifest.complete and manifest.first_seq == 1 \
+        prefix = _checked_prefix(manifest, vkey, check)
+        whole_tree = manifest.complete and manifest.first_seq == prefix.size + 1 \
             and manifest.last_seq == checkpoint.size and fmt == "msgpack"
-        tree = _Root() if whole_tree else None
+        tree = _Root(prefix) if whole_tree else None
         previous = manifest.first_seq - 1
         for record in found:
             seq = record.seq
@@ -235,6 +237,32 @@ def check_file(path: str, vkey: VerifierKey | None) -> FileCheck:
         else:
             check.notes.append(_why_no_root(manifest, fmt, checkpoint.size))
     return check
+
+
+_NO_PREFIX = Prefix(0, [], "")
+
+
+def _checked_prefix(manifest: Manifest, vkey: VerifierKey | None, check: FileCheck) -> Prefix:
+    """The manifest's prefix, its hashes checked against its checkpoint (and the
+    checkpoint's signature with a key); an empty one when it has none."""
+    prefix = manifest.prefix
+    if prefix is None:
+        return _NO_PREFIX
+    if len(prefix.compact) != len(compact_heights(prefix.size)) \
+            or any(len(h) != HASH_BYTES for h in prefix.compact):
+        raise ManifestError(f"manifest prefix: {len(prefix.compact)} hashes do not make the "
+                            f"compact range of size {prefix.size}")
+    try:
+        signed = verify_checkpoint(prefix.checkpoint, vkey) if vkey is not None \
+            else parse_checkpoint(prefix.checkpoint)[0]
+    except NoteError as exc:
+        raise ManifestError(f"manifest prefix checkpoint: {exc}") from None
+    if signed.size != prefix.size or signed.root != fold(prefix.compact):
+        raise ManifestError(f"manifest prefix: its hashes are not the root its checkpoint "
+                            f"of size {signed.size} signs")
+    check.notes.append(f"seqs 1..{prefix.size} were deleted by retention before the export; "
+                       "the prefix's signed hashes stand for them")
+    return prefix
 
 
 def _why_no_root(manifest: Manifest, fmt: str, size: int) -> str:

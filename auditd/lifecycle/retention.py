@@ -267,8 +267,8 @@ class Retention:
             return
         assert drop.candidate is not None
         entry = drop.candidate.entry
-        archived = await self._archive(entry, survey.host)
         prune = await asyncio.to_thread(self._prune_record, entry, drop.bytes)
+        archived = await self._archive(entry, survey.host, prune.checkpoint)
         await self.store.on_writer(catalog.drop_oldest, entry, prune)
         await self.store.sealed.drop(entry.first_seq)
         await asyncio.to_thread(catalog.unlink_durably, self.store.partitions_dir / entry.file)
@@ -280,7 +280,8 @@ class Retention:
                  last_seq=entry.last_seq, events=entry.events, bytes=drop.bytes,
                  reason=drop.reason, archived=archived)
 
-    async def _archive(self, entry: catalog.CatalogEntry, host: str) -> str | None:
+    async def _archive(self, entry: catalog.CatalogEntry, host: str,
+                       checkpoint: str) -> str | None:
         directory = self.archive_dir
         if directory is None:
             return None
@@ -292,7 +293,7 @@ class Retention:
                                  f"{directory} failed: {exc}; nothing deleted") from exc
         try:
             await asyncio.to_thread(archive_range, self.storage, output, entry.first_seq,
-                                    entry.last_seq)
+                                    entry.last_seq, checkpoint)
         except (OSError, ExportError) as exc:
             output.abandon()
             raise RetentionError(f"archiving seqs {entry.first_seq}-{entry.last_seq} to "
