@@ -135,7 +135,18 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import operator
 
-    return operator.backup(_status_socket(args, config), args.dest, args.json)
+    code = operator.backup(_status_socket(args, config), args.dest, args.json)
+    if code != 0 or not args.verify:
+        return code
+    from auditd.cli.restore import verify_backup
+
+    return verify_backup(args.dest, args, config)
+
+
+def cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli.restore import cmd_restore as restore
+
+    return restore(args, config)
 
 
 def cmd_vacuum(args: argparse.Namespace, config: Config) -> int:
@@ -208,7 +219,8 @@ COMMANDS: dict[str, Command] = {
     "export-vkey": _proofs_command("export_vkey"),
     "run": cmd_run, "send": cmd_send, "status": cmd_status, "dlq": cmd_dlq,
     "query": cmd_query,
-    "backup": cmd_backup, "vacuum": cmd_vacuum, "recover": cmd_recover, "migrate": cmd_migrate,
+    "backup": cmd_backup, "vacuum": cmd_vacuum, "restore": cmd_restore,
+    "recover": cmd_recover, "migrate": cmd_migrate,
     "bench": cmd_bench, "projections": cmd_projections, "tail": cmd_tail,
     "export": cmd_export, "import": cmd_import,
 }

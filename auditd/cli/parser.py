@@ -75,6 +75,23 @@ def build_parser() -> Parser:
     backup.add_argument("dest", metavar="DEST",
                         help="path of the copy, relative to the current directory; it must "
                              "not exist (a backup never overwrites) and its directory must")
+    backup.add_argument("--verify", action="store_true",
+                        help="then verify the copy as `auditd verify` would (exit 1 when it "
+                             "does not) and print the checkpoint root it holds")
+    _vkey_option(backup)
+    restore = command("restore", "put a verified backup in place of the store, daemon "
+                                 "stopped; the replaced files are kept aside")
+    restore.add_argument("source", metavar="SRC",
+                         help="the backup's database file (`auditd backup DEST`), its "
+                              "partitions/ beside it")
+    _vkey_option(restore)
+    restore.add_argument("--checkpoint", metavar="FILE",
+                         help="a checkpoint seen earlier (as GET /checkpoint serves it): a "
+                              "backup older than it is refused, one as new must hold it")
+    restore.add_argument("--force", action="store_true",
+                         help="restore a backup older than --checkpoint anyway")
+    restore.add_argument("--json", action="store_true",
+                         help="print one JSON document instead of readable lines")
     vacuum = _operator(command("vacuum", "apply retention now: the oldest partitions (and "
                                          "archive files) past max_age or over max_bytes "
                                          "go; waits until done"))
@@ -163,6 +180,12 @@ def _send(send: argparse.ArgumentParser) -> None:
         help="data as a JSON object, e.g. '{\"n\": 1}'; merged over the --data fields")
     add("--socket", metavar="PATH",
         help="the daemon's ingest socket (default: ingest.socket from the config)")
+
+
+def _vkey_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--vkey", metavar="KEY",
+                         help="the verifier key to check with (its text or a file); "
+                              "default: the store's own key")
 
 
 def _operator(command: argparse.ArgumentParser) -> argparse.ArgumentParser:

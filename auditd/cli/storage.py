@@ -100,7 +100,7 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     db = Path(config.storage.path) / DB_NAME
     if args.status:
         return _migration_status(db)
-    refusal = _daemon_in_the_way(db, config)
+    refusal = daemon_in_the_way(db, config, "migrating")
     if refusal is not None:
         return fail(refusal)
     try:
@@ -127,17 +127,17 @@ def _migration_status(db: Path) -> int:
     return EXIT_OK
 
 
-def _daemon_in_the_way(db: Path, config: Config) -> str | None:
-    """Why migrating now would pull the store from under a daemon; None when nothing
-    holds it."""
+def daemon_in_the_way(db: Path, config: Config, action: str) -> str | None:
+    """Why `action` ("migrating", "restoring") now would pull the store from under a
+    daemon; None when nothing holds it."""
     holder = database_holder(db)
     if holder is not None:
         return (f"{process_name(holder)} has {db} open; stop the daemon (and anything "
-                "else using the database) before migrating")
+                f"else using the database) before {action}")
     for what, path in (("ingest", config.ingest.socket), ("status", config.status.socket)):
         if listening(path):
             return (f"a daemon answers on its {what} socket {path}; stop it before "
-                    "migrating")
+                    f"{action}")
     return None
 
 

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,13 @@ class Retention:
         self._wake = asyncio.Event()
         self._newest: dict[str, int] = {}  # partition file -> newest receipt (immutable)
         self.last_survey: Survey | None = None
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No retention step runs inside (a backup copies partitions its snapshot
+        names)."""
+        async with self._lock:
+            yield
 
     def wake(self) -> None:
         """Run now (a reload may have changed the limits)."""

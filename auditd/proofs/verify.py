@@ -123,14 +123,16 @@ def integrity(db_path: Path) -> str | None:
 
 def verify_store(storage: Path, vkey: VerifierKey, *, given: str | None = None,
                  workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Report:
+                 progress: Callable[[int, int], None] | None = None,
+                 db_name: str = "auditd.db") -> Report:
     """Verify the store under `storage` against checkpoints signed by `vkey`; `given`
     is a checkpoint from outside (a remembered or published one) the store must be
-    consistent with."""
+    consistent with. `db_name`: the database's name there (a backup's may differ; its
+    partitions are always in `partitions/` beside it)."""
     started = time.monotonic()
     report = Report()
     try:
-        _verify(storage, vkey, given, workers, progress, report)
+        _verify(storage, vkey, given, workers, progress, report, db_name)
     except _Stop as stop:
         report.status, report.finding = stop.status, stop.finding
     report.seconds = time.monotonic() - started
@@ -138,8 +140,9 @@ def verify_store(storage: Path, vkey: VerifierKey, *, given: str | None = None,
 
 
 def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | None,
-            progress: Callable[[int, int], None] | None, report: Report) -> None:
-    db_path = storage / "auditd.db"
+            progress: Callable[[int, int], None] | None, report: Report,
+            db_name: str) -> None:
+    db_path = storage / db_name
     if not db_path.is_file():
         raise _Stop("unverifiable", Finding("no database", f"no database at {db_path}"))
     damage = integrity(db_path)

@@ -351,7 +351,10 @@ class DaemonControl:
         if not target.is_absolute():
             raise ActionRefused(f"{dest}: the destination must be an absolute path")
         started = time.monotonic()
-        size = await asyncio.to_thread(_online_backup, self.daemon.store.path, target)
+        # Retention waits: it must not unlink a partition the snapshot names before the
+        # copy has it.
+        async with self.daemon.retention.paused():
+            size = await asyncio.to_thread(_online_backup, self.daemon.store.path, target)
         result = {"dest": dest, "bytes": size, "seconds": round(time.monotonic() - started, 3)}
         log.info("backup_written", **result)
         return result
