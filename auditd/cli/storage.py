@@ -12,6 +12,7 @@ import json
 import socket
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,17 +113,26 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
 
 
 def _migration_status(db: Path) -> int:
-    done: set[int] = set()
+    done: dict[int, tuple[int, str | None]] = {}
     if db.exists():
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            done = set(migrations.applied(conn))
+            done = migrations.recorded(conn)
         except sqlite3.Error as exc:
             return fail(f"{db}: cannot read the schema version: {exc}")
         finally:
             conn.close()
+    for version in sorted(v for v in done if v > migrations.LATEST):
+        print(f"{version:4d} {'(unknown)':20s} applied  newer than this auditd knows "
+              f"(its newest is {migrations.LATEST})")
     for migration in migrations.MIGRATIONS:
         state = "applied" if migration.version in done else "pending"
+        if migration.version in done:
+            at, recorded_sum = done[migration.version]
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at / 1e9))
+            mark = ("" if recorded_sum in (None, migrations.checksum(migration))
+                    else "  CHECKSUM DIFFERS: applied from another definition")
+            state += f"  {when}  {recorded_sum or '-'}{mark}"
         print(f"{migration.version:4d} {migration.name:20s} {state}")
     return EXIT_OK
 

@@ -27,6 +27,7 @@ from auditd.errors import BatchSkippedError, StoreError, StoreFaultError
 from auditd.logs import RecurringFault
 from auditd.schema import StoredEvent, id_hash
 from auditd.store import migrations
+from auditd.store.migrations.guard import backup_beside
 from auditd.store.sealing import catalog
 from auditd.store.sealing.sealed_set import SealedSet
 from auditd.store.sqlite_errors import classify
@@ -502,6 +503,12 @@ def _on(thread: ThreadPoolExecutor | None, function: Callable[..., _T],
 def _open_writer(path: Path, progress: Progress | None = None) -> sqlite3.Connection:
     db = connect_sync(path)
     try:
+        migrations.refuse_unknown(db, path)
+        done = migrations.current(db)
+        if done and migrations.pending(db):  # an older store: a copy of it first
+            backup = backup_beside(path, done, migrations.LATEST)
+            log.info("migration_backup_taken", path=str(backup), from_version=done,
+                     to_version=migrations.LATEST)
         with watched(db, progress):
             migrations.migrate(db)
         # Inserts touch a leaf of every index at a random place: once the indexes

@@ -70,7 +70,9 @@ def test_refused_while_the_daemon_runs(make_daemon: MakeDaemon) -> None:
     assert backups(daemon) == []
     status = migrate(daemon, "--status")  # reading is fine
     assert status.returncode == 0, status
-    assert status.stdout.split("\n")[0].split() == ["1", "initial", "applied"]
+    first = status.stdout.split("\n")[0].split()
+    assert first[:3] == ["1", "initial", "applied"] and first[4] == migrations.checksum(
+        migrations.MIGRATIONS[0]), status.stdout
 
 
 def test_refused_while_a_daemon_answers_on_its_socket(make_daemon: MakeDaemon) -> None:
@@ -151,3 +153,42 @@ def test_an_unknown_version_is_a_usage_error(make_daemon: MakeDaemon) -> None:
     assert done.returncode == 2, done
     assert done.stderr == f"auditd: no schema version 9; versions are 0..{migrations.LATEST}\n"
     assert backups(daemon) == []
+
+
+def test_an_older_store_is_migrated_at_start_with_a_backup_beside_it(
+        make_daemon: MakeDaemon) -> None:
+    daemon = stored_store(make_daemon)
+    down = migrate(daemon, "--to", "5")
+    assert down.returncode == 0, down
+    copies = set(backups(daemon))
+    before = rows(daemon.db_path, "SELECT seq, id FROM events ORDER BY seq")
+    daemon.start()
+    assert applied(daemon.db_path) == [m.version for m in migrations.MIGRATIONS]
+    (taken,) = set(backups(daemon)) - copies
+    assert taken.name.startswith(f"auditd.db.pre-migrate-5-{migrations.LATEST}-"), taken
+    assert applied(taken) == [1, 2, 3, 4, 5]
+    assert rows(taken, "SELECT seq, id FROM events ORDER BY seq") == before
+    assert any(e["event"] == "migration_backup_taken" for e in daemon.log_events())
+    status = migrate(daemon, "--status")
+    assert "CHECKSUM DIFFERS" not in status.stdout, status.stdout
+
+
+def test_a_store_newer_than_this_auditd_is_refused_naming_both_versions(
+        make_daemon: MakeDaemon) -> None:
+    daemon = stored_store(make_daemon)
+    conn = sqlite3.connect(daemon.db_path)
+    try:
+        conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', 1, NULL)")
+        conn.commit()
+    finally:
+        conn.close()
+    done = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 1, done
+    assert "schema version 99, newer than this auditd knows (its newest is " \
+        f"{migrations.LATEST})" in done.stderr, done.stderr
+    assert applied(daemon.db_path)[-1] == 99  # untouched
+    refused = migrate(daemon, "--to", "1")
+    assert refused.returncode == 1 and "schema version 99" in refused.stderr, refused
+    status = migrate(daemon, "--status")
+    assert "newer than this auditd knows" in status.stdout, status.stdout

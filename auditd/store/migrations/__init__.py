@@ -1,18 +1,22 @@
 """Versioned schema migrations: each has up and down; applied versions are recorded.
 
-A migration and its bookkeeping row commit in one transaction, so a crash leaves the
-schema at a version that is recorded. Re-running is a no-op. A migration whose down
+A migration and its bookkeeping row (version, name, time, and a checksum of its
+definition) commit in one transaction, so a crash leaves the schema at a version that
+is recorded. Re-running is a no-op. A database with a version this code does not know
+(written by a newer auditd) is refused, never migrated (`refuse_unknown`). A migration whose down
 drops stored rows says which tables (`down_deletes`), so a caller can count what a
 roll-back would delete before it runs (`losses`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from auditd.errors import StoreError
 from auditd.store.migrations import (
     deferred,
     m0001_initial,
@@ -54,7 +58,40 @@ MIGRATIONS: tuple[Migration, ...] = (
 LATEST = MIGRATIONS[-1].version
 
 _BOOKKEEPING = """CREATE TABLE IF NOT EXISTS schema_migrations (
-    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"""
+    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL,
+    checksum TEXT)"""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was written by a newer auditd: its schema is not this one's."""
+
+
+def checksum(migration: Migration) -> str:
+    """What the migration's up steps are, hashed: SQL text, or a function's name."""
+    parts = [step if isinstance(step, str) else f"{step.__module__}.{step.__qualname__}"
+             for step in migration.up]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def recorded(conn: sqlite3.Connection) -> dict[int, tuple[int, str | None]]:
+    """Applied version -> (applied_at ns, checksum or None for rows from before
+    checksums were kept). Read-only."""
+    if not applied(conn):
+        return {}
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(schema_migrations)")}
+    pick = "checksum" if "checksum" in columns else "NULL"
+    return {int(v): (int(t), c) for v, t, c in conn.execute(
+        f"SELECT version, applied_at, {pick} FROM schema_migrations")}
+
+
+def refuse_unknown(conn: sqlite3.Connection, where: object) -> None:
+    """SchemaTooNewError when `where` holds a schema version this code does not know."""
+    unknown = [v for v in applied(conn) if v > LATEST]
+    if unknown:
+        raise SchemaTooNewError(
+            f"{where}: the database is at schema version {max(unknown)}, newer than this "
+            f"auditd knows (its newest is {LATEST}): run the auditd that wrote it, or "
+            "restore a backup made by this version")
 
 
 def applied(conn: sqlite3.Connection) -> list[int]:
@@ -112,15 +149,19 @@ def migrate(conn: sqlite3.Connection, to: int | None = None) -> list[str]:
     The connection must be in autocommit mode (isolation_level=None). Deleting rows is
     not this function's concern: callers check `losses` first.
     """
+    refuse_unknown(conn, "migrate")
     steps = plan(conn, to)
     conn.execute(_BOOKKEEPING)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(schema_migrations)")}
+    if "checksum" not in columns:  # a store from before checksums were recorded
+        conn.execute("ALTER TABLE schema_migrations ADD COLUMN checksum TEXT")
     deferred.restore(conn)  # a migration must find the schema whole
     actions: list[str] = []
     for direction, migration in steps:
         if direction == "up":
             _run(conn, migration.up,
-                 ("INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                  (migration.version, migration.name, time.time_ns())))
+                 ("INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
+                  (migration.version, migration.name, time.time_ns(), checksum(migration))))
             actions.append(f"applied {migration.version} {migration.name}")
         else:
             _run(conn, migration.down,
