@@ -19,9 +19,10 @@ from auditd.config import Config
 from auditd.journal.journal import encode_record
 from auditd.ring import RingBuffer
 from auditd.schema import StoredEvent, encoder, id_hash
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
 from auditd.store.statements import EVENTS, event_row, transaction
-from auditd.store.store import DB_NAME, connect_sync
+from auditd.store.store import DB_NAME
 
 
 def stored_events(count: int, correlations: int = 0, first: int = 1,

@@ -20,11 +20,12 @@ import msgspec
 
 from auditd.bench.sealed_events import StoredSoakEvents
 from auditd.schema import StoredEvent, encoder
+from auditd.store.connection import open_writer
 from auditd.store.partition.build import seal_partition
 from auditd.store.records import record_bytes
 from auditd.store.sealing import catalog
 from auditd.store.statements import EVENTS, NAMES, STREAMS, event_row, insert_rows, transaction
-from auditd.store.store import DB_NAME, _open_writer
+from auditd.store.store import DB_NAME
 
 RARE_WORD = "quokka"
 RARE_EVERY = 1000  # 0.1 %
@@ -54,7 +55,7 @@ def build_store(directory: Path, count: int, partition_events: int,
                 say: Callable[[str], None] = print) -> dict[str, float]:
     """Fill `directory` (a storage.path) with `count` events; timings in seconds."""
     directory.mkdir(parents=True, exist_ok=True)
-    db = _open_writer(directory / DB_NAME)
+    db = open_writer(directory / DB_NAME)
     source = BenchEvents(long_correlation_every=LONG_CORRELATION_EVERY)
     sealed = split(count, partition_events)
     parts = directory / catalog.PARTITIONS_DIR

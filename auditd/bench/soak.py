@@ -47,9 +47,10 @@ from auditd.config import Config
 from auditd.errors import ConfigError
 from auditd.logs import configure_logging
 from auditd.schema import encoder, id_hash, raw_list_decoder, wire_decoder
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
 from auditd.store.statements import transaction
-from auditd.store.store import DB_NAME, connect_sync
+from auditd.store.store import DB_NAME
 
 INTERVAL = 500_000
 _WINDOW_EVENTS = 8192  # events in flight per client when --window is not given

@@ -30,11 +30,12 @@ from auditd.proofs.offline import check_proof
 from auditd.proofs.prove import inclusion
 from auditd.proofs.verify import verify_store
 from auditd.schema import StoredEvent
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
 from auditd.store.partition.build import seal_partition
 from auditd.store.sealing.catalog import CatalogEntry, add
 from auditd.store.statements import EVENTS, NAMES, event_row, insert_rows, transaction
-from auditd.store.store import DB_NAME, Store, connect_sync
+from auditd.store.store import DB_NAME, Store
 
 PARTITION = 131_072
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from auditd.config import Config
 from auditd.errors import AuditdError
 from auditd.store import migrations
+from auditd.store.connection import connect_sync
 from auditd.store.migrations.guard import backup_beside, database_holder, process_name
-from auditd.store.store import DB_NAME, connect_sync
+from auditd.store.store import DB_NAME
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

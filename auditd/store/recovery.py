@@ -19,8 +19,8 @@ from typing import Any
 import structlog
 
 from auditd.schema import id_hash
+from auditd.store.connection import Progress, connect_sync, watched
 from auditd.store.statements import DEAD_LETTERS, EVENTS, STREAMS, transaction
-from auditd.store.store import Progress, connect_sync, watched
 
 log = structlog.get_logger("auditd.store.recovery")
 

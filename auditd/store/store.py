@@ -14,7 +14,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,14 @@ import structlog
 from auditd.errors import BatchSkippedError, StoreError, StoreFaultError
 from auditd.logs import RecurringFault
 from auditd.schema import StoredEvent, id_hash
-from auditd.store import migrations
-from auditd.store.migrations.guard import backup_beside
+from auditd.store.connection import (
+    WAL_CHECKPOINT_PAGES,
+    WRITER_CACHE_KB,
+    Progress,
+    connect_sync,
+    open_writer,
+    watched,
+)
 from auditd.store.sealing import catalog
 from auditd.store.sealing.sealed_set import SealedSet
 from auditd.store.sqlite_errors import classify
@@ -47,12 +53,6 @@ _T = TypeVar("_T")
 
 DB_NAME = "auditd.db"
 _NAMES_CACHE_MAX = 200_000
-_WRITER_CACHE_KB = 16 * 1024
-# The WAL is copied into the database file by a thread of its own (checkpoint_forever),
-# not by the writer's COMMIT: with SQLite's default (every 1000 pages) nearly every
-# batch's COMMIT also ran a checkpoint, a quarter of the writer's time. The writer's own
-# automatic checkpoint stays on as a backstop, far past where the thread keeps the WAL.
-_WAL_CHECKPOINT_PAGES = 16_384
 # Often, so that each checkpoint's two fsyncs flush little: a journal fdatasync issued
 # meanwhile waits for the disk to flush them too. At 5,000 events/s one at a time (~40 MB
 # of WAL a second: a few B-tree pages rewritten per event), checkpoints every 0.1 s took
@@ -67,12 +67,7 @@ _CATCH_UP_CHECKPOINT_EVERY_S = 1.0
 # A WAL that grew during catch-up is cut back to this at the next checkpoint reset (not
 # during catch-up: cutting a file that grows again at once made replay 30% slower).
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-# Start-up's long statements (quick_check, migrations, the id scan, index builds) call
-# their progress handler this often, in SQLite VM steps: a few ms apart, cheap. Never on
-# the hot path, where the callback's taking the GIL would stall the store's thread.
-_PROGRESS_EVERY_STEPS = 1_000_000
 
-Progress = Callable[[], None]
 
 
 class BatchProjector(Protocol):
@@ -127,28 +122,6 @@ class StoreState:
     streams: dict[str, int]
 
 
-@contextlib.contextmanager
-def watched(db: sqlite3.Connection, progress: Progress | None) -> Iterator[None]:
-    """Call `progress` every _PROGRESS_EVERY_STEPS VM steps of `db`'s statements inside
-    the block (on the thread running them), so start-up can tell slow from stuck."""
-    if progress is None:
-        yield
-        return
-    db.set_progress_handler(progress, _PROGRESS_EVERY_STEPS)
-    try:
-        yield
-    finally:
-        db.set_progress_handler(None, 0)
-
-
-def connect_sync(path: Path) -> sqlite3.Connection:
-    """A plain sqlite3 connection with the daemon's pragmas (migrations, bench, recover)."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=200")
-    return conn
-
 
 class Store:
     """The writer's connection lives on one dedicated thread, and a whole batch (names,
@@ -193,7 +166,7 @@ class Store:
         """Open (and migrate: `progress` is called as migrations run) the database."""
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="auditd-store")
         try:
-            self._db = await self._call(_open_writer, self.path, progress)
+            self._db = await self._call(open_writer, self.path, progress)
             if self.ledger is not None:
                 await self._call(self.ledger.load, self._db, progress)
             await self.sealed.add(await self._call(self._catalog_at_start))
@@ -428,7 +401,7 @@ class Store:
         batches rather than after every one."""
         cache_kb, pages, wal_limit = (
             (_CATCH_UP_CACHE_KB, _CATCH_UP_CHECKPOINT_PAGES, -1) if on
-            else (_WRITER_CACHE_KB, _WAL_CHECKPOINT_PAGES, _WAL_SIZE_LIMIT))
+            else (WRITER_CACHE_KB, WAL_CHECKPOINT_PAGES, _WAL_SIZE_LIMIT))
         self.checkpoint_every_s = _CATCH_UP_CHECKPOINT_EVERY_S if on else _CHECKPOINT_EVERY_S
         try:
             await self._call(self.db.executescript, f"PRAGMA cache_size=-{cache_kb};"
@@ -498,27 +471,6 @@ def _on(thread: ThreadPoolExecutor | None, function: Callable[..., _T],
     """Run `function` on one of the store's own single threads."""
     assert thread is not None, "store not open"
     return asyncio.get_running_loop().run_in_executor(thread, function, *args)
-
-
-def _open_writer(path: Path, progress: Progress | None = None) -> sqlite3.Connection:
-    db = connect_sync(path)
-    try:
-        migrations.refuse_unknown(db, path)
-        done = migrations.current(db)
-        if done and migrations.pending(db):  # an older store: a copy of it first
-            backup = backup_beside(path, done, migrations.LATEST)
-            log.info("migration_backup_taken", path=str(backup), from_version=done,
-                     to_version=migrations.LATEST)
-        with watched(db, progress):
-            migrations.migrate(db)
-        # Inserts touch a leaf of every index at a random place: once the indexes
-        # outgrow SQLite's default 2 MB cache, each batch rereads pages it just wrote.
-        db.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KB}")
-        db.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
-    except BaseException:
-        db.close()
-        raise
-    return db
 
 
 def _resolve_names(db: sqlite3.Connection, values: set[str]) -> dict[str, int]:

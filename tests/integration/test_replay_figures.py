@@ -12,8 +12,8 @@ from typing import Any
 from conftest import DaemonProcess, UnixHTTPConnection, wait_committed, wait_for, write_lock
 
 from auditd.bench.micro import write_journal
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
-from auditd.store.store import connect_sync
 
 MakeDaemon = Callable[..., DaemonProcess]
 JOURNALED = 5000

@@ -16,8 +16,8 @@ import pytest
 from conftest import DaemonProcess, stored_seqs, wait_committed, write_lock
 
 from auditd.bench.micro import write_journal
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
-from auditd.store.store import connect_sync
 
 MakeDaemon = Callable[..., DaemonProcess]
 

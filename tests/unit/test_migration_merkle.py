@@ -13,7 +13,7 @@ from auditd.proofs.ledger import Ledger
 from auditd.proofs.merkle import root_of
 from auditd.proofs.records import RecordSource
 from auditd.store import migrations
-from auditd.store.store import connect_sync
+from auditd.store.connection import connect_sync
 
 TABLES = {"merkle_nodes", "merkle_edge", "checkpoints"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from auditd.store import migrations
-from auditd.store.store import connect_sync
+from auditd.store.connection import connect_sync
 
 
 def _populated(path: Path) -> sqlite3.Connection:

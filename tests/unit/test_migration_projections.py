@@ -12,7 +12,7 @@ import pytest
 
 from auditd.projections.definitions import PROJECTIONS
 from auditd.store import migrations
-from auditd.store.store import connect_sync
+from auditd.store.connection import connect_sync
 
 TABLES = {"projections", "counts_by_type", "counts_by_actor", "counts_by_uid",
           "counts_by_comm", "actor_summary"}

@@ -12,8 +12,8 @@ import pytest
 
 from auditd.schema import hash64, id_hash, uuid7
 from auditd.store import migrations
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import deferred, guard
-from auditd.store.store import connect_sync
 
 TABLES = {"names", "events", "streams", "meta", "dead_letters"}
 

@@ -15,9 +15,9 @@ import pytest
 
 from auditd.projections.batch_sql import add_batch
 from auditd.projections.definitions import HOUR_NS, PROJECTIONS
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
 from auditd.store.statements import EVENTS, insert_rows, transaction
-from auditd.store.store import connect_sync
 
 
 @pytest.fixture

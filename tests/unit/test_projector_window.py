@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from auditd.projections.projector import Projector
+from auditd.store.connection import connect_sync
 from auditd.store.migrations import migrate
 from auditd.store.statements import EVENTS, insert_rows, transaction
-from auditd.store.store import connect_sync
 
 HOUR = 3_600_000_000_000
 

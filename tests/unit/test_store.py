@@ -20,9 +20,10 @@ from auditd.errors import (
     StoreFaultError,
     TransientStoreError,
 )
+from auditd.store.connection import connect_sync
 from auditd.store.sqlite_errors import classify
 from auditd.store.statements import EVENTS
-from auditd.store.store import DB_NAME, Store, connect_sync
+from auditd.store.store import DB_NAME, Store
 
 
 @pytest.mark.parametrize(("rows", "chunks"), [
