@@ -55,12 +55,23 @@ class ThrowawayDaemon:
         }
         for name, keys in (extra or {}).items():  # a bench's own settings (retention...)
             sections.setdefault(name, {}).update(keys)
-        (self.root / "auditd.toml").write_text("".join(
-            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
-            for name, keys in sections.items()))
+        self.sections = sections
+        self._write_config()
         self.proc: subprocess.Popen[bytes] | None = None
         if prepare is not None:  # e.g. a journal to replay at start
             prepare(self.root / "lib")
+
+    def _write_config(self) -> None:
+        (self.root / "auditd.toml").write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+            for name, keys in self.sections.items()))
+
+    def reconfigure(self, section: str, **keys: Any) -> None:
+        """Change settings in the config file and have the daemon reload it (SIGHUP)."""
+        self.sections.setdefault(section, {}).update(keys)
+        self._write_config()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def __enter__(self) -> ThrowawayDaemon:
         with self.log_path.open("ab") as log:

@@ -3,6 +3,12 @@
 for `--duration` s, default 600), to see that retention keeps disk use under the
 limit without costing ingest its latency (issue 15's soak bar).
 
+With `--prefill N`, N events are flooded in first with retention off (committed,
+sealed and checkpointed), and retention is turned on 2 s into the paced load
+(`--retention-by bytes`, the default: `--max-bytes`; `age`: max_age 1 s, so every sealed
+partition goes): the paced clients' latency is then that of ingest while retention
+deletes the prefill (issue 15's "deleting 1,000,000 old events under 5,000 events/s").
+
 Clients send the soak's realistic events (`soak_events`, made as they are sent) in
 `--batch`-event frames (default 50) at the offered rate. Every second the bench
 samples disk use (allocated blocks of everything under the daemon's storage, as
@@ -28,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from auditd.bench.clients import ClientSpec, run_clients
-from auditd.bench.daemon import ThrowawayDaemon, peak_rss_mb
+from auditd.bench.daemon import CommitWatcher, ThrowawayDaemon, peak_rss_mb
 from auditd.bench.micro import percentile
 from auditd.bench.soak import SoakPlan, soak_client
 from auditd.bench.soak_events import client_events
@@ -42,6 +48,9 @@ _BATCH = 50
 _SAMPLE_S = 1.0
 _RETENTION_EVERY = "5s"
 _JOURNAL_SEGMENT = "8MB"
+_PREFILL_BATCH = 1000
+_PREFILL_TIMEOUT_S = 1800.0
+_TURN_ON_AFTER_S = 2.0  # into the paced load, retention is turned on (with --prefill)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the limit, reply latency, what retention deleted")
     parser.add_argument("--max-bytes", default="200MB", metavar="SIZE",
                         help="with --retention-soak: retention.max_bytes (default 200MB)")
+    parser.add_argument("--prefill", type=int, metavar="N",
+                        help="with --retention-soak: first flood N old events in (retention "
+                             "off), then turn retention on 2 s into the paced load: how "
+                             "ingest fares while it deletes them")
+    parser.add_argument("--retention-by", choices=("bytes", "age"), default="bytes",
+                        help="with --retention-soak: hold the store at --max-bytes "
+                             "(default), or delete by age (max_age 1s: every sealed "
+                             "partition of the prefill goes)")
 
 
 class Sampler(threading.Thread):
@@ -91,25 +108,70 @@ class Sampler(threading.Thread):
                     "over_max_bytes", "pruned_through")}}
 
 
-def run_retention_soak(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+def _check(args: argparse.Namespace) -> None:
     if args.socket:
         raise ConfigError("--retention-soak starts the daemon it measures: drop --socket")
+    for flag in ("rate", "duration", "batch", "clients", "prefill"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{flag} {value}: expected a positive number")
+
+
+def _prefill(daemon: ThrowawayDaemon, args: argparse.Namespace, events: int) -> float:
+    """Flood `events` old events in, until they are committed, sealed and checkpointed
+    (retention is off meanwhile); the seconds it took."""
+    started = time.monotonic()
+    plan = SoakPlan((args.seed or 0) + 1, args.clients, events)
+    specs = [ClientSpec(daemon.socket, k * _PREFILL_BATCH, n, _PREFILL_BATCH, 8, 0.0, None)
+             for k in range(args.clients)
+             if (n := client_events(k, args.clients, _PREFILL_BATCH, events))]
+    watcher = CommitWatcher(daemon.db_path)
+    watcher.start()
+    run_clients(specs, partial(soak_client, plan))
+    watcher.wait_for(events)
+    partition = daemon.sections["storage"]["partition_events"]
+    sealed = events // partition * partition
+    conn = _StatusConnection(str(daemon.root / "status.sock"))
+    try:
+        while True:
+            conn.request("GET", "/stats")
+            stats = json.loads(conn.getresponse().read())
+            checkpoint = stats.get("checkpoint") or {}
+            if stats["partitions"]["sealed_through"] >= sealed \
+                    and checkpoint.get("size", 0) >= sealed:
+                break
+            if time.monotonic() - started > _PREFILL_TIMEOUT_S:
+                raise AuditdError(f"the prefill was not sealed through {sealed} in "
+                                  f"{_PREFILL_TIMEOUT_S:.0f}s")
+            time.sleep(0.2)
+    finally:
+        conn.close()
+    return time.monotonic() - started
+
+
+def run_retention_soak(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    _check(args)
     rate = args.rate or _RATE
     duration = args.duration or _DURATION_S
     batch = args.batch if args.batch is not None else _BATCH
-    if rate <= 0 or duration <= 0 or batch <= 0 or args.clients <= 0:
-        raise ConfigError("--rate, --duration, --batch and --clients must be positive")
     limit = parse_size("--max-bytes", args.max_bytes)
     total = int(rate * duration)
     plan = SoakPlan(args.seed or 0, args.clients, total)
-    extra = {"retention": {"max_age": "0s", "max_bytes": args.max_bytes,
+    # With --prefill retention starts off, and is turned on as the paced load starts.
+    on = {"max_age": "1s", "max_bytes": "0"} if args.retention_by == "age" else {
+        "max_age": "0s", "max_bytes": args.max_bytes}
+    extra = {"retention": {**(on if not args.prefill else {"max_age": "0s",
+                                                            "max_bytes": "0"}),
                            "interval": _RETENTION_EVERY},
              # A 200 MB budget has no room for the default 64 MB journal segments (the
              # current one grows to its size before it can go): sized as an operator
              # with such a budget would.
              "storage": {"journal_segment_bytes": _JOURNAL_SEGMENT}}
+    doc: dict[str, Any] = {"retention_by": args.retention_by, "prefill": args.prefill}
     with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
         assert daemon.proc is not None
+        if args.prefill:
+            doc["prefill_seconds"] = round(_prefill(daemon, args, args.prefill), 1)
         gap = batch * args.clients / rate  # between two frames of one client
         specs = [ClientSpec(daemon.socket, k * batch, n, batch, max(1, 4096 // batch), gap,
                             duration)
@@ -117,10 +179,13 @@ def run_retention_soak(args: argparse.Namespace, config: Config) -> dict[str, An
                  if (n := client_events(k, args.clients, batch, total))]
         sampler = Sampler(daemon, limit)
         sampler.start()
+        turn_on = threading.Timer(_TURN_ON_AFTER_S, daemon.reconfigure, ("retention",), on)
         started = time.monotonic()
         try:
-            results = run_clients(specs, partial(soak_client, plan))
+            results = run_clients(specs, partial(soak_client, plan),
+                                  turn_on.start if args.prefill else None)
         finally:
+            turn_on.cancel()
             sampler.stopped.set()
             sampler.join()
         seconds = time.monotonic() - started
@@ -133,7 +198,8 @@ def run_retention_soak(args: argparse.Namespace, config: Config) -> dict[str, An
         tally.update(result["tally"])
     latencies = [ms for r in results for ms in r["latencies"]]
     return {
-        "offered_rate": rate, "duration_s": duration, "batch": batch, "clients": args.clients,
+        **doc, "offered_rate": rate, "duration_s": duration, "batch": batch,
+        "clients": args.clients,
         "events_sent": sum(r["sent"] for r in results), "events_acknowledged": tally["ok"],
         "acknowledged_per_s": round(tally["ok"] / seconds, 1),
         "frame_errors": {k[6:]: n for k, n in tally.items() if k.startswith("error:")},
