@@ -84,18 +84,24 @@ class OriginSink:
         return asyncio.run(_imported_runs(self.status_socket, self.host))
 
 
-async def _imported_runs(socket_path: str, host: str) -> list[tuple[int, int]]:
+async def _status_request(socket_path: str, method: str, path: str,
+                          **options: Any) -> tuple[int, bytes]:
+    """One call on the status socket: (HTTP status, body); ImportRefused when the
+    socket does not answer."""
     connector = aiohttp.UnixConnector(path=socket_path)
     limit = aiohttp.ClientTimeout(total=_TIMEOUT_S)
     try:
         async with (aiohttp.ClientSession(connector=connector, timeout=limit) as session,
-                    session.get("http://auditd/import/origins",
-                                params={"host": host}) as response):
-            raw = await response.read()
-            status = response.status
+                    session.request(method, f"http://auditd{path}", **options) as response):
+            return response.status, await response.read()
     except (aiohttp.ClientError, OSError) as exc:
         raise ImportRefused(f"cannot reach the daemon's status socket {socket_path}: "
                             f"{exc}") from None
+
+
+async def _imported_runs(socket_path: str, host: str) -> list[tuple[int, int]]:
+    status, raw = await _status_request(socket_path, "GET", "/import/origins",
+                                        params={"host": host})
     if status != 200:
         raise ImportRefused(f"the daemon did not list what was imported before (HTTP "
                             f"{status}): {raw[:200].decode(errors='replace')}")
@@ -119,18 +125,8 @@ class _Known:
 
 
 async def _post_origins(socket_path: str, host: str, rows: list[tuple[int, int, int]]) -> None:
-    body = json.dumps({"host": host, "origins": rows}).encode()
-    connector = aiohttp.UnixConnector(path=socket_path)
-    limit = aiohttp.ClientTimeout(total=_TIMEOUT_S)
-    try:
-        async with (aiohttp.ClientSession(connector=connector, timeout=limit) as session,
-                    session.post("http://auditd/import/origins", data=body,
-                                 headers={"Content-Type": "application/json"}) as response):
-            raw = await response.read()
-            status = response.status
-    except (aiohttp.ClientError, OSError) as exc:
-        raise ImportRefused(f"cannot reach the daemon's status socket {socket_path}: "
-                            f"{exc}") from None
+    status, raw = await _status_request(socket_path, "POST", "/import/origins",
+                                        json={"host": host, "origins": rows})
     if status != 200:
         try:
             message = json.loads(raw).get("message") or raw[:200].decode(errors="replace")
