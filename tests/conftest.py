@@ -394,10 +394,34 @@ def stored_seqs_in(db_path: Path) -> dict[int, str]:
     return found
 
 
-def wait_sealed_through(daemon: DaemonProcess, seq: int) -> None:
-    def sealed() -> bool:
+def wait_sealed_through(daemon: DaemonProcess, seq: int, timeout: float = 60.0) -> None:
+    """Until the store is sealed through `seq` and the hot rows behind it released;
+    fails once nothing advances (sealed_through, the hot table's first row) for
+    `timeout` s while no seal runs, or after SEAL_HOLD_S in all: a seal runs at low
+    priority, so beside busy processes a few of them take minutes, and still work."""
+    started = stalled_at = time.monotonic()
+    last: tuple[int, int] | None = None
+    while True:
         through = int(daemon.query(
             "SELECT value FROM meta WHERE key = 'sealed_through'")[0][0])
         hot_min = daemon.query("SELECT min(seq) FROM events")[0][0]
-        return through >= seq and (hot_min is None or hot_min > through)
-    wait_for(sealed, 60, f"sealed through {seq} and hot rows released")
+        if through >= seq and (hot_min is None or hot_min > through):
+            return
+        now, seen = time.monotonic(), (through, int(hot_min or 0))
+        if seen != last:
+            last, stalled_at = seen, now
+        elif now - stalled_at > timeout and not _sealing(daemon):
+            raise AssertionError(f"sealed through {through}, hot rows from {hot_min}: no "
+                                 f"progress for {timeout}s and no seal running, waiting "
+                                 f"for seq {seq}")
+        if now - started > SEAL_HOLD_S:
+            raise AssertionError(f"not sealed through {seq} after {SEAL_HOLD_S}s "
+                                 f"(sealed through {through})")
+        time.sleep(0.05)
+
+
+def _sealing(daemon: DaemonProcess) -> bool:
+    try:
+        return bool((daemon.stats().get("partitions") or {}).get("sealing"))
+    except OSError:
+        return False
