@@ -194,6 +194,7 @@ class Daemon:
             on_committed=self._committed, on_batch=self.feed.publish)
         self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
         self.retention = Retention(self.store, config, self._sign_prune_point)
+        self.retention.after_drop = self.query_engine.forget_dropped
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
                                     self.sequencer, self.stats, progress)

@@ -74,7 +74,8 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         raise
     m = result.manifest
     size = int(m.checkpoint.split("\n")[1])
-    alone = m.complete and m.first_seq == 1 and m.last_seq == size
+    start = 1 if m.prefix is None else m.prefix.size + 1
+    alone = m.complete and m.first_seq == start and m.last_seq == size
     doc: dict[str, Any] = {
         "file": args.output or "-", "format": args.format, "host": m.host,
         "first_seq": m.first_seq, "last_seq": m.last_seq, "count": m.count,

@@ -17,6 +17,7 @@ from typing import Any
 _DATABASE = "auditd.db"
 _WAL_SUFFIXES = ("-wal", "-shm")
 _FALLBACK = "dead-letters.fallback"
+_ASIDE = ("restore-replaced-", f"{_DATABASE}.pre-migrate-")
 
 
 @dataclass(slots=True)
@@ -27,20 +28,26 @@ class DiskUse:
     journal: int = 0
     dead_letters: int = 0
     archive: int = 0
-    archive_files: dict[str, int] = field(default_factory=dict)  # name -> bytes
+    # Files directly in the archive directory, name -> bytes: only those may retention
+    # delete (what is in its subdirectories counts, but is not retention's).
+    archive_files: dict[str, int] = field(default_factory=dict)
+    # Copies kept aside under storage.path: a restore's replaced store, the backups
+    # taken before migrations. They count (du counts them); nothing deletes them.
+    aside: int = 0
     other: int = 0
 
     @property
     def total(self) -> int:
         return (self.database + self.wal + sum(self.partitions.values()) + self.journal
-                + self.dead_letters + self.archive + self.other)
+                + self.dead_letters + self.archive + self.aside + self.other)
 
     def document(self) -> dict[str, Any]:
         return {"total": self.total, "database": self.database, "wal": self.wal,
                 "partitions": sum(self.partitions.values()),
                 "partition_files": len(self.partitions), "journal": self.journal,
                 "dead_letters": self.dead_letters, "archive": self.archive,
-                "archive_files": len(self.archive_files), "other": self.other}
+                "archive_files": len(self.archive_files), "aside": self.aside,
+                "other": self.other}
 
 
 def _files(root: Path) -> list[tuple[Path, os.stat_result]]:
@@ -73,7 +80,8 @@ def measure(storage: Path, archive_dir: Path | None) -> DiskUse:
 def _count(use: DiskUse, storage: Path, archive: Path | None, path: Path, size: int) -> None:
     if archive is not None and path.resolve().is_relative_to(archive):
         use.archive += size
-        use.archive_files[path.name] = size
+        if path.resolve().parent == archive:
+            use.archive_files[path.name] = size
         return
     relative = path.relative_to(storage).parts
     top = relative[0]
@@ -87,5 +95,7 @@ def _count(use: DiskUse, storage: Path, archive: Path | None, path: Path, size: 
         use.journal += size
     elif top == _FALLBACK:
         use.dead_letters += size
+    elif top.startswith(_ASIDE):
+        use.aside += size
     else:
         use.other += size

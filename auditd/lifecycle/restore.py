@@ -6,17 +6,19 @@ Given `--checkpoint` (one seen earlier, e.g. published off the host), a backup w
 newest checkpoint is smaller is refused as older than what the world has seen, unless
 `--force`; one at least as new must hold that checkpoint's root at its size.
 
-Then the live database (with its WAL), its partitions and the journal move aside into
-`restore-replaced-<time>/` under `storage.path` (a rename: nothing is lost, and
-`auditd recover <that>/auditd.db` brings back events newer than the backup), and the
-backup and the partitions its catalog names are copied in, each through a temp name
-and fsynced, the directory last. The journal goes aside too: it belongs to the
-replaced store's seqs, and replaying it onto the backup would renumber nothing but
-mix two histories.
+Then the backup and the partitions its catalog names are copied into a staging
+directory beside the store and fsynced; only then does the live database (with its
+WAL), its partitions and the journal move aside into `restore-replaced-<time>/` under
+`storage.path` (a rename: nothing is lost, and `auditd recover <that>/auditd.db` brings
+back events newer than the backup), and the staged files are renamed in. A failure
+while copying leaves the live store untouched; one during the renames puts it back.
+The journal goes aside too: it belongs to the replaced store's seqs, and replaying it
+onto the backup would mix two histories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -88,37 +90,54 @@ def check_backup(source: Path, vkey: VerifierKey, given: str | None,
 
 
 def restore(storage: Path, source: Path, report: Report) -> Restored:
-    """Set the live store aside and copy the verified backup in (daemon stopped)."""
+    """Copy the verified backup into a staging directory beside the store (fsynced),
+    then swap: the live store renamed aside, the staged files renamed in. A failure
+    while copying leaves the live store as it was; one during the swap puts it back."""
     storage.mkdir(parents=True, exist_ok=True)
-    aside = _set_aside(storage)
-    copied = 0
     catalog = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
     try:
         files = [str(name) for (name,) in catalog.execute("SELECT file FROM partitions")]
     finally:
         catalog.close()
-    if files:
-        (storage / PARTITIONS_DIR).mkdir()
-    for name in files:
-        _copy(source.parent / PARTITIONS_DIR / name, storage / PARTITIONS_DIR / name)
-        copied += 1
-    _copy(source, storage / DB_NAME)
-    _fsync_dir(storage)
-    return Restored(report, aside, copied + 1)
+    staging = storage / f".restore-staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / PARTITIONS_DIR).mkdir(parents=True)
+        for name in files:
+            _copy(source.parent / PARTITIONS_DIR / name, staging / PARTITIONS_DIR / name)
+        _copy(source, staging / DB_NAME)
+        _fsync_dir(staging / PARTITIONS_DIR)
+        _fsync_dir(staging)
+        aside, moved = _set_aside(storage)
+        try:
+            os.replace(staging / DB_NAME, storage / DB_NAME)
+            os.replace(staging / PARTITIONS_DIR, storage / PARTITIONS_DIR)
+            _fsync_dir(storage)
+        except OSError:
+            if aside is not None:
+                for name in moved:  # the live store back where it was
+                    with contextlib.suppress(OSError):
+                        os.replace(aside / name, storage / name)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Restored(report, aside, len(files) + 1)
 
 
-def _set_aside(storage: Path) -> Path | None:
+def _set_aside(storage: Path) -> tuple[Path | None, list[str]]:
     present = [name for name in _ASIDE if (storage / name).exists()]
     if not present:
-        return None
+        return None, []
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     aside = storage / f"restore-replaced-{stamp}"
     aside.mkdir()
+    moved = []
     for name in present:
         os.replace(storage / name, aside / name)
+        moved.append(name)
     _fsync_dir(aside)
     _fsync_dir(storage)
-    return aside
+    return aside, moved
 
 
 def _copy(source: Path, target: Path) -> None:

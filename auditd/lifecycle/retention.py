@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,9 @@ from typing import Any
 import structlog
 
 from auditd.config import Config
-from auditd.errors import AuditdError, StoreError
+from auditd.errors import AuditdError
 from auditd.lifecycle.disk_use import DiskUse, measure
-from auditd.lifecycle.export import ExportError, archive_range
+from auditd.lifecycle.export import archive_range
 from auditd.lifecycle.files import Output
 from auditd.lifecycle.retention_plan import (
     Candidate,
@@ -45,9 +45,10 @@ from auditd.lifecycle.retention_plan import (
 from auditd.logs import RecurringFault
 from auditd.proofs import prune_point
 from auditd.proofs.checkpointer import host_id_of
-from auditd.proofs.merkle import fold
-from auditd.proofs.prove import StoredTree, compact_range
-from auditd.proofs.tree import load_edge
+from auditd.proofs.merkle import consistency_path, consistent, fold
+from auditd.proofs.prove import ProofError, StoredTree, compact_range
+from auditd.proofs.scan import RangeTask, scan_range
+from auditd.proofs.tree import TILE_HEIGHT, load_edge
 from auditd.store.partition.read import SealedPartition
 from auditd.store.records import event_from_record, is_dead_letter
 from auditd.store.sealing import catalog
@@ -56,6 +57,8 @@ from auditd.store.store import Store
 log = structlog.get_logger("auditd.lifecycle.retention")
 Signer = Callable[[int, bytes], str]  # (size, root) -> a signed checkpoint's text
 _NEWEST_PROBE = 64  # records looked at, from a partition's end, for an event's time
+_DURABLE_TRIES = 100
+_DURABLE_RETRY_S = 0.05
 
 
 class RetentionError(AuditdError):
@@ -95,6 +98,8 @@ class Retention:
         self._wake = asyncio.Event()
         self._newest: dict[str, int] = {}  # partition file -> newest receipt (immutable)
         self.last_survey: Survey | None = None
+        # Told after each drop (the query engine closes the dropped file at once).
+        self.after_drop: Callable[[], Awaitable[None]] | None = None
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
@@ -117,9 +122,9 @@ class Retention:
         while True:
             try:
                 await self.apply()
-            except (RetentionError, StoreError, OSError, sqlite3.Error) as exc:
+            except Exception as exc:  # any fault stops deletion, never the daemon
                 fault.failed(exc)
-                self.figures.fault = str(exc)
+                self.figures.fault = str(exc) or type(exc).__name__
             else:
                 fault.succeeded()
                 self.figures.fault = None
@@ -138,10 +143,14 @@ class Retention:
             decided = self._plan(survey)
             if not dry_run:
                 while decided.drops:
-                    await self._take(decided.drops[0], survey)
-                    done.append(decided.drops[0])
+                    step = decided.drops[0]
+                    await self._take(step, survey)
+                    done.append(step)
                     survey = await asyncio.to_thread(self._survey)
                     decided = self._plan(survey)
+                    if decided.drops and decided.drops[0] == step:
+                        raise RetentionError(f"deleting {step.name} did not take it away; "
+                                             "retention stops until the next run")
                 self.figures.runs += 1
                 self.figures.last_run_at = time.time()
             self._note_short(decided, survey)
@@ -158,7 +167,7 @@ class Retention:
     def _plan(self, survey: Survey) -> Plan:
         max_age_ms = self.config.duration_ms("retention", "max_age")
         cutoff = time.time_ns() - max_age_ms * 1_000_000 if max_age_ms else None
-        return plan(survey.candidates, archives_by_seq(survey.use.archive_files),
+        return plan(survey.candidates, archives_by_seq(survey.use.archive_files, survey.host),
                     survey.use.total, self._max_bytes(), cutoff)
 
     def _note_short(self, decided: Plan, survey: Survey) -> None:
@@ -278,6 +287,12 @@ class Retention:
         archived = await self._archive(entry, survey.host, prune.checkpoint)
         await self.store.on_writer(catalog.drop_oldest, entry, prune)
         await self.store.sealed.drop(entry.first_seq)
+        if self.after_drop is not None:
+            await self.after_drop()
+        # The drop must be on disk before its file goes: with synchronous=NORMAL a
+        # commit is durable once a WAL checkpoint that began after it completed, and a
+        # drop lost to a power cut would leave a catalogued partition without a file.
+        await self._durable()
         await asyncio.to_thread(catalog.unlink_durably, self.store.partitions_dir / entry.file)
         self._newest.pop(entry.file, None)
         figures.dropped_partitions += 1
@@ -286,6 +301,14 @@ class Retention:
         log.info("retention_partition_dropped", file=entry.file, first_seq=entry.first_seq,
                  last_seq=entry.last_seq, events=entry.events, bytes=drop.bytes,
                  reason=drop.reason, archived=archived)
+
+    async def _durable(self) -> None:
+        for _ in range(_DURABLE_TRIES):
+            if await self.store.checkpoint_wal():
+                return
+            await asyncio.sleep(_DURABLE_RETRY_S)
+        raise RetentionError("the WAL checkpoint that makes the drop durable did not "
+                             "complete; its file is removed at the next start")
 
     async def _archive(self, entry: catalog.CatalogEntry, host: str,
                        checkpoint: str) -> str | None:
@@ -301,29 +324,52 @@ class Retention:
         try:
             await asyncio.to_thread(archive_range, self.storage, output, entry.first_seq,
                                     entry.last_seq, checkpoint)
-        except (OSError, ExportError) as exc:
+        except Exception as exc:  # a damaged partition's error too: the archive is not whole
             output.abandon()
             raise RetentionError(f"archiving seqs {entry.first_seq}-{entry.last_seq} to "
                                  f"{path} failed: {exc}; nothing deleted") from exc
         return str(path)
 
     def _prune_record(self, entry: catalog.CatalogEntry, size_bytes: int) -> catalog.PruneRecord:
+        """The prune point at the partition's last seq, checked before anything goes:
+        every record of the partition against the leaf fingerprints the tree stored
+        (so an edited partition is found, not deleted without a trace), and the prune
+        point's root against the newest signed checkpoint by a consistency proof from
+        the stored tree (so stored nodes that were rewritten are found too)."""
+        m = entry.last_seq
         db = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True,
                              isolation_level=None)
         try:
             db.execute("BEGIN")
+            edge = load_edge(db)
+            newest = db.execute("SELECT size, root FROM checkpoints ORDER BY id DESC LIMIT 1"
+                                ).fetchone()
+            if newest is None or int(newest[0]) < m:
+                raise RetentionError(f"no signed checkpoint covers seq {m} yet")
+            scanned = scan_range(RangeTask(
+                str(self.store.path), str(self.store.partitions_dir), entry.first_seq, m,
+                frozenset(), edge.size >> TILE_HEIGHT, bytes(edge.fingerprints)))
+            if scanned.problems:
+                problem = scanned.problems[0]
+                raise RetentionError(f"partition {entry.file} does not match its leaves "
+                                     f"(seq {problem.seq}: {problem.detail}): run `auditd "
+                                     "verify`; nothing deleted")
             tree = StoredTree(db, self.store.partitions_dir)
             try:
-                compact = compact_range(tree, entry.last_seq)
+                compact = compact_range(tree, m)
+                size, signed_root = int(newest[0]), bytes(newest[1])
+                path = [] if size == m else consistency_path(m, size, tree.subtree)
             finally:
                 tree.close()
-            signed = db.execute("SELECT root FROM checkpoints WHERE size = ? LIMIT 1",
-                                (entry.last_seq,)).fetchone()
+        except ProofError as exc:
+            raise RetentionError(f"the tree below seq {m} cannot be read: {exc}; run "
+                                 "`auditd verify`; nothing deleted") from exc
         finally:
             db.close()
         root = fold(compact)
-        if signed is not None and bytes(signed[0]) != root:
-            raise RetentionError(f"the tree's root at size {entry.last_seq} is not the one "
-                                 "signed then: run `auditd verify`; nothing deleted")
-        return catalog.PruneRecord(entry.last_seq, b"".join(compact),
-                                   self.sign(entry.last_seq, root), entry.events, size_bytes)
+        if not consistent(m, size, root, signed_root, path):
+            raise RetentionError(f"the stored tree at size {m} is not consistent with the "
+                                 f"signed checkpoint of size {size}: run `auditd verify`; "
+                                 "nothing deleted")
+        return catalog.PruneRecord(m, b"".join(compact), self.sign(m, root), entry.events,
+                                   size_bytes)

@@ -56,13 +56,14 @@ class Plan:
     short: bool  # over max_bytes with nothing left that retention may delete
 
 
-def archives_by_seq(files: dict[str, int]) -> list[tuple[str, int, int, int]]:
-    """(name, first_seq, last_seq, bytes) of the archive files retention wrote, oldest
-    first; other files in the directory are counted in disk use but never deleted."""
+def archives_by_seq(files: dict[str, int], host: str) -> list[tuple[str, int, int, int]]:
+    """(name, first_seq, last_seq, bytes) of the archive files this host's retention
+    wrote, oldest first; other files (another host's too) count in disk use but are
+    never deleted."""
     found = []
     for name, size in files.items():
         match = ARCHIVE_NAME.fullmatch(name)
-        if match is not None:
+        if match is not None and match[1] == host:
             found.append((name, int(match[2]), int(match[3]), size))
     return sorted(found, key=lambda item: item[1])
 

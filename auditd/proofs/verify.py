@@ -194,8 +194,9 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
         elif checkpoints.get(outside.size, outside.root) != outside.root:
             raise _tampered("inconsistent history", f"the store's checkpoint of size "
                             f"{outside.size} has another root than the given one")
-    results = _scan_all(db_path, storage / "partitions", target, snap,
-                        {*checkpoints, target}, workers, progress, floor)
+    sizes = {*checkpoints, target} | ({outside.size} if outside is not None else set())
+    results = _scan_all(db_path, storage / "partitions", target, snap, sizes, workers,
+                        progress, floor)
     problems = sorted((p for r in results for p in r.problems), key=lambda p: p.seq)
     held = sum(r.records for r in results)
     if problems:
@@ -204,8 +205,7 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
             raise _tampered("truncated", f"seqs {first.seq}..{target} are gone: the store "
                             f"ends before what checkpoint {target} covers", first.seq)
         raise _tampered(first.kind, first.detail, first.seq)
-    roots = _roots_at(results, sorted({*checkpoints, target} - {floor} if floor else
-                                      {*checkpoints, target}), snap.pruned)
+    roots = _roots_at(results, sorted(sizes - {floor} if floor else sizes), snap.pruned)
     if snap.pruned is not None:
         roots[floor] = snap.pruned.root
     for size in sorted(checkpoints):

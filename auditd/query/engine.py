@@ -99,6 +99,11 @@ class QueryEngine:
         log.info("query_partitions_opened", partitions=opened, term_filters=figures.loaded,
                  filter_bytes=figures.bytes, ms=round((time.perf_counter() - started) * 1000, 1))
 
+    async def forget_dropped(self) -> None:
+        """Close partitions retention took out of the catalog now, not at the next query:
+        an open file keeps its space from the filesystem."""
+        await self._call(self.partitions.forget_missing, self.sealed.files())
+
     async def aclose(self) -> None:
         def close() -> None:
             self.partitions.close()

@@ -269,3 +269,28 @@ def test_retention_racing_a_flood_loses_nothing_newer_than_the_cut(make_daemon: 
     assert ids == {f"fl-{i}" for i in range(first_kept, sent)}
     code, report = verify(daemon.config_path)
     assert code == 0, report
+
+
+def test_a_partition_that_does_not_match_its_leaves_is_not_deleted(make_daemon: Any) -> None:
+    """Retention checks what it deletes: a leaf fingerprint rewritten under the oldest
+    partition (as an edit of its records would show) stops it, with the seq, in health."""
+    daemon = make_daemon(SETTINGS)
+    _fill(daemon, 700)
+    daemon.stop()
+    db = sqlite3.connect(daemon.db_path, isolation_level=None)
+    try:
+        db.execute("DROP TRIGGER merkle_nodes_no_update")
+        (leaves,) = db.execute("SELECT leaves FROM merkle_nodes WHERE height = 8 AND idx = 0"
+                               ).fetchone()
+        changed = bytes([leaves[40] ^ 0xFF]) + leaves[41:]
+        db.execute("UPDATE merkle_nodes SET leaves = ? WHERE height = 8 AND idx = 0",
+                   (leaves[:40] + changed,))
+    finally:
+        db.close()
+    daemon.start()
+    _reconfigure(daemon, max_age="1ms")
+    wait_for(lambda: not get_json(daemon, "/health")[1]["checks"]["retention"]["ok"], 30,
+             "health to show the refusal")
+    detail = get_json(daemon, "/health")[1]["checks"]["retention"]["detail"]
+    assert "does not match its leaves (seq 11" in detail, detail
+    assert [c[:2] for c in catalogued(daemon)] == [(1, 300), (301, 600)]  # nothing went

@@ -27,8 +27,10 @@ def test_by_age_only_the_leading_old_partitions_go() -> None:
 
 def test_by_size_archives_first_then_partitions_until_under() -> None:
     archives = archives_by_seq({archive_name("h", 1, 9): 30, "notes.txt": 500,
-                                archive_name("h", 10, 19): 30})
-    assert [a[1] for a in archives] == [1, 10]  # foreign files are never deleted
+                                archive_name("g", 1, 9): 7, archive_name("h", 10, 19): 30},
+                               "h")
+    # Foreign files, another host's archives among them, are never deleted.
+    assert [(a[0][:1], a[1]) for a in archives] == [("h", 1), ("h", 10)]
     decided = plan(_candidates(50, 60, 70), archives, 400, 200, cutoff_ns=None)
     assert [(d.kind, d.first_seq) for d in decided.drops] == [
         ("archive", 1), ("archive", 10), ("partition", 1), ("partition", 11)]
