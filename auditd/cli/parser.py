@@ -130,8 +130,12 @@ def _proofs(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
                                "and the tree against its signed checkpoints; exit 1 names "
                                "the first bad seq, 2 when it cannot verify")
     verify.add_argument("--state", metavar="FILE",
-                        help="remember the newest verified checkpoint and the key here, "
-                             "and check the store is consistent with the one remembered")
+                        help="remember the newest verified checkpoint, its compact range "
+                             "and the key here, and check the store is consistent with the "
+                             "one remembered; the next run reads only the newer seqs")
+    verify.add_argument("--full", action="store_true",
+                        help="with --state: read every seq again, not only those after "
+                             "the remembered checkpoint")
     verify.add_argument("--checkpoint", metavar="FILE",
                         help="a checkpoint (as GET /checkpoint serves it) the store must "
                              "be consistent with")

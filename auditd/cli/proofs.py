@@ -6,6 +6,7 @@ daemon running or stopped; verify-proof needs nothing but the proof and the key.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
@@ -93,14 +94,27 @@ def _load_state(path: str | None) -> dict[str, Any]:
     return state
 
 
-def _save_state(path: str, vkey: VerifierKey, checkpoint: str) -> None:
+def _save_state(path: str, vkey: VerifierKey, checkpoint: str,
+                compact: tuple[bytes, ...]) -> None:
     target = Path(path)
     fd, temp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump({"vkey": vkey.text(), "checkpoint": checkpoint,
+                   "compact": [base64.b64encode(h).decode() for h in compact],
                    "verified_at": int(time.time())}, handle)
         handle.write("\n")
     os.replace(temp, target)
+
+
+def _resume(state: dict[str, Any]) -> tuple[str, list[bytes]] | None:
+    """The remembered checkpoint and compact range, when the state holds both."""
+    compact, checkpoint = state.get("compact"), state.get("checkpoint")
+    if not isinstance(compact, list) or not isinstance(checkpoint, str):
+        return None
+    try:
+        return checkpoint, [base64.b64decode(h, validate=True) for h in compact]
+    except (TypeError, ValueError):
+        return None
 
 
 def _progress() -> Any:
@@ -138,11 +152,11 @@ def cmd_verify(args: Any, config: Config) -> int:
         given = str(state["checkpoint"])
     progress = _progress()
     report = verify_store(_storage(config), vkey, given=given, workers=args.workers,
-                          progress=progress)
+                          progress=progress, resume=None if args.full else _resume(state))
     if progress is not None:
         print(file=sys.stderr)
     if report.status == "verified" and args.state and report.checkpoint is not None:
-        _save_state(args.state, vkey, report.checkpoint.text)
+        _save_state(args.state, vkey, report.checkpoint.text, report.compact)
     doc = report.document()
     if args.json:
         print(json.dumps(doc))

@@ -54,6 +54,9 @@ class Report:
     checkpoints_checked: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # The compact range at the newest checkpoint's size, once verified: what `--state`
+    # remembers, so that the next run reads only the seqs after it.
+    compact: tuple[bytes, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -124,15 +127,18 @@ def integrity(db_path: Path) -> str | None:
 def verify_store(storage: Path, vkey: VerifierKey, *, given: str | None = None,
                  workers: int | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 db_name: str = "auditd.db") -> Report:
+                 db_name: str = "auditd.db",
+                 resume: tuple[str, list[bytes]] | None = None) -> Report:
     """Verify the store under `storage` against checkpoints signed by `vkey`; `given`
     is a checkpoint from outside (a remembered or published one) the store must be
     consistent with. `db_name`: the database's name there (a backup's may differ; its
-    partitions are always in `partitions/` beside it)."""
+    partitions are always in `partitions/` beside it). `resume`: a checkpoint verified
+    before and the compact range at its size (`--state`): only the seqs after it are
+    read, the roots above it rebuilt from that compact range."""
     started = time.monotonic()
     report = Report()
     try:
-        _verify(storage, vkey, given, workers, progress, report, db_name)
+        _verify(storage, vkey, given, workers, progress, report, db_name, resume)
     except _Stop as stop:
         report.status, report.finding = stop.status, stop.finding
     report.seconds = time.monotonic() - started
@@ -141,7 +147,7 @@ def verify_store(storage: Path, vkey: VerifierKey, *, given: str | None = None,
 
 def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | None,
             progress: Callable[[int, int], None] | None, report: Report,
-            db_name: str) -> None:
+            db_name: str, resume: tuple[str, list[bytes]] | None) -> None:
     db_path = storage / db_name
     if not db_path.is_file():
         raise _Stop("unverifiable", Finding("no database", f"no database at {db_path}"))
@@ -174,6 +180,12 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
     report.checkpoint = newest = verify_checkpoint(snap.newest, vkey)
     report.checkpoints_checked = len(checkpoints)
     floor = _check_prune_point(snap.pruned, vkey, report)
+    start = snap.pruned
+    resumed = _resume_point(resume, vkey)
+    if resumed is not None and resumed.size > floor and resumed.size <= newest.size:
+        start, floor = resumed, resumed.size
+        report.notes.append(f"incremental: seqs 1..{floor} were verified by an earlier "
+                            "run (--state); their checkpoint's root is the start here")
     # Below the prune point only signatures can be checked: the records are gone.
     checkpoints = {size: root for size, root in checkpoints.items() if size >= floor}
     target = newest.size
@@ -205,9 +217,10 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
             raise _tampered("truncated", f"seqs {first.seq}..{target} are gone: the store "
                             f"ends before what checkpoint {target} covers", first.seq)
         raise _tampered(first.kind, first.detail, first.seq)
-    roots = _roots_at(results, sorted(sizes - {floor} if floor else sizes), snap.pruned)
-    if snap.pruned is not None:
-        roots[floor] = snap.pruned.root
+    roots, report.compact = _roots_at(results, sorted(sizes - {floor} if floor else sizes),
+                                      start)
+    if start is not None:
+        roots[floor] = start.root
     for size in sorted(checkpoints):
         if roots[size] != checkpoints[size]:
             raise _tampered("modified", f"the records' root at size {size} is not the "
@@ -237,6 +250,21 @@ def _check_prune_point(point: PrunePoint | None, vkey: VerifierKey, report: Repo
                         "the root its checkpoint signs")
     report.notes.append(f"seqs 1..{point.size} were deleted by retention (prune point)")
     return point.size
+
+
+def _resume_point(resume: tuple[str, list[bytes]] | None,
+                  vkey: VerifierKey) -> PrunePoint | None:
+    """The remembered start, if it holds together (else a full run: never an error)."""
+    if resume is None:
+        return None
+    text, compact = resume
+    try:
+        signed = verify_checkpoint(text, vkey)
+        point = PrunePoint(signed.size, tuple(compact), text)
+        ok = len(compact) == len(point.nodes()) and point.root == signed.root
+    except (NoteError, ValueError):
+        return None
+    return point if ok else None
 
 
 def _check_given(text: str | None, vkey: VerifierKey) -> Checkpoint | None:
@@ -290,10 +318,12 @@ def _scan_all(db_path: Path, partitions: Path, target: int, snap: Snapshot,
 
 
 def _roots_at(results: list[RangeResult], sizes: list[int],
-              start: PrunePoint | None) -> dict[int, bytes]:
-    """The tree's root at each size (ascending, none below the prune point), from the
-    prune point's compact range, the ranges' tile hashes and their edge leaves."""
+              start: PrunePoint | None) -> tuple[dict[int, bytes], tuple[bytes, ...]]:
+    """The tree's root at each size (ascending, none below the start: a prune point or
+    a remembered checkpoint), from the start's compact range, the ranges' tile hashes
+    and their edge leaves; and the compact range at the last size."""
     roots: dict[int, bytes] = {}
+    last = tuple(start.compact) if start is not None else ()
     compact = list(start.compact) if start is not None else []  # of the first `count`
     count = first_leaf = start.size if start is not None else 0
     edge_leaves = {t: leaves for r in results for t, leaves in r.edge_leaves.items()}
@@ -316,7 +346,8 @@ def _roots_at(results: list[RangeResult], sizes: list[int],
         for index in range(count, size):
             _append(partial, index, leaf(index), 0)
         roots[size] = fold(partial)
-    return roots
+        last = tuple(partial)
+    return roots, last
 
 
 def _append(compact: list[bytes], count: int, h: bytes, height: int) -> None:
