@@ -11,7 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import DaemonProcess, wait_for
+from conftest import (
+    DaemonProcess,
+    stored_seqs,
+    wait_committed,
+    wait_for,
+    wait_sealed_through,
+)
+from proofs_store import checkpoint_size, send, verify
 
 from auditd.store import migrations
 
@@ -192,3 +199,35 @@ def test_a_store_newer_than_this_auditd_is_refused_naming_both_versions(
     assert refused.returncode == 1 and "schema version 99" in refused.stderr, refused
     status = migrate(daemon, "--status")
     assert "newer than this auditd knows" in status.stdout, status.stdout
+
+
+def test_steps_4_to_7_roll_back_and_forward_on_a_sealed_store(make_daemon: MakeDaemon) -> None:
+    """Down to schema 2 on a store with sealed partitions, a tree and checkpoints: every
+    event comes back into the one table; up again, the daemon seals and signs anew, and
+    the store verifies."""
+
+    daemon = make_daemon({"storage": {"partition_events": 300},
+                          "proofs": {"checkpoint_every": "100ms"}})
+    send(daemon, 0, 1000)
+    last = int(daemon.stats()["last_seq"])
+    wait_committed(daemon, last)
+    wait_sealed_through(daemon, 900)
+    before = stored_seqs(daemon)
+    assert daemon.stop() == 0
+
+    down = migrate(daemon, "--to", "2")
+    assert down.returncode == 0, down
+    assert "rolled back 3 partitions" in down.stdout
+    assert rows(daemon.db_path, "SELECT seq, id FROM events ORDER BY seq") == sorted(
+        before.items())
+    indexes = {name for (name,) in rows(daemon.db_path,
+                                        "SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"events_type_ts", "events_actor_ts", "events_target_ts"} <= indexes
+
+    daemon.start()  # migrated at start, with a backup beside it
+    assert applied(daemon.db_path)[-1] == migrations.LATEST
+    wait_sealed_through(daemon, 900)
+    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint of every event")
+    assert stored_seqs(daemon) == before
+    code, report = verify(daemon.config_path)
+    assert code == 0, report
