@@ -205,7 +205,6 @@ def test_steps_4_to_7_roll_back_and_forward_on_a_sealed_store(make_daemon: MakeD
     """Down to schema 2 on a store with sealed partitions, a tree and checkpoints: every
     event comes back into the one table; up again, the daemon seals and signs anew, and
     the store verifies."""
-
     daemon = make_daemon({"storage": {"partition_events": 300},
                           "proofs": {"checkpoint_every": "100ms"}})
     send(daemon, 0, 1000)
