@@ -58,6 +58,8 @@ log = structlog.get_logger("auditd.lifecycle.retention")
 Signer = Callable[[int, bytes], str]  # (size, root) -> a signed checkpoint's text
 _NEWEST_PROBE = 64  # records looked at, from a partition's end, for an event's time
 _DURABLE_TRIES = 100
+_RETRY_FIRST_S = 1.0  # after a failed run; doubling up to the interval or _RETRY_MAX_S
+_RETRY_MAX_S = 60.0
 _DURABLE_RETRY_S = 0.05
 
 
@@ -119,16 +121,20 @@ class Retention:
 
     async def run(self) -> None:
         fault = RecurringFault(log, "retention_failed", "retention_recovered")
+        retry = _RETRY_FIRST_S
         while True:
+            interval = self.config.duration_ms("retention", "interval") / 1000
             try:
                 await self.apply()
             except Exception as exc:  # any fault stops deletion, never the daemon
                 fault.failed(exc)
                 self.figures.fault = str(exc) or type(exc).__name__
+                # Tried again soon (a passing fault clears from health quickly), less
+                # often while it lasts.
+                interval, retry = min(interval, retry), min(retry * 2, _RETRY_MAX_S)
             else:
                 fault.succeeded()
-                self.figures.fault = None
-            interval = self.config.duration_ms("retention", "interval") / 1000
+                self.figures.fault, retry = None, _RETRY_FIRST_S
             self.figures.next_run_at = time.time() + interval
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
