@@ -90,6 +90,32 @@ class ProofsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     publish_command: str = ""  # each checkpoint handed to this command's stdin
 
 
+class ForwardConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """NATS JetStream (step 8): off while `servers` is empty."""
+
+    servers: list[str] = msgspec.field(default_factory=list)
+    stream: str = "AUDIT"
+    subject: str = "audit.{host}.{type}"  # tokens {host} {type} {stream}, sanitised
+    credentials: str = ""  # a .creds file (JWT and nkey seed)
+    nkey: str = ""  # an nkey seed file
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_in_flight: int = 1024  # messages published and not yet acknowledged
+    batch: int = 512  # events read from the store per step
+    ack_timeout: Duration = "5s"  # one deadline per batch of acknowledgements
+    backoff_min: Duration = "100ms"
+    backoff_max: Duration = "30s"
+    lag_max_events: int = 100_000  # health is degraded past either lag bound
+    lag_max_age: Duration = "60s"
+    create_stream: bool = False
+    replicas: int = 1  # num_replicas of a stream it creates (3 on a cluster)
+    duplicate_window: Duration = "10m"  # of a stream it creates (at least 5m)
+
+
 class StatusConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     socket: str = "/run/auditd/status.sock"
     socket_mode: str = "0660"
@@ -111,6 +137,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     proofs: ProofsConfig = msgspec.field(default_factory=ProofsConfig)
+    forward: ForwardConfig = msgspec.field(default_factory=ForwardConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     source: str = ""  # the file it came from, "" for built-in defaults
 
@@ -189,9 +216,14 @@ _SIZE_KEYS = [("ingest", "max_frame_bytes"), ("ingest", "max_event_bytes"),
               ("retention", "max_bytes"), ("storage", "term_filter_bytes")]
 _DURATION_KEYS = [("writer", "retry_max_delay"), ("retention", "max_age"),
                   ("retention", "interval"),
-                  ("proofs", "checkpoint_every"), ("proofs", "idle_every")]
+                  ("proofs", "checkpoint_every"), ("proofs", "idle_every"),
+                  ("forward", "ack_timeout"), ("forward", "backoff_min"),
+                  ("forward", "backoff_max"), ("forward", "lag_max_age"),
+                  ("forward", "duplicate_window")]
 _POSITIVE_KEYS = [("ingest", "max_batch_events"), ("ingest", "max_connections"),
-                  ("buffer", "capacity"), ("writer", "batch_max")]
+                  ("buffer", "capacity"), ("writer", "batch_max"),
+                  ("forward", "max_in_flight"), ("forward", "batch"),
+                  ("forward", "lag_max_events"), ("forward", "replicas")]
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -234,6 +266,33 @@ def _check(config: Config) -> None:
     parse_rate_limit("ingest.rate_limit", config.ingest.rate_limit)
     if config.status.metrics_listen:
         parse_listen(config.status.metrics_listen)
+    _check_forward(config)
+
+
+_SUBJECT_TOKENS = re.compile(r"\{(host|type|stream)\}")
+_STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+
+def _check_forward(config: Config) -> None:
+    forward = config.forward
+    for index, server in enumerate(forward.servers):
+        if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+$", server):
+            raise ConfigError(f"forward.servers[{index}] = {server!r}: expected a URL like "
+                              "nats://10.0.0.5:4222")
+    if not _STREAM_NAME.match(forward.stream):
+        raise ConfigError(f"forward.stream = {forward.stream!r}: expected a stream name of "
+                          "letters, digits, _ and -")
+    bare = _SUBJECT_TOKENS.sub("x", forward.subject)
+    if "{" in bare or "}" in bare or not re.match(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", bare):
+        raise ConfigError(f"forward.subject = {forward.subject!r}: expected dot-separated "
+                          "tokens of letters, digits, _ and -, with {host}, {type}, {stream}")
+    if config.duration_ms("forward", "duplicate_window") < 300_000:
+        raise ConfigError(f"forward.duplicate_window = {forward.duplicate_window!r}: expected "
+                          "at least 5m (JetStream's dedupe must outlast a resend)")
+    if bool(forward.tls_cert) != bool(forward.tls_key):
+        raise ConfigError("forward.tls_cert and forward.tls_key: expected both or neither")
+    if bool(forward.user) != bool(forward.password):
+        raise ConfigError("forward.user and forward.password: expected both or neither")
 
 
 def _lookup(raw: dict[str, Any], path: str) -> Any:

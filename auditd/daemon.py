@@ -26,6 +26,7 @@ import structlog
 
 from auditd.config import Config, parse_rate_limit
 from auditd.errors import AuditdError
+from auditd.forward.forwarder import Forwarder
 from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
@@ -134,6 +135,8 @@ class Daemon:
         self.ready = True
         self._spawn(self.query_engine.warm(), "query_warm")
         self._spawn(self.retention.run(), "retention")
+        if self.forwarder is not None:  # never before ready: start-up never waits on NATS
+            self._spawn(self.forwarder.run(), "forwarder")
         self._cancel_task(_EXTENDER)  # READY=1 below ends the start timeout
         # Start-up objects (modules, config, replayed state) never die: keep full
         # collections from walking them, which showed up as 15-30 ms loop pauses.
@@ -195,6 +198,10 @@ class Daemon:
         self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
         self.retention = Retention(self.store, config, self._sign_prune_point)
         self.retention.after_drop = self.query_engine.forget_dropped
+        self.forwarder = Forwarder(self.store, config) if config.forward.servers else None
+        if self.forwarder is not None:
+            self.forwarder.figures.committed_through(state.committed_seq)
+            self.retention.forwarded = self.forwarder.forwarded_through
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,
                                     self.sequencer, self.stats, progress)
@@ -262,6 +269,8 @@ class Daemon:
         self.sequencer.trim(seq)
         self.ingest.capacity_freed()
         self.replay.room_made()
+        if self.forwarder is not None:
+            self.forwarder.committed(seq)
 
     def status_line(self) -> str:
         stats = self.stats
@@ -311,12 +320,12 @@ class Daemon:
                 await self.control.refresh()
                 vfs = os.statvfs(self.storage)
                 free = vfs.f_bavail * vfs.f_frsize
+                refusal = self.retention.figures.unforwarded
                 if free < reserve:
-                    self.ingest.set_refusal(
-                        f"disk space low: {free} bytes free on {self.storage}, "
-                        f"reserve is {reserve}")
-                elif self.ingest.refusal is not None:
-                    self.ingest.set_refusal(None)
+                    refusal = (f"disk space low: {free} bytes free on {self.storage}, "
+                               f"reserve is {reserve}")
+                if refusal is not None or self.ingest.refusal is not None:
+                    self.ingest.set_refusal(refusal)
                 await self._release_journal()
             except Exception as exc:
                 fault.failed(exc)

@@ -186,6 +186,14 @@ def cmd_projections(args: argparse.Namespace, config: Config) -> int:
                                not args.no_wait)
 
 
+def cmd_forward(args: argparse.Namespace, config: Config) -> int:
+    from auditd.cli import forward
+
+    if args.action == "status":
+        return forward.status(_status_socket(args, config), args.json)
+    return forward.replay(args, config)
+
+
 def cmd_export(args: argparse.Namespace, config: Config) -> int:
     from auditd.cli import lifecycle
 
@@ -222,7 +230,7 @@ COMMANDS: dict[str, Command] = {
     "backup": cmd_backup, "vacuum": cmd_vacuum, "restore": cmd_restore,
     "recover": cmd_recover, "migrate": cmd_migrate,
     "bench": cmd_bench, "projections": cmd_projections, "tail": cmd_tail,
-    "export": cmd_export, "import": cmd_import,
+    "export": cmd_export, "import": cmd_import, "forward": cmd_forward,
 }
 
 

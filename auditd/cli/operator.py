@@ -152,6 +152,10 @@ def render_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
             + (f" received {_when(oldest)}" if oldest else "")
             + (f"; next deletion by age {_when(retention['next_deletion_by_age_at'])}"
                if retention.get("next_deletion_by_age_at") else "")))
+    if "forward" in stats:
+        from auditd.cli.forward import line
+
+        lines.insert(-1, line(stats["forward"]))
     checkpoint = stats.get("checkpoint")
     lines.insert(-1, "checkpoint:   none yet" if not checkpoint else (
         f"checkpoint:   size {checkpoint.get('size')} at {checkpoint.get('time')} "

@@ -110,6 +110,11 @@ def build_parser() -> Parser:
         "projections", "read models (counts, actor summaries): position and lag, or "
                        "rebuild one from the events, through the running daemon")))
 
+    from auditd.cli.forward import add_arguments as add_forward_arguments
+
+    add_forward_arguments(_operator(command(
+        "forward", "forwarding to NATS JetStream: the daemon's cursor, lag and errors, or "
+                   "a read-back of the stream that checks the copy is complete")))
     _proofs(command)
     add_export_arguments(command("export", "events out of the store with a manifest and a "
                                            "signed checkpoint (proofs.md): JSON lines or "

@@ -13,7 +13,9 @@ commit and the unlink leaves an uncatalogued file, removed at the next start.
 Only what a checkpoint covers and the tree holds is deleted: the prune point's
 checkpoint must be consistent with what was signed. Failures (an archive directory
 read-only or full, a store error) stop deletion, never ingestion; health shows them.
-Forwarding (step 8) is not built yet: when it is, nothing unforwarded may go.
+With forwarding on (step 8), nothing above the forwarder's persisted cursor goes: when
+only unforwarded events are left to delete and disk use stays over `max_bytes`,
+`figures.unforwarded` says so, health fails and ingest refuses (as for a full disk).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class RetentionFigures:
     freed_bytes: int = 0
     fault: str | None = None  # why the last run stopped
     short: str | None = None  # over max_bytes with nothing retention may delete
+    unforwarded: str | None = None  # ... because the rest is not forwarded yet
 
 
 @dataclass(slots=True)
@@ -85,6 +88,7 @@ class Survey:
     use: DiskUse
     candidates: list[Candidate]
     waiting: str | None  # why the oldest partition may not go yet
+    waiting_for_forward: bool
     host: str
     pruned_through: int
     oldest_seq: int | None
@@ -102,6 +106,8 @@ class Retention:
         self.last_survey: Survey | None = None
         # Told after each drop (the query engine closes the dropped file at once).
         self.after_drop: Callable[[], Awaitable[None]] | None = None
+        # The forwarder's persisted cursor, with forwarding on: nothing above it goes.
+        self.forwarded: Callable[[], int] | None = None
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
@@ -178,7 +184,7 @@ class Retention:
 
     def _note_short(self, decided: Plan, survey: Survey) -> None:
         if not decided.short:
-            self.figures.short = None
+            self.figures.short = self.figures.unforwarded = None
             return
         why = survey.waiting or "only the hot table, the journal and the database are left"
         short = (f"disk use {decided.used_after} bytes stays over retention.max_bytes "
@@ -187,6 +193,8 @@ class Retention:
             log.warning("retention_over_max_bytes", used=decided.used_after,
                         max_bytes=self._max_bytes(), reason=why)
         self.figures.short = short
+        self.figures.unforwarded = (f"{short}; ingest refuses events until forwarding "
+                                    "catches up" if survey.waiting_for_forward else None)
 
     def document(self) -> dict[str, Any]:
         """The /stats `retention` object (from the last run's look at the disk)."""
@@ -231,16 +239,22 @@ class Retention:
         oldest_ns = self._oldest_of(entries[0]) if entries else None
         if oldest_ns is None and oldest is not None:
             oldest_ns = self._hot_received(int(oldest))
-        candidates, waiting = [], None
+        candidates, waiting, for_forward = [], None, False
+        forwarded = None if self.forwarded is None else self.forwarded()
         for entry in entries:
             if entry.last_seq > min(tree_size, signed):
                 waiting = (f"partition {entry.file} waits for a checkpoint covering seq "
                            f"{entry.last_seq} (signed through {signed}, tree {tree_size})")
                 break
+            if forwarded is not None and entry.last_seq > forwarded:
+                waiting = (f"partition {entry.file} (seqs up to {entry.last_seq}) waits "
+                           f"for forwarding (forwarded through {forwarded})")
+                for_forward = True
+                break
             candidates.append(Candidate(entry, use.partitions.get(entry.file, 0),
                                         self._newest_of(entry)))
         first = entries[0].first_seq if entries else oldest
-        self.last_survey = survey = Survey(use, candidates, waiting, host, pruned,
+        self.last_survey = survey = Survey(use, candidates, waiting, for_forward, host, pruned,
                                            None if first is None else int(first), oldest_ns)
         return survey
 

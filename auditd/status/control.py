@@ -21,6 +21,7 @@ import structlog
 
 from auditd.config import Config, load_config, parse_rate_limit
 from auditd.errors import AuditdError, ConfigError, ProtocolError
+from auditd.forward.forwarder import Forwarder
 from auditd.ingest.sequencer import Peer, Sequencer
 from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
@@ -125,6 +126,9 @@ class DaemonView(Protocol):
     @property
     def feed(self) -> CommitFeed: ...
 
+    @property
+    def forwarder(self) -> Forwarder | None: ...
+
 
 class DaemonControl:
     def __init__(self, daemon: DaemonView) -> None:
@@ -178,10 +182,23 @@ class DaemonControl:
             partitions=daemon.sealer.document(len(daemon.store.sealed)),
             projections=daemon.projections.document(daemon.stats.last_committed_seq),
             checkpoint=self._checkpoint_figures(),
+            **self._forward_figures(),
             database_replaced=None if daemon.damaged is None else (
                 f"the database failed its check at start ({daemon.damaged[1]}) and was "
                 f"moved to {daemon.damaged[0]}; a fresh one holds the journal's events; "
                 f"run `auditd recover {daemon.damaged[0]}`"))
+
+    def _forward_figures(self) -> dict[str, Any]:
+        forwarder, config = self.daemon.forwarder, self.daemon.config
+        if forwarder is None:
+            return {}
+        figures = forwarder.figures
+        figures.retention_blocked = self.daemon.retention.figures.unforwarded
+        return {"forward": figures.document(),
+                "forward_fault": figures.problem(config.forward.lag_max_events,
+                                                 config.duration_ms("forward", "lag_max_age")
+                                                 / 1000),
+                "forward_blocked": figures.retention_blocked}
 
     def _checkpoint_figures(self) -> dict[str, Any] | None:
         checkpointer = self.daemon.checkpointer

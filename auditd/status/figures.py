@@ -119,6 +119,7 @@ def stats_document(source: StatusSource, sampler: RateSampler | None) -> dict[st
         "projections": gauges.projections,
         "checkpoint": gauges.checkpoint,
         "retention": gauges.retention,
+        **({"forward": gauges.forward} if gauges.forward is not None else {}),
         "id_lookup": {"failures": stats.id_lookup_failures,
                       "refused_frames": stats.id_lookup_refused_frames,
                       "fault": gauges.id_lookup_fault},

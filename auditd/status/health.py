@@ -44,6 +44,10 @@ class HealthInputs:
     seal_fault: str | None = None
     tree_wait: str | None = None
     retention_fault: str | None = None
+    forward_on: bool = False
+    forward_fault: str | None = None
+    forward_blocked: str | None = None
+    forward_warning: str | None = None
     stopping: bool = False
     database_replaced: str | None = None
     stall_after_s: float = STALL_AFTER_S
@@ -106,6 +110,10 @@ def inputs_from(source: StatusSource) -> HealthInputs:
         seal_fault=gauges.seal_fault,
         tree_wait=gauges.tree_wait,
         retention_fault=gauges.retention_fault,
+        forward_on=gauges.forward is not None,
+        forward_fault=gauges.forward_fault,
+        forward_blocked=gauges.forward_blocked,
+        forward_warning=None if gauges.forward is None else gauges.forward.get("warning"),
         stopping=gauges.stopping,
         database_replaced=gauges.database_replaced,
     )
@@ -138,10 +146,23 @@ def evaluate(h: HealthInputs) -> Health:
         "disk_space": _disk(h),
         "dead_letter_quota": _dead_letters(h),
     }
+    if h.forward_on:
+        checks["forwarding"] = _forwarding(h)
     failed = [c for c in checks.values() if not c.ok]
     if any(c.severity == "failing" for c in failed):
         return Health("failing", checks)
     return Health("degraded" if failed else "ok", checks)
+
+
+def _forwarding(h: HealthInputs) -> Check:
+    # Failing: ingest refuses events rather than retention deleting unforwarded ones.
+    if h.forward_blocked is not None:
+        return Check(False, h.forward_blocked, "failing")
+    if h.forward_fault is not None:  # events are kept; the central copy falls behind
+        return Check(False, h.forward_fault, "degraded")
+    fine = "committed events are forwarded to NATS JetStream"
+    return Check(True, f"{fine}; warning: {h.forward_warning}" if h.forward_warning else fine,
+                 "degraded")
 
 
 def _running(h: HealthInputs) -> Check:

@@ -38,12 +38,6 @@ class AuditdCollector:
     def _families(self) -> Iterator[Metric]:
         stats, gauges = self.source.stats, self.source.gauges()
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
-
         yield counter("auditd_events_accepted", "Events accepted and journaled.",
                       stats.accepted)
         yield counter("auditd_events_committed", "Events committed to the database.",
@@ -116,6 +110,8 @@ class AuditdCollector:
                           partitions["sealed_since_start"])
         if gauges.projections:
             yield from _projection_families(gauges.projections)
+        if gauges.forward is not None:
+            yield from _forward_families(gauges.forward)
         yield gauge("auditd_dead_letter_store_bytes", "Bytes held in the dead-letter store.",
                     gauges.dlq_bytes)
         yield gauge("auditd_dead_letter_store_entries", "Entries in the dead-letter store.",
@@ -159,6 +155,43 @@ def _projection_families(projections: dict[str, Any]) -> Iterator[Metric]:
         lag.add_metric([name], entry["lag"])
         rebuilding.add_metric([name], 1 if entry["state"] == "rebuilding" else 0)
     yield from (position, lag, rebuilding)
+
+
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _forward_families(forward: dict[str, Any]) -> Iterator[Metric]:
+    """Forwarding to NATS JetStream (the /stats `forward` object)."""
+    yield gauge("auditd_forward_cursor_seq", "Highest seq the stream acknowledged, with "
+                "every seq below it.", forward["cursor"])
+    yield gauge("auditd_forward_lag_events", "Committed seqs not yet forwarded.",
+                forward["lag_events"])
+    yield gauge("auditd_forward_lag_seconds", "Age of the oldest unforwarded commit.",
+                forward["lag_seconds"])
+    yield counter("auditd_forward_published", "Messages the stream stored as new.",
+                  forward["published"])
+    yield counter("auditd_forward_duplicates", "Messages the stream acknowledged as "
+                  "already held (resends absorbed by its dedupe).", forward["duplicates"])
+    yield counter("auditd_forward_checkpoints", "Checkpoint messages acknowledged.",
+                  forward["checkpoints"])
+    errors = CounterMetricFamily("auditd_forward_errors", "Forwarding failures, by kind.",
+                                 labels=["kind"])
+    for kind, count in forward["errors"].items():
+        errors.add_metric([kind], count)
+    yield errors
+    yield gauge("auditd_forward_in_flight_messages", "Messages published and not yet "
+                "acknowledged.", forward["in_flight"])
+    yield gauge("auditd_forward_connected", "1 while connected to a NATS server.",
+                1 if forward["connected"] else 0)
+    yield counter("auditd_forward_reconnects", "Reconnections to NATS.", forward["reconnects"])
+    if forward["last_success"] is not None:
+        yield gauge("auditd_forward_last_success_timestamp_seconds",
+                    "When a step of messages was last acknowledged.", forward["last_success"])
 
 
 def _fairness_families(stats: Stats) -> Iterator[Metric]:

@@ -70,6 +70,11 @@ class Gauges:
     partitions: dict[str, Any] = field(default_factory=dict)
     # Per projection: version, state, position, lag (and a rebuild's progress).
     projections: dict[str, Any] = field(default_factory=dict)
+    # Forwarding (None when off): the /stats `forward` object, why it is degraded, and
+    # why retention would have to delete unforwarded events (health fails).
+    forward: dict[str, Any] | None = None
+    forward_fault: str | None = None
+    forward_blocked: str | None = None
     # The newest signed checkpoint: size, time, text (None before the first).
     checkpoint: dict[str, Any] | None = None
 

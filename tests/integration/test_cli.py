@@ -75,7 +75,7 @@ def test_every_option_and_positional_has_a_help_line() -> None:
     assert commands == {"", "run", "send", "status", "dlq", "backup", "recover", "migrate",
                         "bench", "projections", "query", "tail", "verify", "prove",
                         "verify-proof", "keygen", "export-vkey", "export", "import",
-                        "vacuum", "restore"}
+                        "vacuum", "restore", "forward"}
     missing = [f"auditd {command} {'/'.join(action.option_strings) or action.dest}"
                for command, action in actions
                if not action.help or action.help == argparse.SUPPRESS]

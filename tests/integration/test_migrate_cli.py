@@ -73,7 +73,7 @@ def test_refused_while_the_daemon_runs(make_daemon: MakeDaemon) -> None:
     assert done.stderr.startswith(f"auditd: pid {daemon.proc.pid} ("), done.stderr
     assert f"has {daemon.db_path} open; stop the daemon" in done.stderr
     assert done.stderr.count("\n") == 1
-    assert applied(daemon.db_path) == [1, 2, 3, 4, 5, 6, 7]
+    assert applied(daemon.db_path) == [m.version for m in migrations.MIGRATIONS]
     assert backups(daemon) == []
     status = migrate(daemon, "--status")  # reading is fine
     assert status.returncode == 0, status
@@ -93,7 +93,7 @@ def test_refused_while_a_daemon_answers_on_its_socket(make_daemon: MakeDaemon) -
     assert done.returncode == 1, done
     assert done.stderr == (f"auditd: a daemon answers on its ingest socket "
                            f"{daemon.ingest_socket}; stop it before migrating\n")
-    assert applied(daemon.db_path) == [1, 2, 3, 4, 5, 6, 7]
+    assert applied(daemon.db_path) == [m.version for m in migrations.MIGRATIONS]
 
 
 def test_a_roll_back_that_deletes_events_needs_the_flag(make_daemon: MakeDaemon) -> None:
@@ -105,14 +105,14 @@ def test_a_roll_back_that_deletes_events_needs_the_flag(make_daemon: MakeDaemon)
         f"auditd: rolling back migration 1 (initial) would delete {EVENTS} events and "
         "1 dead letter; pass --yes-delete-events to do it (a backup is taken first)\n")
     assert rows(daemon.db_path, "SELECT * FROM events_view ORDER BY seq") == before
-    assert applied(daemon.db_path) == [1, 2, 3, 4, 5, 6, 7]
+    assert applied(daemon.db_path) == [m.version for m in migrations.MIGRATIONS]
     assert backups(daemon) == []
 
     done = migrate(daemon, "--to", "0", "--yes-delete-events")
     assert done.returncode == 0, done
     (backup,) = backups(daemon)
-    assert backup.name.startswith("auditd.db.pre-migrate-7-0-"), backup
-    assert done.stdout == (f"backup: {backup}\nrolled back 7 prune_points\n"
+    assert backup.name.startswith(f"auditd.db.pre-migrate-{migrations.LATEST}-0-"), backup
+    assert done.stdout == (f"backup: {backup}\nrolled back 8 forward\nrolled back 7 prune_points\n"
                            "rolled back 6 origins\nrolled back 5 merkle\n"
                            "rolled back 4 projections\n"
                            "rolled back 3 partitions\n"
@@ -124,7 +124,7 @@ def test_a_roll_back_that_deletes_events_needs_the_flag(make_daemon: MakeDaemon)
     assert rows(backup, "SELECT * FROM events_view ORDER BY seq") == before
     assert rows(backup, "SELECT count(*) FROM dead_letters") == [(1,)]
     assert rows(backup, "PRAGMA integrity_check") == [("ok",)]
-    assert applied(backup) == [1, 2, 3, 4, 5, 6, 7]
+    assert applied(backup) == [m.version for m in migrations.MIGRATIONS]
 
 
 def test_a_roll_back_that_keeps_events_runs_after_a_backup(make_daemon: MakeDaemon) -> None:
@@ -133,8 +133,8 @@ def test_a_roll_back_that_keeps_events_runs_after_a_backup(make_daemon: MakeDaem
     down = migrate(daemon, "--to", "1")
     assert down.returncode == 0, down
     (backup,) = backups(daemon)
-    assert backup.name.startswith("auditd.db.pre-migrate-7-1-")
-    assert down.stdout == (f"backup: {backup}\nrolled back 7 prune_points\n"
+    assert backup.name.startswith(f"auditd.db.pre-migrate-{migrations.LATEST}-1-")
+    assert down.stdout == (f"backup: {backup}\nrolled back 8 forward\nrolled back 7 prune_points\n"
                            "rolled back 6 origins\nrolled back 5 merkle\n"
                            "rolled back 4 projections\n"
                            "rolled back 3 partitions\nrolled back 2 id_key\n")
@@ -144,9 +144,12 @@ def test_a_roll_back_that_keeps_events_runs_after_a_backup(make_daemon: MakeDaem
     up = migrate(daemon)
     assert up.returncode == 0, up
     assert up.stdout.endswith("applied 2 id_key\napplied 3 partitions\napplied 4 projections\n"
-                              "applied 5 merkle\napplied 6 origins\napplied 7 prune_points\n"), \
+                              "applied 5 merkle\napplied 6 origins\napplied 7 prune_points\n"
+                              "applied 8 forward\n"), \
         up.stdout
-    assert {b.name.split("pre-migrate-")[1][:4] for b in backups(daemon)} == {"7-1-", "1-7-"}
+    latest = migrations.LATEST
+    assert {b.name.split("pre-migrate-")[1][:4] for b in backups(daemon)} == {
+        f"{latest}-1-", f"1-{latest}-"}
     assert migrate(daemon).stdout == "schema is up to date\n"
     assert len(backups(daemon)) == 2  # nothing to do, nothing copied
     daemon.start()  # the daemon takes the store back

@@ -26,6 +26,7 @@ from auditd.store.migrations import (
     m0005_merkle,
     m0006_origins,
     m0007_prune_points,
+    m0008_forward,
 )
 from auditd.store.statements import transaction
 
@@ -54,6 +55,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               down_deletes=("event_origins",)),
     Migration(7, "prune_points", m0007_prune_points.UP, m0007_prune_points.DOWN,
               down_deletes=("prune_points",)),
+    Migration(8, "forward", m0008_forward.UP, m0008_forward.DOWN),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -1,0 +1,362 @@
+"""The forwarder: committed events (and checkpoints) to NATS JetStream, exactly once in
+the stream (docs/design/forward.md).
+
+A reader reads steps of `forward.batch` seqs past the cursor from a store snapshot in
+a thread (forward.messages) and queues them; the publisher publishes each step's
+messages pipelined (nats-py's `publish_async`) and keeps up to `max_in_flight`
+unacknowledged. Acknowledgements are awaited step by step, oldest first, each step
+with one deadline of its own (`ack_timeout`): nats-py's futures never time out, so
+the forwarder owns the deadline. A step whose every message is acknowledged advances
+the cursor (the acknowledged contiguous prefix), which a separate task persists in
+the store. On any failure the window is cancelled, the forwarder backs off with
+jitter and resends from the cursor: JetStream's dedupe (`Nats-Msg-Id`) absorbs what
+was already stored, as it absorbs the window a SIGKILL resends.
+
+Ingestion never waits on any of this: the forwarder only reads what is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError
+
+from auditd.config import Config
+from auditd.errors import AuditdError
+from auditd.forward.connection import connect_options
+from auditd.forward.cursor import Cursor, load_cursor, save_cursor
+from auditd.forward.figures import ForwardFigures
+from auditd.forward.messages import Identity, Message, Step, read_step, token
+from auditd.forward.stream import StreamRefused, ensure_stream
+from auditd.proofs.prune_point import pruned_through
+from auditd.store.store import Store
+
+log = structlog.get_logger("auditd.forward")
+_IDLE_POLL_S = 1.0  # a look for new checkpoints while no event arrives
+_PERSIST_EVERY_S = 0.05
+_READ_AHEAD = 2  # steps read and queued before the publisher takes them
+
+
+class ForwardError(AuditdError):
+    """A step cannot be forwarded (a gap in the store, a refused message)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def error_kind(exc: BaseException) -> str:
+    """The `errors` key a failure counts under."""
+    text = str(exc).lower()
+    if isinstance(exc, ForwardError):
+        return exc.kind
+    if isinstance(exc, StreamRefused):
+        return "stream"
+    if "authorization" in text or "authentication" in text or "permissions" in text:
+        return "auth"
+    if isinstance(exc, ssl.SSLError) or "tls" in text or "ssl" in text or "certificate" in text:
+        return "tls"
+    if isinstance(exc, TimeoutError | nats.errors.TimeoutError):
+        return "timeout"
+    if isinstance(exc, APIError):
+        return "server"
+    if isinstance(exc, nats.errors.NoServersError | ConnectionError | OSError
+                  | nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError):
+        return "connect"
+    return "other"
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, AuditdError) else f"{type(exc).__name__}: {text}"
+
+
+class Forwarder:
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store, self.config = store, config
+        settings = config.forward
+        self.settings = settings
+        self.figures = ForwardFigures(settings.stream, list(settings.servers))
+        self._commit = asyncio.Event()
+        self._persisted = Cursor(0, 0)
+        self._acked = Cursor(0, 0)
+        self._dirty = asyncio.Event()
+        self._nc: NATS | None = None
+        self._state_logged = ""
+        self._host = ""
+
+    # -- what the daemon tells it ------------------------------------------------------
+
+    def committed(self, seq: int) -> None:
+        self.figures.committed_through(seq)
+        self._commit.set()
+
+    def forwarded_through(self) -> int:
+        """The persisted cursor: retention deletes nothing above it."""
+        return self._persisted.seq
+
+    # -- the task ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: connect, check the stream, pump; back off with jitter on failure.
+        Never raises but for cancellation (so a fault never stops the daemon)."""
+        cursor = await asyncio.to_thread(self._load_cursor)
+        self._persisted = self._acked = cursor
+        self.figures.advanced(cursor.seq, cursor.checkpoint_size)
+        persister = asyncio.get_running_loop().create_task(self._persist_forever(),
+                                                           name="forward_cursor")
+        failures = 0
+        try:
+            while True:
+                try:
+                    await self._session()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    self._failed(exc)
+                    await self._close()
+                    await asyncio.sleep(self._backoff(failures))
+                else:
+                    failures = 0
+        finally:
+            persister.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await persister
+            await self._close()
+            await self._persist_now()
+
+    async def aclose(self) -> None:
+        await self._close()
+
+    def _load_cursor(self) -> Cursor:
+        db = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True)
+        try:
+            found = load_cursor(db, self.settings.stream)
+            floor = pruned_through(db)
+            self._host = str(db.execute("SELECT value FROM meta WHERE key = 'host_id'")
+                             .fetchone()[0])
+        finally:
+            db.close()
+        if found.seq < floor:
+            # Forwarding began after retention had deleted seqs: they cannot be sent.
+            log.warning("forward_starts_after_prune_point", stream=self.settings.stream,
+                        cursor=found.seq, pruned_through=floor)
+            found = Cursor(floor, max(found.checkpoint_size, floor))
+        return found
+
+    def _backoff(self, failures: int) -> float:
+        low = self.config.duration_ms("forward", "backoff_min") / 1000
+        high = self.config.duration_ms("forward", "backoff_max") / 1000
+        return float(min(high, low * 2.0 ** min(failures - 1, 30)) * random.uniform(0.5, 1.0))
+
+    def _state(self, state: str, **fields: Any) -> None:
+        """Each state change logged once, never once per retry: a retry's reconnect is
+        not logged, and a failure the same as the last one logged is not either."""
+        retrying = self.figures.state in ("backing_off", "refused")
+        self.figures.state = state
+        if state == "connecting" and retrying:
+            return
+        key = state + repr(sorted((k, v) for k, v in fields.items() if k != "cursor"))
+        if key != self._state_logged:
+            self._state_logged = key
+            log.info(f"forward_{state}", **fields) if state in ("connected", "forwarding") \
+                else log.warning(f"forward_{state}", **fields)
+
+    def _failed(self, exc: BaseException) -> None:
+        kind = error_kind(exc)
+        self.figures.errors[kind] += 1
+        self.figures.fault = f"forwarding to NATS fails ({kind}): {describe(exc)}"
+        self.figures.in_flight = 0
+        self.figures.state = "refused" if kind == "stream" else "backing_off"
+        self._state(self.figures.state, kind=kind, error=describe(exc),
+                    cursor=self._acked.seq)
+
+    # -- one connection ---------------------------------------------------------------
+
+    async def _session(self) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            self._state("connecting", servers=self.settings.servers)
+            nc = self._nc = await nats.connect(**self._connect_options())
+        self.figures.connected = nc.is_connected
+        js = nc.jetstream(publish_async_max_pending=self.settings.max_in_flight
+                          + self.settings.batch + 64)
+        window = self.config.duration_ms("forward", "duplicate_window") / 1000
+        stream = await asyncio.wait_for(
+            ensure_stream(js, self.settings, window, self._samples()),
+            self.config.duration_ms("forward", "ack_timeout") / 1000)
+        self.figures.replicas, self.figures.warning = stream.replicas, stream.warning
+        if stream.created:
+            log.info("forward_stream_created", stream=stream.name, replicas=stream.replicas)
+        if stream.warning:
+            log.warning("forward_stream_replicas", stream=stream.name,
+                        replicas=stream.replicas, warning=stream.warning)
+        self.figures.fault = None
+        self._state("forwarding", stream=stream.name, cursor=self._acked.seq)
+        await self._pump(js)
+
+    def _samples(self) -> list[str]:
+        """Subjects the stream must take: an event's and the checkpoints'."""
+        host = token(self._host)
+        return [self.settings.subject.replace("{host}", host).replace("{type}", "x")
+                .replace("{stream}", "x"), Identity(self._host, "").checkpoint_subject()]
+
+    def _connect_options(self) -> dict[str, Any]:
+        s = self.settings
+
+        async def error_cb(exc: Exception) -> None:
+            self.figures.errors[error_kind(exc)] += 1
+            self.figures.fault = f"NATS connection: {describe(exc)}"
+
+        async def disconnected_cb() -> None:
+            if self._nc is None:  # closed on purpose, after a failure named already
+                return
+            self.figures.connected = False
+            self.figures.fault = "disconnected from NATS; reconnecting (events are kept)"
+            self._state("disconnected", servers=s.servers)
+
+        async def reconnected_cb() -> None:
+            self.figures.connected = True
+            self.figures.reconnects += 1
+            self.figures.fault = None
+            self._state("connected", server=str(getattr(self._nc, "connected_url", "")))
+
+        return {**connect_options(s), "allow_reconnect": True, "max_reconnect_attempts": -1,
+                "reconnect_time_wait": 1, "error_cb": error_cb,
+                "disconnected_cb": disconnected_cb, "reconnected_cb": reconnected_cb,
+                # Room to buffer a window while a reconnect is under way.
+                "pending_size": 64 * 1024 * 1024}
+
+    async def _close(self) -> None:
+        nc, self._nc = self._nc, None
+        self.figures.connected = False
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
+
+    # -- the pump ---------------------------------------------------------------------
+
+    async def _pump(self, js: JetStreamContext) -> None:
+        queue: asyncio.Queue[Step] = asyncio.Queue(_READ_AHEAD)
+        reader = asyncio.get_running_loop().create_task(self._read(queue), name="forward_read")
+        window: deque[tuple[Step, list[asyncio.Future[api.PubAck]], float]] = deque()
+        timeout = self.config.duration_ms("forward", "ack_timeout") / 1000
+        try:
+            while True:
+                if reader.done():
+                    reader.result()  # its failure is the pump's
+                in_flight = sum(len(futures) for _, futures, _ in window)
+                if window and (in_flight >= self.settings.max_in_flight or queue.empty()):
+                    await self._settle(window.popleft())
+                    continue
+                step = await self._next_step(queue, reader)
+                futures = [await self._publish(js, m) for m in step.messages]
+                window.append((step, futures, time.monotonic() + timeout))
+                self.figures.in_flight = in_flight + len(futures)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            for _, futures, _ in window:
+                for future in futures:
+                    future.cancel()
+            self.figures.in_flight = 0
+
+    async def _next_step(self, queue: asyncio.Queue[Step], reader: asyncio.Task[None]) -> Step:
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait([getter, reader], return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            reader.result()
+            raise ForwardError("the store reader stopped", "store")
+        return getter.result()
+
+    async def _publish(self, js: JetStreamContext, message: Message) -> asyncio.Future[api.PubAck]:
+        return await js.publish_async(message.subject, message.body, headers=message.headers)
+
+    async def _settle(self, entry: tuple[Step, list[asyncio.Future[api.PubAck]], float]) -> None:
+        """Wait for one step's acknowledgements (the oldest in flight) until its deadline;
+        then the cursor covers it."""
+        step, futures, deadline = entry
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline
+                                                                     - time.monotonic()))
+            if pending:
+                raise ForwardError(f"{len(pending)} of {len(futures)} messages of seqs up "
+                                   f"to {step.last} unacknowledged after "
+                                   f"{self.settings.ack_timeout}", "timeout")
+        figures, checkpoint = self.figures, self._acked.checkpoint_size
+        for message, future in zip(step.messages, futures, strict=True):
+            ack = future.result()  # an error reply raises here
+            if message.seq == 0:
+                figures.checkpoints += 1
+                checkpoint = max(checkpoint, message.checkpoint_size)
+            elif ack.duplicate:
+                figures.duplicates += 1
+            else:
+                figures.published += 1
+        self._acked = Cursor(max(self._acked.seq, step.last), checkpoint)
+        figures.advanced(self._acked.seq, checkpoint)
+        self._dirty.set()
+
+    async def _read(self, queue: asyncio.Queue[Step]) -> None:
+        """Steps past the acknowledged cursor, in order, as events are committed."""
+        position, checkpoint = self._acked.seq, self._acked.checkpoint_size
+        path, parts = self.store.path, self.store.partitions_dir
+        subject, batch = self.settings.subject, self.settings.batch
+        last_look = 0.0
+        while True:
+            committed = self.figures.committed
+            idle = committed <= position
+            if idle and time.monotonic() - last_look < _IDLE_POLL_S:
+                self._commit.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._commit.wait(), _IDLE_POLL_S)
+                continue
+            last = min(committed, position + batch)
+            step = await asyncio.to_thread(read_step, path, parts, subject, position + 1,
+                                           last, checkpoint)
+            last_look = time.monotonic()
+            if step.missing:
+                raise ForwardError(f"seq {step.missing[0]} has no readable record in the "
+                                   "store, so nothing after it is forwarded: run `auditd "
+                                   "verify`", "store")
+            if step.messages:
+                await queue.put(step)
+            position = last
+            checkpoint = max([checkpoint, *(m.checkpoint_size for m in step.messages)])
+
+    # -- the persisted cursor ---------------------------------------------------------
+
+    async def _persist_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._persist_now()
+            except Exception as exc:
+                self.figures.errors["store"] += 1
+                log.error("forward_cursor_not_saved", error=describe(exc))
+            await asyncio.sleep(_PERSIST_EVERY_S)
+
+    async def _persist_now(self) -> None:
+        acked = self._acked
+        if acked == self._persisted:
+            return
+        await self.store.on_writer(save_cursor, self.settings.stream, acked)
+        self._persisted = acked
+
