@@ -22,6 +22,7 @@ from typing import Any
 
 from auditd.bench import fair, query_bench, retention_soak, soak, stalls
 from auditd.bench import follow as follow_bench
+from auditd.bench import forward as forward_bench
 from auditd.bench.clients import ClientSpec, run_clients
 from auditd.bench.daemon import (
     CommitWatcher,
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stalls.add_arguments(parser)
     query_bench.add_arguments(parser)
     follow_bench.add_arguments(parser)
+    forward_bench.add_arguments(parser)
 
 
 
@@ -177,6 +179,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
         if not args.json:
             soak.print_report(doc["soak"])
             return 0
+    elif args.forward:
+        doc = {"forward": forward_bench.run_forward_bench(args, config)}
     elif args.retention_soak:
         doc = {"retention_soak": retention_soak.run_retention_soak(args, config)}
     elif args.query is not None:

@@ -3,8 +3,8 @@ the stream (docs/design/forward.md).
 
 A reader reads steps of `forward.batch` seqs past the cursor from a store snapshot in
 a thread (forward.messages) and queues them; the publisher publishes each step's
-messages pipelined (nats-py's `publish_async`) and keeps up to `max_in_flight`
-unacknowledged. Acknowledgements are awaited step by step, oldest first, each step
+messages pipelined (forward.acks: one inbox for every ack) and keeps up to
+`max_in_flight` unacknowledged. Acknowledgements are awaited step by step, oldest first, each step
 with one deadline of its own (`ack_timeout`): nats-py's futures never time out, so
 the forwarder owns the deadline. A step whose every message is acknowledged advances
 the cursor (the acknowledged contiguous prefix), which a separate task persists in
@@ -30,16 +30,15 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js import api
-from nats.js.client import JetStreamContext
 from nats.js.errors import APIError
 
 from auditd.config import Config
 from auditd.errors import AuditdError
+from auditd.forward.acks import AckError, AckTracker, StepAcks
 from auditd.forward.connection import connect_options
 from auditd.forward.cursor import Cursor, load_cursor, save_cursor
 from auditd.forward.figures import ForwardFigures
-from auditd.forward.messages import Identity, Message, Step, read_step, token
+from auditd.forward.messages import Identity, Step, read_step, token
 from auditd.forward.stream import StreamRefused, ensure_stream
 from auditd.proofs.prune_point import pruned_through
 from auditd.store.store import Store
@@ -193,8 +192,7 @@ class Forwarder:
             self._state("connecting", servers=self.settings.servers)
             nc = self._nc = await nats.connect(**self._connect_options())
         self.figures.connected = nc.is_connected
-        js = nc.jetstream(publish_async_max_pending=self.settings.max_in_flight
-                          + self.settings.batch + 64)
+        js = nc.jetstream()
         window = self.config.duration_ms("forward", "duplicate_window") / 1000
         stream = await asyncio.wait_for(
             ensure_stream(js, self.settings, window, self._samples()),
@@ -207,7 +205,7 @@ class Forwarder:
                         replicas=stream.replicas, warning=stream.warning)
         self.figures.fault = None
         self._state("forwarding", stream=stream.name, cursor=self._acked.seq)
-        await self._pump(js)
+        await self._pump(nc)
 
     def _samples(self) -> list[str]:
         """Subjects the stream must take: an event's and the checkpoints'."""
@@ -250,30 +248,30 @@ class Forwarder:
 
     # -- the pump ---------------------------------------------------------------------
 
-    async def _pump(self, js: JetStreamContext) -> None:
+    async def _pump(self, nc: NATS) -> None:
         queue: asyncio.Queue[Step] = asyncio.Queue(_READ_AHEAD)
         reader = asyncio.get_running_loop().create_task(self._read(queue), name="forward_read")
-        window: deque[tuple[Step, list[asyncio.Future[api.PubAck]], float]] = deque()
+        acks = AckTracker(nc)
+        await acks.start()
+        window: deque[tuple[Step, StepAcks, float]] = deque()
         timeout = self.config.duration_ms("forward", "ack_timeout") / 1000
         try:
             while True:
                 if reader.done():
                     reader.result()  # its failure is the pump's
-                in_flight = sum(len(futures) for _, futures, _ in window)
+                in_flight = sum(len(step.messages) for step, _, _ in window)
+                self.figures.in_flight = in_flight
                 if window and (in_flight >= self.settings.max_in_flight or queue.empty()):
-                    await self._settle(window.popleft())
+                    await self._settle(acks, *window.popleft())
                     continue
                 step = await self._next_step(queue, reader)
-                futures = [await self._publish(js, m) for m in step.messages]
-                window.append((step, futures, time.monotonic() + timeout))
-                self.figures.in_flight = in_flight + len(futures)
+                window.append((step, await acks.publish(step.messages),
+                               time.monotonic() + timeout))
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
-            for _, futures, _ in window:
-                for future in futures:
-                    future.cancel()
+            await acks.stop()
             self.figures.in_flight = 0
 
     async def _next_step(self, queue: asyncio.Queue[Step], reader: asyncio.Task[None]) -> Step:
@@ -285,32 +283,26 @@ class Forwarder:
             raise ForwardError("the store reader stopped", "store")
         return getter.result()
 
-    async def _publish(self, js: JetStreamContext, message: Message) -> asyncio.Future[api.PubAck]:
-        return await js.publish_async(message.subject, message.body, headers=message.headers)
-
-    async def _settle(self, entry: tuple[Step, list[asyncio.Future[api.PubAck]], float]) -> None:
+    async def _settle(self, tracker: AckTracker, step: Step, acks: StepAcks,
+                      deadline: float) -> None:
         """Wait for one step's acknowledgements (the oldest in flight) until its deadline;
         then the cursor covers it."""
-        step, futures, deadline = entry
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline
-                                                                     - time.monotonic()))
-            if pending:
-                raise ForwardError(f"{len(pending)} of {len(futures)} messages of seqs up "
-                                   f"to {step.last} unacknowledged after "
-                                   f"{self.settings.ack_timeout}", "timeout")
+        try:
+            await tracker.settle(acks, deadline - time.monotonic())
+        except TimeoutError:
+            raise ForwardError(f"{acks.expected - acks.acked} of {acks.expected} messages of "
+                               f"seqs up to {step.last} unacknowledged after "
+                               f"{self.settings.ack_timeout}", "timeout") from None
+        except AckError as exc:
+            raise ForwardError(f"the stream refused a message of seqs up to {step.last}: "
+                               f"{exc}", "server") from None
         figures, checkpoint = self.figures, self._acked.checkpoint_size
-        for message, future in zip(step.messages, futures, strict=True):
-            ack = future.result()  # an error reply raises here
-            if message.seq == 0:
-                figures.checkpoints += 1
-                checkpoint = max(checkpoint, message.checkpoint_size)
-            elif ack.duplicate:
-                figures.duplicates += 1
-            else:
-                figures.published += 1
-        self._acked = Cursor(max(self._acked.seq, step.last), checkpoint)
-        figures.advanced(self._acked.seq, checkpoint)
+        checkpoints = [m.checkpoint_size for m in step.messages if m.seq == 0]
+        figures.checkpoints += len(checkpoints)
+        figures.duplicates += acks.duplicates
+        figures.published += acks.acked - acks.duplicates - len(checkpoints)
+        self._acked = Cursor(max(self._acked.seq, step.last), max([checkpoint, *checkpoints]))
+        figures.advanced(self._acked.seq, self._acked.checkpoint_size)
         self._dirty.set()
 
     async def _read(self, queue: asyncio.Queue[Step]) -> None:

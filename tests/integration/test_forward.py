@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,14 @@ def test_retention_keeps_every_unforwarded_event_and_health_says_why(
         assert seqs[:600] == list(range(1, 601))  # nothing was deleted before it went
     finally:
         later.stop()
+
+
+def test_bench_forward_reports_forwarded_rate_and_the_ingest_ratio(short_tmp: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "auditd.cli", "bench", "--forward",
+                           "--events", "3000", "--clients", "1", "--runs", "1", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=short_tmp)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)["forward"]
+    assert doc["forwarded_per_s_median"] > 0 and doc["ingest_ratio_on_off"] > 0, doc
+    (run,) = doc["on"]
+    assert run["errors"] == {} and run["peak_lag_events"] >= 0, run

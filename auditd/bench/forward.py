@@ -1,0 +1,136 @@
+"""`auditd bench --forward`: how fast committed events reach NATS JetStream, and what
+forwarding costs ingest, against real nats-server processes started here (one node, or
+`--forward-nodes 3`: a cluster with an R3 stream).
+
+Each run floods `--events` through a throw-away daemon, with forwarding off and then on
+(`--runs` pairs, interleaved, so the machine's noise falls on both alike). Reported per
+run: committed events/s (the ingest figure), and with forwarding on the forwarded
+events/s (the events over the time from the first send until the stream acknowledged
+the last seq) and the largest lag seen. Medians over the runs, and the ingest ratio on
+to off measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from auditd.bench.daemon import ThrowawayDaemon
+from auditd.bench.nats_servers import NatsCluster
+from auditd.bench.soak_progress import _StatusConnection
+from auditd.config import Config
+from auditd.errors import AuditdError, ConfigError
+
+_RUNS = 3
+_DRAIN_TIMEOUT_S = 600.0
+_POLL_S = 0.05
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--forward", action="store_true",
+                        help="only the forwarding bench: --events through a throw-away "
+                             "daemon with forwarding off and on, against nats-server "
+                             "started here; forwarded events/s and the ingest ratio")
+    parser.add_argument("--forward-nodes", type=int, choices=(1, 3), default=1,
+                        help="with --forward: one nats-server, or a 3-node cluster with "
+                             "an R3 stream")
+    parser.add_argument("--runs", type=int, default=_RUNS,
+                        help="with --forward: off/on pairs, interleaved (default 3)")
+
+
+class ForwardWatcher(threading.Thread):
+    """Polls /stats until the forward cursor reaches `target`: when, and the peak lag."""
+
+    def __init__(self, status_socket: str, target: int) -> None:
+        super().__init__(daemon=True)
+        self.status_socket, self.target = status_socket, target
+        self.done_at: float | None = None
+        self.peak_lag = 0
+        self.figures: dict[str, Any] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        conn = _StatusConnection(self.status_socket)
+        deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+        try:
+            while not self.stopped.wait(_POLL_S) and time.monotonic() < deadline:
+                try:
+                    conn.request("GET", "/stats")
+                    self.figures = json.loads(conn.getresponse().read())["forward"]
+                except (OSError, http.client.HTTPException, ValueError, KeyError):
+                    continue
+                self.peak_lag = max(self.peak_lag, self.figures["lag_events"])
+                if self.figures["cursor"] >= self.target:
+                    self.done_at = time.monotonic()
+                    return
+        finally:
+            conn.close()
+
+
+def _one_run(args: argparse.Namespace, config: Config, servers: list[str] | None,
+             replicas: int) -> dict[str, Any]:
+    from auditd.bench import measure
+
+    extra: dict[str, dict[str, Any]] = {}
+    if servers:
+        extra["forward"] = {"servers": servers, "create_stream": True, "replicas": replicas,
+                            "stream": f"BENCH{time.monotonic_ns()}"}
+    with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
+        pid = daemon.proc.pid if daemon.proc else None
+        watcher = None
+        if servers:
+            watcher = ForwardWatcher(str(daemon.root / "status.sock"), args.events)
+            watcher.start()
+        started = time.monotonic()
+        figures = measure(args, daemon.socket, daemon.db_path, pid)
+        doc: dict[str, Any] = {"ingest_events_per_s": figures["events_per_s"],
+                               "reply_p99_ms": figures["latency_ms"]["p99"],
+                               "peak_rss_mb": figures["peak_rss_mb"]}
+        if watcher is not None:
+            watcher.join()
+            if watcher.done_at is None:
+                raise AuditdError(f"forwarding did not reach seq {args.events} within "
+                                  f"{_DRAIN_TIMEOUT_S:.0f}s: {watcher.figures}")
+            seconds = watcher.done_at - started
+            doc.update({"forwarded_per_s": round(args.events / seconds, 1),
+                        "forward_seconds": round(seconds, 3), "peak_lag_events":
+                        watcher.peak_lag, "duplicates": watcher.figures.get("duplicates"),
+                        "errors": watcher.figures.get("errors")})
+    return doc
+
+
+def run_forward_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    if args.socket:
+        raise ConfigError("--forward starts the daemons it measures: drop --socket")
+    if args.runs < 1:
+        raise ConfigError(f"--runs {args.runs}: expected a positive number")
+    with tempfile.TemporaryDirectory(prefix="adnats", dir="/tmp") as root:
+        cluster = NatsCluster(Path(root), args.forward_nodes).start()
+        try:
+            off, on = [], []
+            for _ in range(args.runs):
+                off.append(_one_run(args, config, None, 1))
+                on.append(_one_run(args, config, cluster.urls, args.forward_nodes))
+        finally:
+            cluster.stop()
+
+    def median(runs: list[dict[str, Any]], key: str) -> float:
+        return float(round(statistics.median(r[key] for r in runs), 1))
+
+    ingest_off, ingest_on = median(off, "ingest_events_per_s"), median(on,
+                                                                        "ingest_events_per_s")
+    return {"nodes": args.forward_nodes, "replicas": args.forward_nodes,
+            "events": args.events, "runs": args.runs,
+            "forwarded_per_s_median": median(on, "forwarded_per_s"),
+            "ingest_off_per_s_median": ingest_off, "ingest_on_per_s_median": ingest_on,
+            "ingest_ratio_on_off": round(ingest_on / ingest_off, 3) if ingest_off else None,
+            "reply_p99_ms_off_median": median(off, "reply_p99_ms"),
+            "reply_p99_ms_on_median": median(on, "reply_p99_ms"),
+            "off": off, "on": on}
