@@ -26,7 +26,7 @@ import structlog
 
 from auditd.config import Config, parse_rate_limit
 from auditd.errors import AuditdError
-from auditd.forward.forwarder import Forwarder
+from auditd.forward.process import ForwardProcess
 from auditd.ingest.sequencer import Sequencer
 from auditd.ingest.server import IngestLimits, IngestServer, bind_unix
 from auditd.journal.journal import Journal
@@ -198,9 +198,10 @@ class Daemon:
         self.sealer = Sealer(self.store, config.storage.partition_events, self.writer.hold)
         self.retention = Retention(self.store, config, self._sign_prune_point)
         self.retention.after_drop = self.query_engine.forget_dropped
-        self.forwarder = Forwarder(self.store, config) if config.forward.servers else None
+        self.forwarder = ForwardProcess(self.store, config) if config.forward.servers \
+            else None
         if self.forwarder is not None:
-            self.forwarder.figures.committed_through(state.committed_seq)
+            self.forwarder.figures.committed = state.committed_seq
             self.retention.forwarded = self.forwarder.forwarded_through
         self.sealer.committed_seq = state.committed_seq
         self.replay = JournalReplay(self.journal, self.ring, self.writer, self.store,

@@ -74,14 +74,26 @@ class ForwardWatcher(threading.Thread):
             conn.close()
 
 
-def _one_run(args: argparse.Namespace, config: Config, servers: list[str] | None,
-             replicas: int) -> dict[str, Any]:
+def _one_run(args: argparse.Namespace, config: Config, root: Path | None) -> dict[str, Any]:
+    """One daemon's run; with `root`, forwarding to nats-server started there (a fresh
+    one each run: every run's stream starts empty)."""
+    if root is None:
+        return _measured(args, config, None)
+    cluster = NatsCluster(root, args.forward_nodes).start()
+    try:
+        return _measured(args, config, cluster.urls)
+    finally:
+        cluster.stop()
+
+
+def _measured(args: argparse.Namespace, config: Config,
+              servers: list[str] | None) -> dict[str, Any]:
     from auditd.bench import measure
 
     extra: dict[str, dict[str, Any]] = {}
     if servers:
-        extra["forward"] = {"servers": servers, "create_stream": True, "replicas": replicas,
-                            "stream": f"BENCH{time.monotonic_ns()}"}
+        extra["forward"] = {"servers": servers, "create_stream": True,
+                            "replicas": args.forward_nodes}
     with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
         pid = daemon.proc.pid if daemon.proc else None
         watcher = None
@@ -111,15 +123,11 @@ def run_forward_bench(args: argparse.Namespace, config: Config) -> dict[str, Any
         raise ConfigError("--forward starts the daemons it measures: drop --socket")
     if args.runs < 1:
         raise ConfigError(f"--runs {args.runs}: expected a positive number")
-    with tempfile.TemporaryDirectory(prefix="adnats", dir="/tmp") as root:
-        cluster = NatsCluster(Path(root), args.forward_nodes).start()
-        try:
-            off, on = [], []
-            for _ in range(args.runs):
-                off.append(_one_run(args, config, None, 1))
-                on.append(_one_run(args, config, cluster.urls, args.forward_nodes))
-        finally:
-            cluster.stop()
+    off, on = [], []
+    for run in range(args.runs):
+        off.append(_one_run(args, config, None))
+        with tempfile.TemporaryDirectory(prefix="adnats", dir="/tmp") as root:
+            on.append(_one_run(args, config, Path(root) / str(run)))
 
     def median(runs: list[dict[str, Any]], key: str) -> float:
         return float(round(statistics.median(r[key] for r in runs), 1))

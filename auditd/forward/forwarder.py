@@ -1,18 +1,17 @@
-"""The forwarder: committed events (and checkpoints) to NATS JetStream, exactly once in
-the stream (docs/design/forward.md).
+"""The forwarding engine: committed events (and checkpoints) to NATS JetStream, exactly
+once in the stream (docs/design/forward.md). It runs in a process of its own
+(forward/worker.py, started by forward/process.py), so its per-message work never takes
+the daemon's event loop from ingest.
 
-A reader reads steps of `forward.batch` seqs past the cursor from a store snapshot in
-a thread (forward.messages) and queues them; the publisher publishes each step's
-messages pipelined (forward.acks: one inbox for every ack) and keeps up to
-`max_in_flight` unacknowledged. Acknowledgements are awaited step by step, oldest first, each step
-with one deadline of its own (`ack_timeout`): nats-py's futures never time out, so
-the forwarder owns the deadline. A step whose every message is acknowledged advances
-the cursor (the acknowledged contiguous prefix), which a separate task persists in
-the store. On any failure the window is cancelled, the forwarder backs off with
-jitter and resends from the cursor: JetStream's dedupe (`Nats-Msg-Id`) absorbs what
-was already stored, as it absorbs the window a SIGKILL resends.
-
-Ingestion never waits on any of this: the forwarder only reads what is committed.
+A reader reads steps of `forward.batch` seqs past the cursor from a store snapshot in a
+thread (forward.messages) and queues them; the publisher publishes each step's messages
+pipelined (forward.acks: one inbox for every ack) and keeps up to `max_in_flight`
+unacknowledged. Acknowledgements are awaited step by step, oldest first, each step with
+one deadline of its own (`ack_timeout`). A step whose every message is acknowledged
+advances the cursor (the acknowledged contiguous prefix), which goes to the sink: the
+daemon persists it. On any failure the window is dropped, the forwarder backs off with
+jitter and resends from the cursor: JetStream's dedupe (`Nats-Msg-Id`) absorbs what was
+already stored, as it absorbs the window a SIGKILL resends.
 """
 
 from __future__ import annotations
@@ -20,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -36,16 +36,13 @@ from auditd.config import Config
 from auditd.errors import AuditdError
 from auditd.forward.acks import AckError, AckTracker, StepAcks
 from auditd.forward.connection import connect_options
-from auditd.forward.cursor import Cursor, load_cursor, save_cursor
+from auditd.forward.cursor import Cursor
 from auditd.forward.figures import ForwardFigures
 from auditd.forward.messages import Identity, Step, read_step, token
 from auditd.forward.stream import StreamRefused, ensure_stream
-from auditd.proofs.prune_point import pruned_through
-from auditd.store.store import Store
 
 log = structlog.get_logger("auditd.forward")
 _IDLE_POLL_S = 1.0  # a look for new checkpoints while no event arrives
-_PERSIST_EVERY_S = 0.05
 _READ_AHEAD = 2  # steps read and queued before the publisher takes them
 
 
@@ -83,40 +80,32 @@ def describe(exc: BaseException) -> str:
     return text if isinstance(exc, AuditdError) else f"{type(exc).__name__}: {text}"
 
 
+Sink = Callable[[Cursor], None]  # told each acknowledged cursor
+
+
 class Forwarder:
-    def __init__(self, store: Store, config: Config) -> None:
-        self.store, self.config = store, config
-        settings = config.forward
-        self.settings = settings
-        self.figures = ForwardFigures(settings.stream, list(settings.servers))
+    """The forwarding engine; it runs in the worker process (forward/worker.py), which
+    tells the daemon each acknowledged cursor for it to persist (forward/process.py)."""
+
+    def __init__(self, config: Config, db_path: Path, partitions_dir: Path, host: str,
+                 cursor: Cursor, sink: Sink) -> None:
+        self.config, self.settings = config, config.forward
+        self.db_path, self.partitions_dir, self._host = db_path, partitions_dir, host
+        self.figures = ForwardFigures(self.settings.stream, list(self.settings.servers))
+        self.figures.advanced(cursor.seq, cursor.checkpoint_size)
+        self._acked = cursor
+        self._sink = sink
         self._commit = asyncio.Event()
-        self._persisted = Cursor(0, 0)
-        self._acked = Cursor(0, 0)
-        self._dirty = asyncio.Event()
         self._nc: NATS | None = None
         self._state_logged = ""
-        self._host = ""
-
-    # -- what the daemon tells it ------------------------------------------------------
 
     def committed(self, seq: int) -> None:
         self.figures.committed_through(seq)
         self._commit.set()
 
-    def forwarded_through(self) -> int:
-        """The persisted cursor: retention deletes nothing above it."""
-        return self._persisted.seq
-
-    # -- the task ---------------------------------------------------------------------
-
     async def run(self) -> None:
         """Forever: connect, check the stream, pump; back off with jitter on failure.
-        Never raises but for cancellation (so a fault never stops the daemon)."""
-        cursor = await asyncio.to_thread(self._load_cursor)
-        self._persisted = self._acked = cursor
-        self.figures.advanced(cursor.seq, cursor.checkpoint_size)
-        persister = asyncio.get_running_loop().create_task(self._persist_forever(),
-                                                           name="forward_cursor")
+        Never raises but for cancellation."""
         failures = 0
         try:
             while True:
@@ -132,30 +121,7 @@ class Forwarder:
                 else:
                     failures = 0
         finally:
-            persister.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await persister
             await self._close()
-            await self._persist_now()
-
-    async def aclose(self) -> None:
-        await self._close()
-
-    def _load_cursor(self) -> Cursor:
-        db = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True)
-        try:
-            found = load_cursor(db, self.settings.stream)
-            floor = pruned_through(db)
-            self._host = str(db.execute("SELECT value FROM meta WHERE key = 'host_id'")
-                             .fetchone()[0])
-        finally:
-            db.close()
-        if found.seq < floor:
-            # Forwarding began after retention had deleted seqs: they cannot be sent.
-            log.warning("forward_starts_after_prune_point", stream=self.settings.stream,
-                        cursor=found.seq, pruned_through=floor)
-            found = Cursor(floor, max(found.checkpoint_size, floor))
-        return found
 
     def _backoff(self, failures: int) -> float:
         low = self.config.duration_ms("forward", "backoff_min") / 1000
@@ -303,12 +269,12 @@ class Forwarder:
         figures.published += acks.acked - acks.duplicates - len(checkpoints)
         self._acked = Cursor(max(self._acked.seq, step.last), max([checkpoint, *checkpoints]))
         figures.advanced(self._acked.seq, self._acked.checkpoint_size)
-        self._dirty.set()
+        self._sink(self._acked)
 
     async def _read(self, queue: asyncio.Queue[Step]) -> None:
         """Steps past the acknowledged cursor, in order, as events are committed."""
         position, checkpoint = self._acked.seq, self._acked.checkpoint_size
-        path, parts = self.store.path, self.store.partitions_dir
+        path, parts = self.db_path, self.partitions_dir
         subject, batch = self.settings.subject, self.settings.batch
         last_look = 0.0
         while True:
@@ -331,24 +297,3 @@ class Forwarder:
                 await queue.put(step)
             position = last
             checkpoint = max([checkpoint, *(m.checkpoint_size for m in step.messages)])
-
-    # -- the persisted cursor ---------------------------------------------------------
-
-    async def _persist_forever(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            try:
-                await self._persist_now()
-            except Exception as exc:
-                self.figures.errors["store"] += 1
-                log.error("forward_cursor_not_saved", error=describe(exc))
-            await asyncio.sleep(_PERSIST_EVERY_S)
-
-    async def _persist_now(self) -> None:
-        acked = self._acked
-        if acked == self._persisted:
-            return
-        await self.store.on_writer(save_cursor, self.settings.stream, acked)
-        self._persisted = acked
-

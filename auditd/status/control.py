@@ -21,7 +21,7 @@ import structlog
 
 from auditd.config import Config, load_config, parse_rate_limit
 from auditd.errors import AuditdError, ConfigError, ProtocolError
-from auditd.forward.forwarder import Forwarder
+from auditd.forward.process import ForwardProcess
 from auditd.ingest.sequencer import Peer, Sequencer
 from auditd.ingest.server import IngestServer
 from auditd.ingest.validation import ValidEvent, decode_body
@@ -127,7 +127,7 @@ class DaemonView(Protocol):
     def feed(self) -> CommitFeed: ...
 
     @property
-    def forwarder(self) -> Forwarder | None: ...
+    def forwarder(self) -> ForwardProcess | None: ...
 
 
 class DaemonControl:

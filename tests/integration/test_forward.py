@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -229,3 +231,25 @@ def test_bench_forward_reports_forwarded_rate_and_the_ingest_ratio(short_tmp: Pa
     assert doc["forwarded_per_s_median"] > 0 and doc["ingest_ratio_on_off"] > 0, doc
     (run,) = doc["on"]
     assert run["errors"] == {} and run["peak_lag_events"] >= 0, run
+
+
+def test_a_killed_forwarding_process_is_restarted_and_resends_from_the_cursor(
+        make_daemon: MakeDaemon, nats_one: NatsCluster) -> None:
+    daemon = make_daemon(forward_config(nats_one.urls))
+    send(daemon, 0, 500)
+    wait_forwarded(daemon, 500)
+
+    def worker_pids() -> list[int]:
+        return [e["pid"] for e in daemon.log_events() if e.get("event") ==
+                "forward_worker_started"]
+
+    (first,) = worker_pids()
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(worker_pids()) == 2, 30, "the forwarding process started again")
+    exited = [e for e in daemon.log_events() if e.get("event") == "forward_worker_exited"]
+    assert exited and exited[0]["code"] == -signal.SIGKILL, exited
+    send(daemon, 500, 500)  # ingestion never noticed
+    wait_forwarded(daemon, 1000)
+    seqs = [int(h["Auditd-Seq"]) for _, h, _ in stream_messages(nats_one.urls[0])
+            if "Auditd-Seq" in h]
+    assert seqs == list(range(1, 1001))
