@@ -31,6 +31,9 @@ from auditd.errors import AuditdError, ConfigError
 _RUNS = 3
 _DRAIN_TIMEOUT_S = 600.0
 _POLL_S = 0.05
+_OUTAGE_RATE = 5000.0
+_OUTAGE_START_S = 5.0
+_OUTAGE_AFTER_S = 20.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-nodes", type=int, choices=(1, 3), default=1,
                         help="with --forward: one nats-server, or a 3-node cluster with "
                              "an R3 stream")
+    parser.add_argument("--forward-outage", type=float, metavar="SECONDS",
+                        help="with --forward: one run under a paced load (--rate, default "
+                             "5000/s) during which nats-server is SIGKILLed for SECONDS: "
+                             "reply latency over the run and how long the lag takes to "
+                             "drain once it is back")
     parser.add_argument("--runs", type=int, default=_RUNS,
                         help="with --forward: off/on pairs, interleaved (default 3)")
 
@@ -118,9 +126,56 @@ def _measured(args: argparse.Namespace, config: Config,
     return doc
 
 
+def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dict[str, Any]:
+    """A paced load through a daemon forwarding to one nats-server, which is down for
+    `outage_s` from 5 s in; the run lasts the outage plus 25 s."""
+    from auditd.bench import measure
+
+    args.rate = args.rate or _OUTAGE_RATE
+    args.duration = args.duration or outage_s + _OUTAGE_AFTER_S + _OUTAGE_START_S
+    args.events = int(args.rate * args.duration)
+    with tempfile.TemporaryDirectory(prefix="adnats", dir="/tmp") as root:
+        cluster = NatsCluster(Path(root), 1).start()
+        node = cluster.nodes[0]
+        back_at: list[float] = []
+
+        def down_and_up() -> None:
+            node.kill()
+            time.sleep(outage_s)  # the outage itself: a timer thread, not a test's wait
+            node.start()
+            back_at.append(time.monotonic())
+
+        try:
+            extra = {"forward": {"servers": cluster.urls, "create_stream": True}}
+            with ThrowawayDaemon(config, args.durability, args.capacity,
+                                 extra=extra) as daemon:
+                pid = daemon.proc.pid if daemon.proc else None
+                outage = threading.Timer(_OUTAGE_START_S, down_and_up)
+                outage.start()
+                figures = measure(args, daemon.socket, daemon.db_path, pid)
+                outage.join()
+                watcher = ForwardWatcher(str(daemon.root / "status.sock"),
+                                         figures["events_committed"] or args.events)
+                watcher.start()
+                watcher.join()
+        finally:
+            cluster.stop()
+    drained = None if watcher.done_at is None or not back_at else watcher.done_at - back_at[0]
+    return {"outage_s": outage_s, "rate": args.rate, "duration_s": args.duration,
+            "events_committed": figures["events_committed"],
+            "reply_latency_ms": figures["latency_ms"],
+            "peak_lag_events_after": watcher.peak_lag,
+            "drained_s_after_server_back": None if drained is None else round(drained, 2),
+            "forward": watcher.figures}
+
+
 def run_forward_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     if args.socket:
         raise ConfigError("--forward starts the daemons it measures: drop --socket")
+    if args.forward_outage is not None:
+        if args.forward_outage <= 0:
+            raise ConfigError(f"--forward-outage {args.forward_outage}: expected seconds > 0")
+        return run_outage(args, config, args.forward_outage)
     if args.runs < 1:
         raise ConfigError(f"--runs {args.runs}: expected a positive number")
     off, on = [], []

@@ -60,7 +60,9 @@ class LocalRecords:
 
     def __init__(self, storage: Path) -> None:
         path = storage / "auditd.db"
-        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None) \
+        # Used from one worker thread at a time (each call awaited), not always the same.
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                  check_same_thread=False) \
             if path.is_file() else None
         self.cache: dict[int, bytes] = {}
         self.last: int | None = None

@@ -93,6 +93,7 @@ def test_every_seq_once_with_its_headers_then_its_checkpoint(
     status = cli(daemon.config_path, "status")
     assert "forwarding:   connected" in status.stdout, status.stdout
     replay = cli(daemon.config_path, "forward", "replay", "--json")
+    assert replay.stdout, replay.stderr
     report = json.loads(replay.stdout)
     assert replay.returncode == 0 and report["complete"], replay
     assert report["events"] == 1200 and report["compared_with_store"] == 1200
@@ -107,7 +108,7 @@ def test_every_seq_once_with_its_headers_then_its_checkpoint(
 def test_sigkill_mid_window_resends_from_the_cursor_without_a_duplicate(
         make_daemon: MakeDaemon, nats_one: NatsCluster) -> None:
     daemon = make_daemon(forward_config(nats_one.urls, max_in_flight=256, batch=64))
-    per_round, mid_window = 20_000, 0
+    per_round, mid_window = 10_000, 0
     for start in range(0, 3 * per_round, per_round):
         send(daemon, start, per_round, batch=1000)
 
@@ -124,6 +125,7 @@ def test_sigkill_mid_window_resends_from_the_cursor_without_a_duplicate(
     wait_forwarded(daemon, 3 * per_round)
     # The consumer side's read-back: each seq once, in order, gap-free, bodies intact.
     replay = cli(daemon.config_path, "forward", "replay", "--json")
+    assert replay.stdout, replay.stderr
     report = json.loads(replay.stdout)
     assert replay.returncode == 0, replay
     assert (report["events"], report["gaps"], report["repeats"], report["mismatches"]) == (
