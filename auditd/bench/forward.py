@@ -128,12 +128,17 @@ def _measured(args: argparse.Namespace, config: Config,
 
 def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dict[str, Any]:
     """A paced load through a daemon forwarding to one nats-server, which is down for
-    `outage_s` from 5 s in; the run lasts the outage plus 25 s."""
+    `outage_s` from 5 s in; the run lasts the outage plus 25 s. The same load through a
+    daemon without forwarding first is the baseline."""
     from auditd.bench import measure
 
     args.rate = args.rate or _OUTAGE_RATE
     args.duration = args.duration or outage_s + _OUTAGE_AFTER_S + _OUTAGE_START_S
     args.events = int(args.rate * args.duration)
+    # The same paced load with forwarding off, first: the same run's baseline.
+    with ThrowawayDaemon(config, args.durability, args.capacity) as plain:
+        baseline = measure(args, plain.socket, plain.db_path,
+                           plain.proc.pid if plain.proc else None)
     with tempfile.TemporaryDirectory(prefix="adnats", dir="/tmp") as root:
         cluster = NatsCluster(Path(root), 1).start()
         node = cluster.nodes[0]
@@ -164,6 +169,10 @@ def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dic
     return {"outage_s": outage_s, "rate": args.rate, "duration_s": args.duration,
             "events_committed": figures["events_committed"],
             "reply_latency_ms": figures["latency_ms"],
+            "reply_latency_ms_forwarding_off": baseline["latency_ms"],
+            "p99_ratio_outage_to_off": round(figures["latency_ms"]["p99"]
+                                             / baseline["latency_ms"]["p99"], 3)
+            if baseline["latency_ms"]["p99"] else None,
             "peak_lag_events_after": watcher.peak_lag,
             "drained_s_after_server_back": None if drained is None else round(drained, 2),
             "forward": watcher.figures}
