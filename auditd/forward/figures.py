@@ -1,4 +1,5 @@
-"""What the forwarder reports: the /stats `forward` object, metrics and health."""
+"""What the forwarding process reports to the daemon every 200 ms (forward/worker.py):
+the /stats `forward` object, which the daemon's view (forward/process.py) completes."""
 
 from __future__ import annotations
 
@@ -30,8 +31,6 @@ class ForwardFigures:
     fault: str | None = None  # why it is not forwarding now
     warning: str | None = None  # the stream's replicas below the recommendation
     replicas: int | None = None
-    # Set by retention: over max_bytes with only unforwarded events left to delete.
-    retention_blocked: str | None = None
     _commits: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
 
     def committed_through(self, seq: int) -> None:
@@ -69,17 +68,4 @@ class ForwardFigures:
             "in_flight": self.in_flight, "connected": self.connected,
             "reconnects": self.reconnects, "last_success": self.last_success,
             "replicas": self.replicas, "fault": self.fault, "warning": self.warning,
-            "retention_blocked": self.retention_blocked,
         }
-
-    def problem(self, lag_max_events: int, lag_max_s: float) -> str | None:
-        """Why forwarding is degraded now, None when it is not."""
-        if self.fault is not None:
-            return self.fault
-        if self.lag_events > lag_max_events:
-            return (f"forwarding lags {self.lag_events} events (bound "
-                    f"forward.lag_max_events = {lag_max_events})")
-        lag_s = self.lag_seconds
-        if lag_s > lag_max_s:
-            return f"forwarding lags {lag_s:.1f} s (bound forward.lag_max_age = {lag_max_s:g}s)"
-        return None

@@ -109,12 +109,15 @@ class Forwarder:
         failures = 0
         try:
             while True:
+                at_start = self._acked
                 try:
                     await self._session()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    failures += 1
+                    # A session that moved the cursor was a success until it failed:
+                    # the backoff starts over.
+                    failures = 1 if self._acked != at_start else failures + 1
                     self._failed(exc)
                     await self._close()
                     await asyncio.sleep(self._backoff(failures))

@@ -23,6 +23,7 @@ import structlog
 
 from auditd.config import Config
 from auditd.forward.cursor import Cursor, load_cursor, save_cursor
+from auditd.forward.figures import ForwardFigures
 from auditd.proofs.prune_point import pruned_through
 from auditd.store.store import Store
 
@@ -39,13 +40,9 @@ class ForwardView:
 
     def __init__(self, config: Config) -> None:
         settings = config.forward
-        self.config = config
-        self.doc: dict[str, Any] = {
-            "stream": settings.stream, "servers": list(settings.servers), "state": "starting",
-            "cursor": 0, "checkpoint_cursor": 0, "lag_events": 0, "lag_seconds": 0.0,
-            "published": 0, "duplicates": 0, "checkpoints": 0, "errors": {}, "in_flight": 0,
-            "connected": False, "reconnects": 0, "last_success": None, "replicas": None,
-            "fault": None, "warning": None}
+        # Until the worker first reports: its figures as they start.
+        self.doc: dict[str, Any] = ForwardFigures(settings.stream,
+                                                  list(settings.servers)).document()
         self.retention_blocked: str | None = None
         self.worker_fault: str | None = None
         self.committed = 0
