@@ -15,6 +15,7 @@ from typing import Any
 
 from auditd.cli.operator import EXIT_FAILURE, EXIT_OK, _refusal, call
 from auditd.config import Config
+from auditd.proofs.checkpointer import host_id_of
 
 
 def add_arguments(forward: argparse.ArgumentParser) -> None:
@@ -106,7 +107,6 @@ def _local_host(storage: Path) -> str | None:
         return None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'host_id'").fetchone()
+        return host_id_of(db)
     finally:
         db.close()
-    return None if row is None else str(row[0])

@@ -38,7 +38,13 @@ from auditd.forward.acks import AckError, AckTracker, StepAcks
 from auditd.forward.connection import connect_options
 from auditd.forward.cursor import Cursor
 from auditd.forward.figures import ForwardFigures
-from auditd.forward.messages import Identity, Step, read_step, token
+from auditd.forward.messages import (
+    Step,
+    checkpoint_subject,
+    read_step,
+    render_subject,
+    token,
+)
 from auditd.forward.stream import StreamRefused, ensure_stream
 
 log = structlog.get_logger("auditd.forward")
@@ -179,8 +185,8 @@ class Forwarder:
     def _samples(self) -> list[str]:
         """Subjects the stream must take: an event's and the checkpoints'."""
         host = token(self._host)
-        return [self.settings.subject.replace("{host}", host).replace("{type}", "x")
-                .replace("{stream}", "x"), Identity(self._host, "").checkpoint_subject()]
+        return [render_subject(self.settings.subject, host, "x", "x"),
+                checkpoint_subject(host)]
 
     def _connect_options(self) -> dict[str, Any]:
         s = self.settings

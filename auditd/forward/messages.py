@@ -43,6 +43,16 @@ def token(value: str | None, empty: str = "_") -> str:
     return _UNSAFE.sub("_", value) if value else empty
 
 
+def render_subject(template: str, host: str, kind: str, stream: str) -> str:
+    """`forward.subject` with its tokens put in (sanitised tokens, or wildcards)."""
+    return template.replace("{host}", host).replace("{type}", kind).replace("{stream}",
+                                                                            stream)
+
+
+def checkpoint_subject(host: str) -> str:
+    return f"audit.{host}.{CHECKPOINT_TOKEN}"
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who the messages come from: the store's host id and epoch."""
@@ -54,7 +64,7 @@ class Identity:
         return f"{self.host}:{self.epoch}:{seq}"
 
     def checkpoint_subject(self) -> str:
-        return f"audit.{token(self.host)}.{CHECKPOINT_TOKEN}"
+        return checkpoint_subject(token(self.host))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +94,7 @@ def event_message(seq: int, record: bytes, who: Identity, subject: str) -> Messa
         if heads.stream_seq is not None:
             headers["Auditd-Stream-Seq"] = str(heads.stream_seq)
         kind = token(heads.type)
-    name = subject.replace("{host}", token(who.host)).replace("{type}", kind) \
-        .replace("{stream}", token(heads.stream, "_none"))
+    name = render_subject(subject, token(who.host), kind, token(heads.stream, "_none"))
     return Message(seq, name, record, headers)
 
 

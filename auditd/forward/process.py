@@ -24,6 +24,7 @@ import structlog
 from auditd.config import Config
 from auditd.forward.cursor import Cursor, load_cursor, save_cursor
 from auditd.forward.figures import ForwardFigures
+from auditd.proofs.checkpointer import host_id_of
 from auditd.proofs.prune_point import pruned_through
 from auditd.store.store import Store
 
@@ -43,20 +44,21 @@ class ForwardView:
         # Until the worker first reports: its figures as they start.
         self.doc: dict[str, Any] = ForwardFigures(settings.stream,
                                                   list(settings.servers)).document()
-        self.retention_blocked: str | None = None
         self.worker_fault: str | None = None
         self.committed = 0
 
-    def document(self) -> dict[str, Any]:
-        doc = {**self.doc, "retention_blocked": self.retention_blocked}
+    def document(self, retention_blocked: str | None) -> dict[str, Any]:
+        """The worker's figures, completed: `retention_blocked` is retention's."""
+        doc = {**self.doc, "retention_blocked": retention_blocked}
         # The worker's lag is as of its last report; the daemon's commits are newer.
         doc["lag_events"] = max(0, self.committed - int(doc["cursor"]))
         if self.worker_fault is not None:
             doc["fault"], doc["connected"] = self.worker_fault, False
         return doc
 
-    def problem(self, lag_max_events: int, lag_max_s: float) -> str | None:
-        doc = self.document()
+    @staticmethod
+    def problem(doc: dict[str, Any], lag_max_events: int, lag_max_s: float) -> str | None:
+        """Why forwarding is degraded, from `document()`'s figures; None when it is not."""
         if doc["fault"]:
             return str(doc["fault"])
         if doc["lag_events"] > lag_max_events:
@@ -114,7 +116,7 @@ class ForwardProcess:
         try:
             stream = self.config.forward.stream
             found, floor = load_cursor(db, stream), pruned_through(db)
-            host = str(db.execute("SELECT value FROM meta WHERE key = 'host_id'").fetchone()[0])
+            host = host_id_of(db)
         finally:
             db.close()
         if found.seq < floor:

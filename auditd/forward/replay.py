@@ -19,7 +19,7 @@ from nats.js import api
 
 from auditd.config import Config
 from auditd.forward.connection import connect_options
-from auditd.forward.messages import CHECKPOINT_TOKEN, token
+from auditd.forward.messages import checkpoint_subject, render_subject, token
 from auditd.proofs.merkle import leaf_hash
 from auditd.proofs.records import RecordSource
 from auditd.store.sealing.catalog import PARTITIONS_DIR
@@ -112,9 +112,8 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
     report = ReplayReport(host, from_seq)
     local = await asyncio.to_thread(LocalRecords, storage)
     report.local_last = local.last
-    checkpoints = f"audit.{token(host)}.{CHECKPOINT_TOKEN}"
-    events = settings.subject.replace("{host}", token(host)).replace(
-        "{type}", "*").replace("{stream}", "*")
+    checkpoints = checkpoint_subject(token(host))
+    events = render_subject(settings.subject, token(host), "*", "*")
     # One consumer for both when the template starts audit.{host}. (the default).
     both = f"audit.{token(host)}.>"
     wanted = both if settings.subject.startswith("audit.{host}.") else events

@@ -20,7 +20,7 @@ from nats.js.manager import JetStreamManager
 
 from auditd.config import ForwardConfig
 from auditd.errors import AuditdError
-from auditd.forward.messages import CHECKPOINT_TOKEN
+from auditd.forward.messages import checkpoint_subject, render_subject
 
 MIN_DUPLICATE_WINDOW_S = 300.0
 RECOMMENDED_REPLICAS = 3
@@ -41,8 +41,8 @@ class StreamState:
 def subjects_for(template: str) -> list[str]:
     """The subjects a created stream takes: the template with each token a wildcard,
     and the checkpoints' subject."""
-    events = template.replace("{host}", "*").replace("{type}", "*").replace("{stream}", "*")
-    checkpoints = f"audit.*.{CHECKPOINT_TOKEN}"
+    events = render_subject(template, "*", "*", "*")
+    checkpoints = checkpoint_subject("*")
     return [events] if subject_matches(events, checkpoints.replace("*", "h")) \
         else [events, checkpoints]
 

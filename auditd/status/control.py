@@ -192,13 +192,12 @@ class DaemonControl:
         forwarder, config = self.daemon.forwarder, self.daemon.config
         if forwarder is None:
             return {}
-        figures = forwarder.figures
-        figures.retention_blocked = self.daemon.retention.figures.unforwarded
-        return {"forward": figures.document(),
-                "forward_fault": figures.problem(config.forward.lag_max_events,
-                                                 config.duration_ms("forward", "lag_max_age")
-                                                 / 1000),
-                "forward_blocked": figures.retention_blocked}
+        doc = forwarder.figures.document(self.daemon.retention.figures.unforwarded)
+        return {"forward": doc,
+                "forward_fault": forwarder.figures.problem(
+                    doc, config.forward.lag_max_events,
+                    config.duration_ms("forward", "lag_max_age") / 1000),
+                "forward_blocked": doc["retention_blocked"]}
 
     def _checkpoint_figures(self) -> dict[str, Any] | None:
         checkpointer = self.daemon.checkpointer
