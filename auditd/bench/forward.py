@@ -6,8 +6,11 @@ Each run floods `--events` through a throw-away daemon, with forwarding off and 
 (`--runs` pairs, interleaved, so the machine's noise falls on both alike). Reported per
 run: committed events/s (the ingest figure), and with forwarding on the forwarded
 events/s (the events over the time from the first send until the stream acknowledged
-the last seq) and the largest lag seen. Medians over the runs, and the ingest ratio on
-to off measured in the same run.
+the last seq) and the largest lag seen. Forwarding alongside a flood cannot outrun the
+flood, so a third daemon of each run measures the forwarder alone: it takes the flood
+with its nats-server down, then the server starts and the drain is timed from the
+cursor's first move to the last seq (the drain rate, the forwarder's capacity). Medians
+over the runs, and the ingest ratio on to off measured in the same run.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward", action="store_true",
                         help="only the forwarding bench: --events through a throw-away "
                              "daemon with forwarding off and on, against nats-server "
-                             "started here; forwarded events/s and the ingest ratio")
+                             "started here; forwarded events/s, the drain rate of a "
+                             "backlog and the ingest ratio")
     parser.add_argument("--forward-nodes", type=int, choices=(1, 3), default=1,
                         help="with --forward: one nats-server, or a 3-node cluster with "
                              "an R3 stream")
@@ -60,6 +64,7 @@ class ForwardWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.status_socket, self.target = status_socket, target
         self.done_at: float | None = None
+        self.moved: tuple[float, int] | None = None  # when the cursor first moved, to what
         self.peak_lag = 0
         self.figures: dict[str, Any] = {}
         self.stopped = threading.Event()
@@ -75,6 +80,8 @@ class ForwardWatcher(threading.Thread):
                 except (OSError, http.client.HTTPException, ValueError, KeyError):
                     continue
                 self.peak_lag = max(self.peak_lag, self.figures["lag_events"])
+                if self.moved is None and self.figures["cursor"] > 0:
+                    self.moved = time.monotonic(), self.figures["cursor"]
                 if self.figures["cursor"] >= self.target:
                     self.done_at = time.monotonic()
                     return
@@ -124,6 +131,35 @@ def _measured(args: argparse.Namespace, config: Config,
                         watcher.peak_lag, "duplicates": watcher.figures.get("duplicates"),
                         "errors": watcher.figures.get("errors")})
     return doc
+
+
+def _drain_run(args: argparse.Namespace, config: Config, root: Path) -> dict[str, Any]:
+    """The flood with the servers down, then the servers up: the drain's events/s, timed
+    from the cursor's first move (connecting and creating the stream left out)."""
+    from auditd.bench import measure
+
+    cluster = NatsCluster(root, args.forward_nodes)
+    extra = {"forward": {"servers": cluster.urls, "create_stream": True,
+                         "replicas": args.forward_nodes, "backoff_min": "20ms",
+                         "backoff_max": "100ms"}}
+    try:
+        with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
+            measure(args, daemon.socket, daemon.db_path, daemon.proc.pid if daemon.proc
+                    else None)
+            watcher = ForwardWatcher(str(daemon.root / "status.sock"), args.events)
+            watcher.start()
+            cluster.start()
+            watcher.join()
+    finally:
+        cluster.stop()
+    if watcher.done_at is None or watcher.moved is None:
+        raise AuditdError(f"the drain did not reach seq {args.events} within "
+                          f"{_DRAIN_TIMEOUT_S:.0f}s: {watcher.figures}")
+    moved_at, moved_to = watcher.moved
+    seconds = watcher.done_at - moved_at
+    return {"drained_per_s": round((args.events - moved_to) / seconds, 1) if seconds > 0
+            else None, "drain_seconds": round(seconds, 3), "errors":
+            watcher.figures.get("errors")}
 
 
 def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dict[str, Any]:
@@ -187,22 +223,26 @@ def run_forward_bench(args: argparse.Namespace, config: Config) -> dict[str, Any
         return run_outage(args, config, args.forward_outage)
     if args.runs < 1:
         raise ConfigError(f"--runs {args.runs}: expected a positive number")
-    off, on = [], []
+    off, on, drain = [], [], []
     for run in range(args.runs):
         off.append(_one_run(args, config, None))
         with tempfile.TemporaryDirectory(prefix="adnats", dir="/tmp") as root:
             on.append(_one_run(args, config, Path(root) / str(run)))
+            drain.append(_drain_run(args, config, Path(root) / f"drain{run}"))
 
-    def median(runs: list[dict[str, Any]], key: str) -> float:
-        return float(round(statistics.median(r[key] for r in runs), 1))
+    def median(runs: list[dict[str, Any]], key: str) -> float | None:
+        # None where a run was too short to time (a drain within one poll).
+        values = [r[key] for r in runs if r[key] is not None]
+        return float(round(statistics.median(values), 1)) if values else None
 
-    ingest_off, ingest_on = median(off, "ingest_events_per_s"), median(on,
-                                                                        "ingest_events_per_s")
+    ingest_off = median(off, "ingest_events_per_s") or 0.0
+    ingest_on = median(on, "ingest_events_per_s") or 0.0
     return {"nodes": args.forward_nodes, "replicas": args.forward_nodes,
             "events": args.events, "runs": args.runs,
             "forwarded_per_s_median": median(on, "forwarded_per_s"),
+            "drained_per_s_median": median(drain, "drained_per_s"),
             "ingest_off_per_s_median": ingest_off, "ingest_on_per_s_median": ingest_on,
             "ingest_ratio_on_off": round(ingest_on / ingest_off, 3) if ingest_off else None,
             "reply_p99_ms_off_median": median(off, "reply_p99_ms"),
             "reply_p99_ms_on_median": median(on, "reply_p99_ms"),
-            "off": off, "on": on}
+            "off": off, "on": on, "drain": drain}

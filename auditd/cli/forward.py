@@ -18,18 +18,6 @@ from auditd.config import Config
 from auditd.proofs.checkpointer import host_id_of
 
 
-def add_arguments(forward: argparse.ArgumentParser) -> None:
-    forward.add_argument("action", choices=["status", "replay"],
-                         help="status: cursor, lag, errors of the running daemon's "
-                              "forwarder; replay: read this host's messages back from the "
-                              "stream and check every seq is there once, in order")
-    forward.add_argument("--from-seq", type=int, default=1, metavar="N",
-                         help="replay: check seqs from N on (default 1)")
-    forward.add_argument("--host", metavar="HOST",
-                         help="replay: the host id whose messages to check (default: the "
-                              "local store's)")
-
-
 def line(forward: dict[str, Any] | None) -> str:
     """The `auditd status` line, and the head of `forward status`."""
     if forward is None:
@@ -73,6 +61,7 @@ def status(socket_path: str, as_json: bool) -> int:
 
 
 def replay(args: argparse.Namespace, config: Config) -> int:
+    from auditd.forward.replay import WAIT_S
     from auditd.forward.replay import replay as read_back
 
     if not config.forward.servers:
@@ -86,6 +75,10 @@ def replay(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAILURE
     try:
         report = asyncio.run(read_back(config, host, args.from_seq, storage))
+    except TimeoutError:  # nats-py's own timeouts are TimeoutErrors too
+        print("auditd: forward replay: the NATS servers gave no answer or message within "
+              f"{WAIT_S:.0f}s: is the stream's cluster without a leader?", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:  # a connection or stream failure: one line
         print(f"auditd: forward replay: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -110,9 +110,7 @@ def build_parser() -> Parser:
         "projections", "read models (counts, actor summaries): position and lag, or "
                        "rebuild one from the events, through the running daemon")))
 
-    from auditd.cli.forward import add_arguments as add_forward_arguments
-
-    add_forward_arguments(_operator(command(
+    _forward(_operator(command(
         "forward", "forwarding to NATS JetStream: the daemon's cursor, lag and errors, or "
                    "a read-back of the stream that checks the copy is complete")))
     _proofs(command)
@@ -255,3 +253,15 @@ def _projections(projections: argparse.ArgumentParser) -> None:
                                   + ", ".join(p.name for p in PROJECTIONS))
     projections.add_argument("--no-wait", action="store_true",
                              help="rebuild: return once the rebuild has begun")
+
+
+def _forward(forward: argparse.ArgumentParser) -> None:
+    forward.add_argument("action", choices=["status", "replay"],
+                         help="status: cursor, lag, errors of the running daemon's "
+                              "forwarder; replay: read this host's messages back from the "
+                              "stream and check every seq is there once, in order")
+    forward.add_argument("--from-seq", type=int, default=1, metavar="N",
+                         help="replay: check seqs from N on (default 1)")
+    forward.add_argument("--host", metavar="HOST",
+                         help="replay: the host id whose messages to check (default: the "
+                              "local store's)")

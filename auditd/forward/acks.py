@@ -4,7 +4,8 @@ nats-py's `publish_async` makes a future, a NUID token and a semaphore round per
 and parses each ack as JSON: measured here at 12.9k messages/s against 93k/s for plain
 publishes on the same connection. The forwarder needs less: every message of a step
 acknowledged, or the step failed. So each message is published with the reply subject
-`<inbox>.<step>.<index>`, one subscription takes every ack, and an ack is read from its
+`<inbox>.<first seq of the step>.<index>` (framed by the reader: forward.wire), one
+subscription takes every ack, and an ack is read from its
 bytes: an `"error"` member fails the step (a no-responders status too: no stream takes
 the subject), a `"duplicate":true` one counts as a resend JetStream deduped. The step's
 deadline is its own (nats-py's futures never time out: nats.py issue 985).
@@ -17,11 +18,10 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from auditd.forward.messages import Message
+from auditd.forward.messages import Step
+from auditd.forward.wire import Client, send_commands
 
 _NO_RESPONDERS = "503"
 
@@ -40,11 +40,10 @@ class StepAcks:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     seen: set[int] = field(default_factory=set)
 
-    def take(self, index: int, msg: Msg) -> None:
+    def take(self, index: int, data: bytes, headers: dict[str, str] | None) -> None:
         if index in self.seen or self.done.is_set():
             return  # a repeated ack (a reconnect may replay): counted once
-        data = msg.data
-        status = (msg.headers or {}).get("Status")
+        status = (headers or {}).get("Status")
         if status == _NO_RESPONDERS:
             self._fail("no stream takes the subject (no responders)")
             return
@@ -71,39 +70,36 @@ class StepAcks:
 class AckTracker:
     """One inbox subscription for the acks of every step in flight."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = nc.new_inbox()
-        self.steps: dict[int, StepAcks] = {}
-        self._number = 0
+        self.steps: dict[int, StepAcks] = {}  # by the step's first seq
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(f"{self.prefix}.*.*", cb=self._on_ack)
+        self._sub = await self.nc.subscribe_raw(f"{self.prefix}.*.*", self._on_ack)
 
     async def stop(self) -> None:
         self.steps.clear()
         if self._sub is not None:
             sub, self._sub = self._sub, None
+            self.nc.drop_raw(sub)
             with contextlib.suppress(Exception):  # the connection gone: so is the sub
                 await sub.unsubscribe()
 
-    async def _on_ack(self, msg: Msg) -> None:
-        _, step, index = msg.subject.rsplit(".", 2)
+    def _on_ack(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        _, step, index = subject.rsplit(".", 2)
         found = self.steps.get(int(step))
         if found is not None:
-            found.take(int(index), msg)
+            found.take(int(index), data, headers)
 
-    async def publish(self, messages: list[Message]) -> StepAcks:
-        """Publish a step's messages, each asking for its ack; the step's tracker."""
-        self._number += 1
-        acks = self.steps[self._number] = StepAcks(self._number, len(messages))
-        reply = f"{self.prefix}.{self._number}."
-        publish = self.nc.publish
-        for index, message in enumerate(messages):
-            await publish(message.subject, message.body, reply=f"{reply}{index}",
-                          headers=message.headers)
-        if not messages:
+    async def publish(self, step: Step) -> StepAcks:
+        """Publish a step's messages (framed for this inbox), each asking for its ack; the
+        step's tracker. A pump's steps never overlap, so a step's first seq names it."""
+        acks = self.steps[step.first] = StepAcks(step.first, step.count)
+        if step.count:
+            await send_commands(self.nc, step.commands, step.count, step.payload_bytes)
+        else:
             acks.done.set()
         return acks
 

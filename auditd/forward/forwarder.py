@@ -29,7 +29,6 @@ from typing import Any
 import nats
 import nats.errors
 import structlog
-from nats.aio.client import Client as NATS
 from nats.js.errors import APIError
 
 from auditd.config import Config
@@ -46,6 +45,7 @@ from auditd.forward.messages import (
     token,
 )
 from auditd.forward.stream import StreamRefused, ensure_stream
+from auditd.forward.wire import Client
 
 log = structlog.get_logger("auditd.forward")
 _IDLE_POLL_S = 1.0  # a look for new checkpoints while no event arrives
@@ -102,7 +102,7 @@ class Forwarder:
         self._acked = cursor
         self._sink = sink
         self._commit = asyncio.Event()
-        self._nc: NATS | None = None
+        self._nc: Client | None = None
         self._state_logged = ""
 
     def committed(self, seq: int) -> None:
@@ -165,7 +165,9 @@ class Forwarder:
         nc = self._nc
         if nc is None or nc.is_closed:
             self._state("connecting", servers=self.settings.servers)
-            nc = self._nc = await nats.connect(**self._connect_options())
+            nc = Client()
+            await nc.connect(**self._connect_options())
+            self._nc = nc
         self.figures.connected = nc.is_connected
         js = nc.jetstream()
         window = self.config.duration_ms("forward", "duplicate_window") / 1000
@@ -223,25 +225,33 @@ class Forwarder:
 
     # -- the pump ---------------------------------------------------------------------
 
-    async def _pump(self, nc: NATS) -> None:
+    async def _pump(self, nc: Client) -> None:
         queue: asyncio.Queue[Step] = asyncio.Queue(_READ_AHEAD)
-        reader = asyncio.get_running_loop().create_task(self._read(queue), name="forward_read")
         acks = AckTracker(nc)
         await acks.start()
+        reader = asyncio.get_running_loop().create_task(
+            self._read(queue, acks.prefix, nc.max_payload), name="forward_read")
         window: deque[tuple[Step, StepAcks, float]] = deque()
         timeout = self.config.duration_ms("forward", "ack_timeout") / 1000
         try:
             while True:
                 if reader.done():
                     reader.result()  # its failure is the pump's
-                in_flight = sum(len(step.messages) for step, _, _ in window)
+                in_flight = sum(step.count for step, _, _ in window)
                 self.figures.in_flight = in_flight
                 if window and (in_flight >= self.settings.max_in_flight or queue.empty()):
                     await self._settle(acks, *window.popleft())
                     continue
                 step = await self._next_step(queue, reader)
-                window.append((step, await acks.publish(step.messages),
+                window.append((step, await acks.publish(step),
                                time.monotonic() + timeout))
+                if step.oversized:
+                    while window:
+                        await self._settle(acks, *window.popleft())
+                    which, size = step.oversized
+                    raise ForwardError(f"{which} is {size} bytes, over the NATS servers' "
+                                       f"max_payload of {nc.max_payload}: raise max_payload "
+                                       "on the servers", "server")
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):
@@ -272,7 +282,7 @@ class Forwarder:
             raise ForwardError(f"the stream refused a message of seqs up to {step.last}: "
                                f"{exc}", "server") from None
         figures, checkpoint = self.figures, self._acked.checkpoint_size
-        checkpoints = [m.checkpoint_size for m in step.messages if m.seq == 0]
+        checkpoints = step.checkpoint_sizes
         figures.checkpoints += len(checkpoints)
         figures.duplicates += acks.duplicates
         figures.published += acks.acked - acks.duplicates - len(checkpoints)
@@ -280,8 +290,10 @@ class Forwarder:
         figures.advanced(self._acked.seq, self._acked.checkpoint_size)
         self._sink(self._acked)
 
-    async def _read(self, queue: asyncio.Queue[Step]) -> None:
-        """Steps past the acknowledged cursor, in order, as events are committed."""
+    async def _read(self, queue: asyncio.Queue[Step], reply_prefix: str,
+                    max_payload: int) -> None:
+        """Steps past the acknowledged cursor, in order, as events are committed, framed
+        to ask for their acks under `reply_prefix`; up to a body past `max_payload`."""
         position, checkpoint = self._acked.seq, self._acked.checkpoint_size
         path, parts = self.db_path, self.partitions_dir
         subject, batch = self.settings.subject, self.settings.batch
@@ -296,13 +308,15 @@ class Forwarder:
                 continue
             last = min(committed, position + batch)
             step = await asyncio.to_thread(read_step, path, parts, subject, position + 1,
-                                           last, checkpoint)
+                                           last, checkpoint, reply_prefix, max_payload)
             last_look = time.monotonic()
             if step.missing:
                 raise ForwardError(f"seq {step.missing[0]} has no readable record in the "
                                    "store, so nothing after it is forwarded: run `auditd "
                                    "verify`", "store")
-            if step.messages:
+            if step.count or step.oversized:
                 await queue.put(step)
+            if step.oversized:
+                return  # the pump fails once what precedes it is acknowledged
             position = last
-            checkpoint = max([checkpoint, *(m.checkpoint_size for m in step.messages)])
+            checkpoint = max([checkpoint, *step.checkpoint_sizes])

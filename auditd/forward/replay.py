@@ -25,7 +25,10 @@ from auditd.proofs.records import RecordSource
 from auditd.store.sealing.catalog import PARTITIONS_DIR
 
 _MAX_LISTED = 20
-_NEXT_TIMEOUT_S = 5.0
+# A cluster that just lost or regained a node elects leaders for seconds: JetStream API
+# requests and the next message get this long before replay gives up (nats-py's 5 s
+# default failed a replay right after a node's restart).
+WAIT_S = 30.0
 _CHUNK = 4096
 
 
@@ -118,7 +121,7 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
     both = f"audit.{token(host)}.>"
     wanted = both if settings.subject.startswith("audit.{host}.") else events
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=WAIT_S)
         info = await js.stream_info(settings.stream)
         if info.state.messages == 0:
             return report
@@ -127,7 +130,7 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
         chunk: list[tuple[int, bytes, str | None]] = []
         try:
             while True:
-                msg = await sub.next_msg(timeout=_NEXT_TIMEOUT_S)
+                msg = await sub.next_msg(timeout=WAIT_S)
                 headers = msg.headers or {}
                 if msg.subject == checkpoints:
                     report.checkpoints += 1

@@ -231,6 +231,9 @@ def test_bench_forward_reports_forwarded_rate_and_the_ingest_ratio(short_tmp: Pa
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)["forward"]
     assert doc["forwarded_per_s_median"] > 0 and doc["ingest_ratio_on_off"] > 0, doc
+    (drain,) = doc["drain"]
+    # Its servers were down while it took the flood: connect errors, and only those.
+    assert set(drain["errors"]) <= {"connect"} and drain["drain_seconds"] >= 0, drain
     (run,) = doc["on"]
     assert run["errors"] == {} and run["peak_lag_events"] >= 0, run
 
@@ -255,3 +258,28 @@ def test_a_killed_forwarding_process_is_restarted_and_resends_from_the_cursor(
     seqs = [int(h["Auditd-Seq"]) for _, h, _ in stream_messages(nats_one.urls[0])
             if "Auditd-Seq" in h]
     assert seqs == list(range(1, 1001))
+
+
+def test_a_record_past_the_servers_max_payload_stops_forwarding_there_naming_it(
+        make_daemon: MakeDaemon, short_tmp: Path) -> None:
+    small = NatsCluster(short_tmp / "small", extra="max_payload: 2048").start()
+    try:
+        daemon = make_daemon(forward_config(small.urls))
+        send(daemon, 0, 5)
+        with daemon.connect() as conn:
+            big = {"type": "test.big", "id": "big", "data": {"blob": "x" * 4000}}
+            assert conn.request([big])["ok"]
+        send(daemon, 5, 5)
+        wait_committed(daemon, 11)
+
+        def stuck() -> str | None:
+            check = health(daemon)["checks"].get("forwarding", {})
+            return None if check.get("ok", True) else check["detail"]
+
+        detail = wait_for(stuck, 30, "forwarding stopped at the big record")
+        assert "seq 6 is " in detail and "max_payload of 2048" in detail, detail
+        figures = forward_figures(daemon)
+        assert figures["cursor"] == 5 and figures["errors"].get("server"), figures
+        assert stream_count(small.urls[0]) == 5
+    finally:
+        small.stop()
