@@ -74,6 +74,15 @@ class ThrowawayDaemon:
             self.proc.send_signal(signal.SIGHUP)
 
     def __enter__(self) -> ThrowawayDaemon:
+        try:
+            self._start()
+        except AuditdError:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        readied = self._ready_lines()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "auditd.cli", "run", "--config",
@@ -82,16 +91,26 @@ class ThrowawayDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 lines = self.log_path.read_text(errors="replace").strip().splitlines()
-                self.__exit__()
                 raise AuditdError(f"bench daemon exited {self.proc.returncode}: "
                                   f"{lines[-1] if lines else '(no log)'}")
             # The socket is bound (and connections queue) before the store is open and
             # the journal replayed, so only the ready line says the daemon is serving.
-            if '"daemon_ready"' in self.log_path.read_text(errors="replace"):
-                return self
+            if self._ready_lines() > readied:
+                return
             time.sleep(0.02)
-        self.__exit__()
         raise AuditdError(f"bench daemon not ready after {_START_TIMEOUT_S:.0f}s")
+
+    def _ready_lines(self) -> int:
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(errors="replace").count('"daemon_ready"')
+
+    def sigkill_and_restart(self) -> None:
+        """SIGKILL the daemon (no shutdown at all) and start it again on the same files."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self._start()
 
     def __exit__(self, *exc: object) -> None:
         try:

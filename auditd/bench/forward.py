@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "5000/s) during which nats-server is SIGKILLed for SECONDS: "
                              "reply latency over the run and how long the lag takes to "
                              "drain once it is back")
+    parser.add_argument("--forward-faults", action="store_true",
+                        help="with --forward: exactly once under faults: --events (the "
+                             "bar: 1000000) forwarded to a 3-node cluster (R3) while the "
+                             "stream leader, the connected node and the daemon (twice) are "
+                             "SIGKILLed; the stream read back: each seq once, in order")
     parser.add_argument("--runs", type=int, default=_RUNS,
                         help="with --forward: off/on pairs, interleaved (default 3)")
 
@@ -217,6 +222,10 @@ def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dic
 def run_forward_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     if args.socket:
         raise ConfigError("--forward starts the daemons it measures: drop --socket")
+    if args.forward_faults:
+        from auditd.bench.forward_faults import run_forward_faults
+
+        return run_forward_faults(args, config)
     if args.forward_outage is not None:
         if args.forward_outage <= 0:
             raise ConfigError(f"--forward-outage {args.forward_outage}: expected seconds > 0")

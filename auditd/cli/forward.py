@@ -61,7 +61,7 @@ def status(socket_path: str, as_json: bool) -> int:
 
 
 def replay(args: argparse.Namespace, config: Config) -> int:
-    from auditd.forward.replay import WAIT_S
+    from auditd.forward.replay import ReplayTimeout
     from auditd.forward.replay import replay as read_back
 
     if not config.forward.servers:
@@ -75,9 +75,9 @@ def replay(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAILURE
     try:
         report = asyncio.run(read_back(config, host, args.from_seq, storage))
-    except TimeoutError:  # nats-py's own timeouts are TimeoutErrors too
-        print("auditd: forward replay: the NATS servers gave no answer or message within "
-              f"{WAIT_S:.0f}s: is the stream's cluster without a leader?", file=sys.stderr)
+    except ReplayTimeout as exc:
+        print(f"auditd: forward replay: {exc}: is the stream's cluster without a leader?",
+              file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # a connection or stream failure: one line
         print(f"auditd: forward replay: {type(exc).__name__}: {exc}", file=sys.stderr)

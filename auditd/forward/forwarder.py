@@ -62,21 +62,27 @@ class ForwardError(AuditdError):
 
 def error_kind(exc: BaseException) -> str:
     """The `errors` key a failure counts under."""
-    text = str(exc).lower()
     if isinstance(exc, ForwardError):
         return exc.kind
     if isinstance(exc, StreamRefused):
         return "stream"
-    if "authorization" in text or "authentication" in text or "permissions" in text:
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
         return "auth"
-    if isinstance(exc, ssl.SSLError) or "tls" in text or "ssl" in text or "certificate" in text:
+    if isinstance(exc, ssl.SSLError | nats.errors.SecureConnRequiredError
+                  | nats.errors.SecureConnWantedError | nats.errors.SecureConnFailedError):
         return "tls"
+    # nats-py raises the server's -ERR during a connect as a plain Error: its words.
+    text = str(exc).lower()
+    if isinstance(exc, nats.errors.Error) and any(
+            word in text for word in ("authorization", "authentication", "permissions")):
+        return "auth"
     if isinstance(exc, TimeoutError | nats.errors.TimeoutError):
         return "timeout"
-    if isinstance(exc, APIError):
+    if isinstance(exc, APIError | nats.errors.NoRespondersError):
         return "server"
     if isinstance(exc, nats.errors.NoServersError | ConnectionError | OSError
-                  | nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError):
+                  | nats.errors.ConnectionClosedError | nats.errors.OutboundBufferLimitError
+                  | nats.errors.StaleConnectionError | nats.errors.ConnectionReconnectingError):
         return "connect"
     return "other"
 
@@ -104,6 +110,7 @@ class Forwarder:
         self._commit = asyncio.Event()
         self._nc: Client | None = None
         self._state_logged = ""
+        self._error_logged: str | None = None  # the connection error last logged
 
     def committed(self, seq: int) -> None:
         self.figures.committed_through(seq)
@@ -180,7 +187,7 @@ class Forwarder:
         if stream.warning:
             log.warning("forward_stream_replicas", stream=stream.name,
                         replicas=stream.replicas, warning=stream.warning)
-        self.figures.fault = None
+        self.figures.fault = self._error_logged = None
         self._state("forwarding", stream=stream.name, cursor=self._acked.seq)
         await self._pump(nc)
 
@@ -194,8 +201,15 @@ class Forwarder:
         s = self.settings
 
         async def error_cb(exc: Exception) -> None:
-            self.figures.errors[error_kind(exc)] += 1
+            kind = error_kind(exc)
+            self.figures.errors[kind] += 1
             self.figures.fault = f"NATS connection: {describe(exc)}"
+            # nats-py retries a failing connect itself (a TLS or auth failure too) without
+            # raising: this is the failure's one log line, again only once it changes.
+            if self.figures.fault != self._error_logged:
+                self._error_logged = self.figures.fault
+                log.warning("forward_connection_error", kind=kind, error=describe(exc),
+                            servers=s.servers)
 
         async def disconnected_cb() -> None:
             if self._nc is None:  # closed on purpose, after a failure named already
@@ -205,6 +219,7 @@ class Forwarder:
             self._state("disconnected", servers=s.servers)
 
         async def reconnected_cb() -> None:
+            self._error_logged = None
             self.figures.connected = True
             self.figures.reconnects += 1
             self.figures.fault = None

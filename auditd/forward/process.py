@@ -91,6 +91,9 @@ class ForwardProcess:
     async def run(self) -> None:
         cursor, host = await asyncio.to_thread(self._load)
         self._persisted = self._acked = cursor
+        # Until the worker reports, status shows the persisted cursor, not 0 (seen as a
+        # "cursor 0, lag 805028" for the second a restarted daemon's worker took).
+        self.figures.doc.update(cursor=cursor.seq, checkpoint_cursor=cursor.checkpoint_size)
         persister = asyncio.get_running_loop().create_task(self._persist_forever(),
                                                            name="forward_cursor")
         delay = _RESTART_FIRST_S

@@ -10,26 +10,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.js import api
 
 from auditd.config import Config
+from auditd.errors import AuditdError
 from auditd.forward.connection import connect_options
 from auditd.forward.messages import checkpoint_subject, render_subject, token
 from auditd.proofs.merkle import leaf_hash
 from auditd.proofs.records import RecordSource
 from auditd.store.sealing.catalog import PARTITIONS_DIR
 
+_T = TypeVar("_T")
 _MAX_LISTED = 20
-# A cluster that just lost or regained a node elects leaders for seconds: JetStream API
-# requests and the next message get this long before replay gives up (nats-py's 5 s
-# default failed a replay right after a node's restart).
+# A cluster that just lost or regained a node elects leaders for seconds, and a JetStream
+# API request sent meanwhile may never be answered: each is asked again every
+# _REQUEST_S until WAIT_S, which is also how long the next message may take (one 5 s
+# try failed a replay right after a stream leader's restart).
 WAIT_S = 30.0
+_REQUEST_S = 3.0
 _CHUNK = 4096
+
+
+class ReplayTimeout(AuditdError):
+    """The servers stopped answering (a cluster without a leader, a stalled consumer)."""
 
 
 @dataclass
@@ -109,6 +119,17 @@ def check_chunk(report: ReplayReport, local: LocalRecords,
                 report.bad.append(f"seq {seq}: the body differs from the local store's record")
 
 
+async def asked(request: Callable[[], Awaitable[_T]]) -> _T:
+    """`request`, asked again while it times out, until WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            return await request()
+        except TimeoutError:
+            if time.monotonic() + _REQUEST_S > deadline:
+                raise
+
+
 async def replay(config: Config, host: str, from_seq: int, storage: Path) -> ReplayReport:
     settings = config.forward
     nc = await nats.connect(**connect_options(settings), allow_reconnect=False)
@@ -120,17 +141,22 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
     # One consumer for both when the template starts audit.{host}. (the default).
     both = f"audit.{token(host)}.>"
     wanted = both if settings.subject.startswith("audit.{host}.") else events
+    waiting_for = "the stream's info"
     try:
-        js = nc.jetstream(timeout=WAIT_S)
-        info = await js.stream_info(settings.stream)
+        js = nc.jetstream(timeout=_REQUEST_S)
+        info = await asked(lambda: js.stream_info(settings.stream))
         if info.state.messages == 0:
             return report
-        sub = await js.subscribe(wanted, stream=settings.stream, ordered_consumer=True,
-                                 deliver_policy=api.DeliverPolicy.ALL)
+        waiting_for = "a consumer"
+        sub = await asked(lambda: js.subscribe(
+            wanted, stream=settings.stream, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL))
         chunk: list[tuple[int, bytes, str | None]] = []
+        waiting_for = "the first message"
         try:
             while True:
                 msg = await sub.next_msg(timeout=WAIT_S)
+                waiting_for = f"the message after stream seq {msg.metadata.sequence.stream}"
                 headers = msg.headers or {}
                 if msg.subject == checkpoints:
                     report.checkpoints += 1
@@ -146,6 +172,9 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
                     break
         finally:
             await sub.unsubscribe()
+    except TimeoutError as exc:
+        raise ReplayTimeout(f"no answer from the NATS servers within {WAIT_S:.0f}s, waiting "
+                            f"for {waiting_for}") from exc
     finally:
         await asyncio.to_thread(local.close)
         await nc.close()

@@ -27,6 +27,7 @@ from forward_helpers import (
     nats_one,
     stream_count,
     stream_messages,
+    tls_files,
     wait_forwarded,
 )
 from proofs_store import checkpoint_size, cli, send
@@ -135,6 +136,13 @@ def test_sigkill_mid_window_resends_from_the_cursor_without_a_duplicate(
     assert stream_count(nats_one.urls[0]) == 3 * per_round + report["checkpoints"]
 
 
+def failure_kinds(daemon: DaemonProcess) -> list[str]:
+    """The kinds of the forwarding failures logged, a line each."""
+    events = ('"forward_connection_error"', '"forward_backing_off"')
+    return [json.loads(line)["kind"] for line in daemon.log_text().splitlines()
+            if any(event in line for event in events)]
+
+
 def test_a_stream_that_would_lose_data_is_refused_naming_each_setting(
         make_daemon: MakeDaemon, nats_one: NatsCluster) -> None:
     add_stream(nats_one.urls[0], name="AUDIT", subjects=["audit.>"], discard="old",
@@ -173,6 +181,7 @@ def test_an_absent_server_and_refused_credentials_are_named_and_ingest_goes_on(
             assert figures["cursor"] == 0 and not figures["connected"]
             check = health(daemon)["checks"]["forwarding"]
             assert not check["ok"] and check["severity"] == "degraded", check
+            assert kind in failure_kinds(daemon), daemon.log_text()[-2000:]
         right = make_daemon(forward_config(secured.urls, user="audit", password="right"))
         send(right, 0, 20)
         wait_forwarded(right, 20)
@@ -238,6 +247,21 @@ def test_bench_forward_reports_forwarded_rate_and_the_ingest_ratio(short_tmp: Pa
     assert run["errors"] == {} and run["peak_lag_events"] >= 0, run
 
 
+def test_bench_forward_outage_reports_latency_and_the_drain(short_tmp: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "auditd.cli", "bench", "--forward",
+                           "--forward-outage", "1", "--duration", "7", "--rate", "1000",
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          cwd=short_tmp)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)["forward"]
+    assert doc["events_committed"] == 7000, doc
+    assert doc["reply_latency_ms"]["p99"] > 0 and doc["p99_ratio_outage_to_off"] > 0, doc
+    # The server's death was felt, and the lag drained once it was back.
+    assert doc["forward"]["errors"].get("connect"), doc
+    assert doc["drained_s_after_server_back"] is not None, doc
+    assert doc["forward"]["cursor"] == 7000 and doc["forward"]["lag_events"] == 0, doc
+
+
 def test_a_killed_forwarding_process_is_restarted_and_resends_from_the_cursor(
         make_daemon: MakeDaemon, nats_one: NatsCluster) -> None:
     daemon = make_daemon(forward_config(nats_one.urls))
@@ -283,3 +307,32 @@ def test_a_record_past_the_servers_max_payload_stops_forwarding_there_naming_it(
         assert stream_count(small.urls[0]) == 5
     finally:
         small.stop()
+
+
+def test_a_tls_mismatch_is_named_and_ingest_goes_on(make_daemon: MakeDaemon,
+                                                   short_tmp: Path) -> None:
+    ca, cert, key = tls_files(short_tmp / "tls")
+    secured = NatsCluster(short_tmp / "tls-nats", extra=f'tls {{ cert_file: "{cert}", '
+                          f'key_file: "{key}" }}').start()
+    try:
+        # No CA configured: the server's certificate is not one the system trusts.
+        untrusting = make_daemon(forward_config(secured.urls))
+        send(untrusting, 0, 20)
+        wait_committed(untrusting, 20)
+
+        def named() -> Any:
+            figures = forward_figures(untrusting)
+            return figures if figures["errors"].get("tls") else None
+
+        figures = wait_for(named, 30, "a tls error counted")
+        assert figures["cursor"] == 0 and not figures["connected"], figures
+        check = health(untrusting)["checks"]["forwarding"]
+        assert not check["ok"] and "certificate verify failed" in check["detail"], check
+        # One log line for it, however often nats-py retries.
+        assert failure_kinds(untrusting) == ["tls"], untrusting.log_text()[-2000:]
+        assert "certificate verify failed" in untrusting.log_text()
+        trusting = make_daemon(forward_config(secured.urls, tls_ca=str(ca)))
+        send(trusting, 0, 20)
+        wait_forwarded(trusting, 20)
+    finally:
+        secured.stop()

@@ -1,0 +1,218 @@
+"""`auditd bench --forward --forward-faults`: exactly once under faults (step 8's bar).
+
+`--events` (the bar's run: 1,000,000) go through a throw-away daemon forwarding to a 3-node
+nats-server cluster with an R3 stream while, one after another: the stream's leader is
+SIGKILLed, then the node the forwarder is connected to, then the daemon itself, twice.
+A killed node is restarted once forwarding has gone on without it (so the cluster keeps
+its quorum for the next fault); the daemon is restarted at once, and the writer, the
+project's blocking client, reconnects and resends its unacknowledged frames with the
+same ids (ingest's dedupe keeps each event once). Then the stream is read back with
+`auditd forward replay`: every seq exactly once, gap-free, in order. `--rate` paces
+the writer (a small run's faults then land while it writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from auditd.bench.daemon import ThrowawayDaemon
+from auditd.bench.nats_servers import NatsCluster, NatsNode
+from auditd.bench.soak_progress import _StatusConnection
+from auditd.client.blocking import Client
+from auditd.config import Config
+from auditd.errors import AuditdError
+from auditd.forward.replay import asked
+
+_FAULTS = ("stream_leader", "connected_node", "daemon", "daemon")
+_FRAME = 500
+_CHUNK = 20_000  # events generated at a time
+_DEADLINE_S = 900.0
+_POLL_S = 0.05
+
+
+def forward_figures(daemon: ThrowawayDaemon) -> dict[str, Any] | None:
+    """The daemon's /stats forward block; None while it is down or restarting."""
+    conn = _StatusConnection(str(daemon.root / "status.sock"))
+    try:
+        conn.request("GET", "/stats")
+        figures: dict[str, Any] = json.loads(conn.getresponse().read())["forward"]
+        return figures
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_until(what: str, check: Callable[[], Any]) -> Any:
+    deadline = time.monotonic() + _DEADLINE_S
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(_POLL_S)
+    raise AuditdError(f"--forward-faults: no {what} within {_DEADLINE_S:.0f}s")
+
+
+class Writer(threading.Thread):
+    """Sends events ff-0 .. ff-{n-1} through the blocking client, which rides out the
+    daemon's restarts (reconnect, resend the same ids); paced at `rate` events/s if set."""
+
+    def __init__(self, socket_path: str, events: int, rate: float | None) -> None:
+        super().__init__(daemon=True)
+        self.socket_path, self.events, self.rate = socket_path, events, rate
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        step = _FRAME if self.rate else _CHUNK
+        began = time.monotonic()
+        try:
+            with Client(self.socket_path, reconnect_deadline=120.0) as client:
+                for first in range(0, self.events, step):
+                    chunk = [{"type": "bench.forward", "id": f"ff-{i}", "actor": f"user{i % 7}",
+                              "data": {"n": i}}
+                             for i in range(first, min(first + step, self.events))]
+                    client.send_many(chunk, _FRAME)
+                    self.sent += len(chunk)
+                    if self.rate:  # the pace of a paced load, not a wait for a condition
+                        time.sleep(max(0.0, began + self.sent / self.rate - time.monotonic()))
+        except BaseException as exc:  # reported by the bench, not lost in a thread
+            self.error = exc
+
+
+def stream_leader(cluster: NatsCluster, stream: str) -> NatsNode:
+    def leader() -> str | None:
+        for node in cluster.nodes:
+            if node.process is None:
+                continue
+            try:
+                info = node.monitor("/jsz?accounts=true&streams=true")
+            except OSError:
+                continue
+            for account in info.get("account_details") or []:
+                for found in account.get("stream_detail") or []:
+                    if found.get("name") == stream and found.get("cluster", {}).get("leader"):
+                        return str(found["cluster"]["leader"])
+        return None
+
+    name = wait_until("stream leader", leader)
+    return next(node for node in cluster.nodes if node.name == name)
+
+
+def connected_node(cluster: NatsCluster) -> NatsNode:
+    def holder() -> NatsNode | None:
+        for node in cluster.nodes:
+            if node.process is None:
+                continue
+            try:
+                connections = node.monitor("/connz").get("connections") or []
+            except OSError:
+                continue
+            if any(c.get("name") == "auditd" for c in connections):
+                return node
+        return None
+
+    found: NatsNode = wait_until("node the forwarder is connected to", holder)
+    return found
+
+
+def _moved_past(daemon: ThrowawayDaemon, cursor: int) -> Callable[[], int | None]:
+    """The cursor once past `cursor` (forwarding goes on)."""
+    def check() -> int | None:
+        figures = forward_figures(daemon)
+        return figures["cursor"] if figures and figures["cursor"] > cursor else None
+    return check
+
+
+def run_forward_faults(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    events = args.events
+    started = time.monotonic()
+    faults: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="adff", dir="/tmp") as root:
+        cluster = NatsCluster(Path(root), 3).start()
+        extra = {"forward": {"servers": cluster.urls, "create_stream": True, "replicas": 3,
+                             "backoff_min": "50ms", "backoff_max": "1s",
+                             "ack_timeout": "2s"}}
+        try:
+            with ThrowawayDaemon(config, args.durability, args.capacity,
+                                 extra=extra) as daemon:
+                writer = Writer(daemon.socket, events, args.rate)
+                writer.start()
+                for number, fault in enumerate(_FAULTS, 1):
+                    at = events * number // (len(_FAULTS) + 1)
+                    cursor = wait_until(f"forward cursor at {at}", _moved_past(daemon, at - 1))
+                    faults.append(_inject(fault, cluster, daemon, cursor,
+                                          min(events, cursor + max(1, events // 50))))
+                writer.join(_DEADLINE_S)
+                if writer.error is not None or writer.sent != events:
+                    raise AuditdError(f"--forward-faults: the writer stopped after "
+                                      f"{writer.sent} events: {writer.error!r}")
+                figures = wait_until("forward cursor at the last committed seq", lambda: (
+                    (f := forward_figures(daemon)) and f["lag_events"] == 0
+                    and f["cursor"] >= events and f))
+                replay = subprocess.run(
+                    [sys.executable, "-m", "auditd.cli", "forward", "replay", "--json",
+                     "--config", str(daemon.root / "auditd.toml")],
+                    capture_output=True, text=True, timeout=_DEADLINE_S, check=False)
+                held = asyncio.run(stream_messages(cluster.urls))
+        finally:
+            cluster.stop()
+    report: dict[str, Any] = json.loads(replay.stdout) if replay.stdout else {
+        "failed": replay.stderr.strip()}
+    return {"events": events, "faults": faults, "seconds": round(time.monotonic() - started, 1),
+            "cursor": figures["cursor"], "duplicates_acked": figures["duplicates"],
+            "errors": figures["errors"], "replay": report, "stream_messages": held,
+            # The stream's own count too: the read-back's events and checkpoints, no more.
+            "exactly_once": replay.returncode == 0 and report.get("events") == events
+            and not report.get("gaps") and not report.get("repeats")
+            and held == events + report.get("checkpoints", 0)}
+
+
+async def stream_messages(urls: list[str], stream: str = "AUDIT") -> int:
+    nc = await nats.connect(servers=urls, allow_reconnect=False)
+    try:
+        js = nc.jetstream(timeout=3)
+        info = await asked(lambda: js.stream_info(stream))
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+def _inject(fault: str, cluster: NatsCluster, daemon: ThrowawayDaemon, cursor: int,
+            beyond: int) -> dict[str, Any]:
+    """One fault at `cursor`; over once forwarding has reached `beyond` (a killed node is
+    restarted only then: what was in flight when it died proves nothing)."""
+    began = time.monotonic()
+    done: dict[str, Any] = {"fault": fault, "at_cursor": cursor}
+    if fault == "daemon":
+        daemon.sigkill_and_restart()
+    else:
+        node = stream_leader(cluster, "AUDIT") if fault == "stream_leader" \
+            else connected_node(cluster)
+        done["node"] = node.name
+        node.kill(signal.SIGKILL)
+        wait_until(f"forwarding to {beyond} without {node.name}",
+                   _moved_past(daemon, beyond - 1))
+        node.start()
+        cluster.wait_healthy()
+    moved = wait_until(f"forwarding to {beyond}", _moved_past(daemon, beyond - 1))
+    done["seconds_until_forwarding_moved"] = round(time.monotonic() - began, 2)
+    done["cursor_after"] = moved
+    # What the forwarder saw, since the daemon's start (a restart zeroes its figures).
+    figures = forward_figures(daemon) or {}
+    done["errors"], done["reconnects"] = figures.get("errors"), figures.get("reconnects")
+    return done
