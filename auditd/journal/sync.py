@@ -31,6 +31,7 @@ from pathlib import Path
 
 import structlog
 
+from auditd.durable import fsync_directory
 from auditd.journal.fsync_process import MAX_FDS, REPLY, REQUEST
 
 log = structlog.get_logger("auditd.journal.journal")
@@ -43,14 +44,6 @@ _DEATHS_BEFORE_FALLBACK = 3
 class SyncNotAttempted(OSError):
     """The fsync process was gone before it received the request: nothing was synced,
     and the kernel reported no error to anyone, so retrying is a real sync."""
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ThreadFsync:
@@ -68,7 +61,7 @@ class ThreadFsync:
             os.fdatasync(stale)
         os.fdatasync(fd)
         if new_segment:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
 
 class ProcessFsync:

@@ -21,6 +21,7 @@ from typing import IO, BinaryIO
 import msgspec
 import zstandard
 
+from auditd.durable import fsync_directory
 from auditd.lifecycle.manifest import ManifestError
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -67,11 +68,8 @@ class Output:
         self._raw.close()
         os.replace(self._temp, self.path)
         self._temp = None
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # the rename itself durable: retention deletes what it archived after this
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        # The rename itself durable: retention deletes what it archived after this.
+        fsync_directory(self.path.parent)
         return size
 
     def abandon(self) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auditd.durable import fsync_directory
 from auditd.errors import AuditdError
 from auditd.proofs.notes import NoteError, VerifierKey, verify_checkpoint
 from auditd.proofs.verify import Report, read_snapshot, verify_store
@@ -106,13 +107,13 @@ def restore(storage: Path, source: Path, report: Report) -> Restored:
         for name in files:
             _copy(source.parent / PARTITIONS_DIR / name, staging / PARTITIONS_DIR / name)
         _copy(source, staging / DB_NAME)
-        _fsync_dir(staging / PARTITIONS_DIR)
-        _fsync_dir(staging)
+        fsync_directory(staging / PARTITIONS_DIR)
+        fsync_directory(staging)
         aside, moved = _set_aside(storage)
         try:
             os.replace(staging / DB_NAME, storage / DB_NAME)
             os.replace(staging / PARTITIONS_DIR, storage / PARTITIONS_DIR)
-            _fsync_dir(storage)
+            fsync_directory(storage)
         except OSError:
             if aside is not None:
                 for name in moved:  # the live store back where it was
@@ -135,8 +136,8 @@ def _set_aside(storage: Path) -> tuple[Path | None, list[str]]:
     for name in present:
         os.replace(storage / name, aside / name)
         moved.append(name)
-    _fsync_dir(aside)
-    _fsync_dir(storage)
+    fsync_directory(aside)
+    fsync_directory(storage)
     return aside, moved
 
 
@@ -146,11 +147,3 @@ def _copy(source: Path, target: Path) -> None:
     with temp.open("rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temp, target)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,6 +21,7 @@ import struct
 import time
 from pathlib import Path
 
+from auditd.durable import fsync_directory, fsync_path
 from auditd.errors import StoreError
 
 _DMS_OFFSET = 128
@@ -84,14 +85,6 @@ def backup_beside(db: Path, from_version: int, to_version: int) -> Path:
             from exc
     finally:
         source.close()
-    _fsync(target)
-    _fsync(target.parent, directory=True)
+    fsync_path(target)
+    fsync_directory(target.parent)
     return target
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 import zstandard
 
+from auditd.durable import fsync_directory, fsync_path
 from auditd.errors import AuditdError
 from auditd.store.partition.assemble import Assembler, bucket_bits
 from auditd.store.partition.bytestream import StreamWriter
@@ -138,14 +139,6 @@ class _BlockWriter:
         self.stream.close()
 
 
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def seal_partition(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
                    last_seq: int, *, progress: Callable[[int], None] | None = None,
                    block_records: int = BLOCK_RECORDS,
@@ -249,9 +242,9 @@ def _seal(records: Iterable[tuple[int, bytes]], directory: Path, first_seq: int,
         if problems != ["ok"]:
             raise sqlite3.DatabaseError(f"quick_check of {temp}: {'; '.join(problems)}")
         conn.close()
-        _fsync(temp)
+        fsync_path(temp)
         os.rename(temp, final)
-        _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_directory(directory)
     except BaseException:
         conn.close()
         with contextlib.suppress(OSError):
@@ -285,5 +278,3 @@ def _out_of_order(seq: int, expected: int, first_seq: int, last_seq: int) -> str
     if seq > expected:
         return f"gap: seq {seq} follows seq {expected - 1}; {expected} is missing"
     return f"disorder: seq {seq} after seq {expected - 1}"
-
-

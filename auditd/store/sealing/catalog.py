@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
-import os
 import re
 import sqlite3
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import zstandard
 
+from auditd.durable import fsync_directory
 from auditd.store.statements import transaction
 
 PARTITIONS_DIR = "partitions"
@@ -188,8 +188,4 @@ def unlink_durably(path: Path) -> None:
     """Remove a dropped partition's file and make the removal itself durable."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
