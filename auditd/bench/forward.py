@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from auditd.bench.daemon import ThrowawayDaemon
+from auditd.bench.daemon import ThrowawayDaemon, cpu_seconds
 from auditd.bench.nats_servers import NatsCluster
 from auditd.bench.soak_progress import _StatusConnection
 from auditd.config import Config
@@ -101,16 +101,17 @@ def _one_run(args: argparse.Namespace, config: Config, root: Path | None) -> dic
         return _measured(args, config, None)
     cluster = NatsCluster(root, args.forward_nodes).start()
     try:
-        return _measured(args, config, cluster.urls)
+        return _measured(args, config, cluster)
     finally:
         cluster.stop()
 
 
 def _measured(args: argparse.Namespace, config: Config,
-              servers: list[str] | None) -> dict[str, Any]:
+              cluster: NatsCluster | None) -> dict[str, Any]:
     from auditd.bench import measure
 
     extra: dict[str, dict[str, Any]] = {}
+    servers = cluster.urls if cluster is not None else None
     if servers:
         extra["forward"] = {"servers": servers, "create_stream": True,
                             "replicas": args.forward_nodes}
@@ -131,6 +132,11 @@ def _measured(args: argparse.Namespace, config: Config,
                 raise AuditdError(f"forwarding did not reach seq {args.events} within "
                                   f"{_DRAIN_TIMEOUT_S:.0f}s: {watcher.figures}")
             seconds = watcher.done_at - started
+            # On one machine the servers share its cores with ingest (in a fleet they are
+            # elsewhere): the cores they took, over the run.
+            nats_cpu = sum(cpu_seconds(node.process.pid) or 0.0 for node in cluster.nodes
+                           if node.process is not None) if cluster is not None else 0.0
+            doc["nats_server_cores"] = round(nats_cpu / seconds, 2)
             doc.update({"forwarded_per_s": round(args.events / seconds, 1),
                         "forward_seconds": round(seconds, 3), "peak_lag_events":
                         watcher.peak_lag, "duplicates": watcher.figures.get("duplicates"),
@@ -169,7 +175,8 @@ def _drain_run(args: argparse.Namespace, config: Config, root: Path) -> dict[str
 
 def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dict[str, Any]:
     """A paced load through a daemon forwarding to one nats-server, which is down for
-    `outage_s` from 5 s in; the run lasts the outage plus 25 s. The same load through a
+    `outage_s` from 5 s in (a quarter in, for a short --duration); by default the run
+    lasts the outage plus 25 s. The same load through a
     daemon without forwarding first is the baseline."""
     from auditd.bench import measure
 
@@ -196,7 +203,8 @@ def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dic
             with ThrowawayDaemon(config, args.durability, args.capacity,
                                  extra=extra) as daemon:
                 pid = daemon.proc.pid if daemon.proc else None
-                outage = threading.Timer(_OUTAGE_START_S, down_and_up)
+                # 5 s in, or a quarter in for a short run (--duration).
+                outage = threading.Timer(min(_OUTAGE_START_S, args.duration / 4), down_and_up)
                 outage.start()
                 figures = measure(args, daemon.socket, daemon.db_path, pid)
                 outage.join()
@@ -254,4 +262,5 @@ def run_forward_bench(args: argparse.Namespace, config: Config) -> dict[str, Any
             "ingest_ratio_on_off": round(ingest_on / ingest_off, 3) if ingest_off else None,
             "reply_p99_ms_off_median": median(off, "reply_p99_ms"),
             "reply_p99_ms_on_median": median(on, "reply_p99_ms"),
+            "nats_server_cores_median": median(on, "nats_server_cores"),
             "off": off, "on": on, "drain": drain}

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from auditd.config import Config
 from auditd.forward.cursor import Cursor
@@ -27,6 +30,9 @@ from auditd.logs import configure_logging
 
 _ACK_EVERY_S = 0.02
 _FIGURES_EVERY_S = 0.2
+_STOP_S = 10.0  # for the forwarder to close its connection once the daemon is gone
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+log = structlog.get_logger("auditd.forward")
 
 
 class Outbox:
@@ -89,14 +95,32 @@ async def main() -> int:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: nats-py's reconnect loop, mid-connect, can outlive a cancel (workers
+        # of SIGKILLed daemons were found still dialling a dead server an hour later).
+        _, stuck = await asyncio.wait(tasks, timeout=_STOP_S)
         if outbox.acked is not None:  # the last cursor, if the daemon still reads
             with contextlib.suppress(OSError):
                 _write({"acked": [outbox.acked.seq, outbox.acked.checkpoint_size]})
+        if stuck:
+            log.warning("forward_worker_stop_forced", tasks=[t.get_name() for t in stuck])
+            sys.stderr.flush()
+            os._exit(0)  # asyncio.run would wait on the stuck tasks again
     return 0
 
 
+def _die_with_the_daemon() -> None:
+    """The kernel SIGKILLs this process when the daemon dies (PR_SET_PDEATHSIG): end of
+    input alone left it running where shutting down hung. A daemon already gone before
+    the call (this process reparented) ends it now."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 if __name__ == "__main__":
+    _die_with_the_daemon()
     # The daemon ends this process by closing its stdin (after the last acked cursor is
     # read); a SIGTERM or ^C meant for the whole group must not cut that short.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,10 +37,10 @@ from auditd.query.feed import CommitFeed
 from auditd.ring import RingBuffer
 from auditd.schema import WireEvent, encoder, stored_decoder
 from auditd.stats import Stats
+from auditd.status.backup import online_backup
 from auditd.status.source import ActionRefused, Gauges, admin_actor
 from auditd.store.deadletters import DeadLetterStore
 from auditd.store.recovery import salvage
-from auditd.store.sealing.catalog import PARTITIONS_DIR
 from auditd.store.sealing.sealer import Sealer
 from auditd.store.store import Store
 from auditd.store.writer import Pending, Writer
@@ -370,7 +368,7 @@ class DaemonControl:
         # Retention waits: it must not unlink a partition the snapshot names before the
         # copy has it.
         async with self.daemon.retention.paused():
-            size = await asyncio.to_thread(_online_backup, self.daemon.store.path, target)
+            size = await asyncio.to_thread(online_backup, self.daemon.store.path, target)
         result = {"dest": dest, "bytes": size, "seconds": round(time.monotonic() - started, 3)}
         log.info("backup_written", **result)
         return result
@@ -435,47 +433,3 @@ def _load_for_reload(source: str | None) -> Config:
     except Exception as exc:  # a case load_config does not know yet: still a refusal
         raise ConfigError(f"{source or 'the config file'}: cannot be loaded: "
                           f"{type(exc).__name__}: {exc}") from exc
-
-
-def _online_backup(source_path: Path, target: Path) -> int:
-    """SQLite's online backup API in one step: one read transaction, so the copy is a
-    consistent snapshot even while the writer commits (a stepped backup would restart
-    on every commit made through another connection). Returns the copy's size."""
-    if target.exists():
-        raise ActionRefused(f"{target}: already exists; a backup never overwrites")
-    if not target.parent.is_dir():
-        raise ActionRefused(f"{target.parent}: no such directory")
-    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
-    destination = sqlite3.connect(target)
-    try:
-        source.backup(destination)
-    except sqlite3.Error as exc:
-        destination.close()
-        target.unlink(missing_ok=True)
-        raise AuditdError(f"backup to {target} failed: {exc}") from exc
-    finally:
-        destination.close()
-        source.close()
-    return target.stat().st_size + _copy_partitions(source_path.parent, target)
-
-
-def _copy_partitions(storage: Path, target: Path) -> int:
-    """The sealed partitions the copy's catalog names, into `partitions/` beside it (the
-    layout of a storage directory). They are immutable, so copying them after the
-    snapshot is as consistent as the snapshot. Their bytes."""
-    copy = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
-    try:
-        files = [str(name) for (name,) in copy.execute("SELECT file FROM partitions")]
-    finally:
-        copy.close()
-    total = 0
-    if files:
-        into = target.parent / PARTITIONS_DIR
-        into.mkdir(exist_ok=True)
-        for name in files:
-            if (into / name).exists():
-                raise ActionRefused(f"{into / name}: already exists; a backup never "
-                                    "overwrites")
-            shutil.copyfile(storage / PARTITIONS_DIR / name, into / name)
-            total += (into / name).stat().st_size
-    return total

@@ -245,21 +245,48 @@ def test_bench_forward_reports_forwarded_rate_and_the_ingest_ratio(short_tmp: Pa
     assert set(drain["errors"]) <= {"connect"} and drain["drain_seconds"] >= 0, drain
     (run,) = doc["on"]
     assert run["errors"] == {} and run["peak_lag_events"] >= 0, run
+    assert run["nats_server_cores"] > 0, run  # the server did work, and it was measured
 
 
 def test_bench_forward_outage_reports_latency_and_the_drain(short_tmp: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "auditd.cli", "bench", "--forward",
-                           "--forward-outage", "1", "--duration", "7", "--rate", "1000",
+                           "--forward-outage", "1", "--duration", "4", "--rate", "1000",
                            "--json"], capture_output=True, text=True, timeout=300,
                           cwd=short_tmp)
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)["forward"]
-    assert doc["events_committed"] == 7000, doc
+    assert doc["events_committed"] == 4000, doc
     assert doc["reply_latency_ms"]["p99"] > 0 and doc["p99_ratio_outage_to_off"] > 0, doc
     # The server's death was felt, and the lag drained once it was back.
     assert doc["forward"]["errors"].get("connect"), doc
     assert doc["drained_s_after_server_back"] is not None, doc
-    assert doc["forward"]["cursor"] == 7000 and doc["forward"]["lag_events"] == 0, doc
+    assert doc["forward"]["cursor"] == 4000 and doc["forward"]["lag_events"] == 0, doc
+
+
+def worker_pids(daemon: DaemonProcess) -> list[int]:
+    return [e["pid"] for e in daemon.log_events() if e.get("event") ==
+            "forward_worker_started"]
+
+
+def running(pid: int) -> bool:
+    """Not gone and not a zombie (an orphan's reaper may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "\nState:\tZ" not in status.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_sigkilled_daemon_leaves_no_forwarding_process(make_daemon: MakeDaemon,
+                                                         nats_one: NatsCluster) -> None:
+    # Forwarding when its daemon died, the worker outlived it, dialling its server on,
+    # before PR_SET_PDEATHSIG: end of input alone did not end it.
+    daemon = make_daemon(forward_config(nats_one.urls, max_in_flight=256, batch=64))
+    send(daemon, 0, 10_000, batch=1000)
+    wait_for(lambda: forward_figures(daemon)["cursor"] > 0, 60, "forwarding under way")
+    (pid,) = worker_pids(daemon)
+    daemon.kill()
+    wait_for(lambda: not running(pid), 30, f"forwarding process {pid} gone with the daemon")
 
 
 def test_a_killed_forwarding_process_is_restarted_and_resends_from_the_cursor(
@@ -267,14 +294,9 @@ def test_a_killed_forwarding_process_is_restarted_and_resends_from_the_cursor(
     daemon = make_daemon(forward_config(nats_one.urls))
     send(daemon, 0, 500)
     wait_forwarded(daemon, 500)
-
-    def worker_pids() -> list[int]:
-        return [e["pid"] for e in daemon.log_events() if e.get("event") ==
-                "forward_worker_started"]
-
-    (first,) = worker_pids()
+    (first,) = worker_pids(daemon)
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: len(worker_pids()) == 2, 30, "the forwarding process started again")
+    wait_for(lambda: len(worker_pids(daemon)) == 2, 30, "the forwarding process started again")
     exited = [e for e in daemon.log_events() if e.get("event") == "forward_worker_exited"]
     assert exited and exited[0]["code"] == -signal.SIGKILL, exited
     send(daemon, 500, 500)  # ingestion never noticed
