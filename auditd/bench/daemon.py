@@ -39,6 +39,7 @@ class ThrowawayDaemon:
         # A short /tmp dir: a Unix socket path must fit in 107 bytes.
         self.root = Path(tempfile.mkdtemp(dir="/tmp", prefix="adbench"))
         self.socket = str(self.root / "ingest.sock")
+        self.status_socket = str(self.root / "status.sock")
         self.db_path = self.root / "lib" / DB_NAME
         self.log_path = self.root / "daemon.log"
         # The writer settings follow --config, so the baseline's batch is the daemon's.
@@ -50,7 +51,7 @@ class ThrowawayDaemon:
                        "batch_delay_ms": config.writer.batch_delay_ms},
             "storage": {"path": str(self.root / "lib"), "reserve_bytes": "1MB",
                         "partition_events": config.storage.partition_events},
-            "status": {"socket": str(self.root / "status.sock")},
+            "status": {"socket": self.status_socket},
             "log": {"format": "json"},
         }
         for name, keys in (extra or {}).items():  # a bench's own settings (retention...)

@@ -75,23 +75,31 @@ class ForwardWatcher(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        conn = _StatusConnection(self.status_socket)
         deadline = time.monotonic() + _DRAIN_TIMEOUT_S
-        try:
-            while not self.stopped.wait(_POLL_S) and time.monotonic() < deadline:
-                try:
-                    conn.request("GET", "/stats")
-                    self.figures = json.loads(conn.getresponse().read())["forward"]
-                except (OSError, http.client.HTTPException, ValueError, KeyError):
-                    continue
-                self.peak_lag = max(self.peak_lag, self.figures["lag_events"])
-                if self.moved is None and self.figures["cursor"] > 0:
-                    self.moved = time.monotonic(), self.figures["cursor"]
-                if self.figures["cursor"] >= self.target:
-                    self.done_at = time.monotonic()
-                    return
-        finally:
-            conn.close()
+        while not self.stopped.wait(_POLL_S) and time.monotonic() < deadline:
+            figures = forward_figures(self.status_socket)
+            if figures is None:
+                continue
+            self.figures = figures
+            self.peak_lag = max(self.peak_lag, figures["lag_events"])
+            if self.moved is None and figures["cursor"] > 0:
+                self.moved = time.monotonic(), figures["cursor"]
+            if figures["cursor"] >= self.target:
+                self.done_at = time.monotonic()
+                return
+
+
+def forward_figures(status_socket: str) -> dict[str, Any] | None:
+    """The daemon's /stats forward block; None while it is down or restarting."""
+    conn = _StatusConnection(status_socket)
+    try:
+        conn.request("GET", "/stats")
+        figures: dict[str, Any] = json.loads(conn.getresponse().read())["forward"]
+        return figures
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return None
+    finally:
+        conn.close()
 
 
 def _one_run(args: argparse.Namespace, config: Config, root: Path | None) -> dict[str, Any]:
@@ -111,22 +119,21 @@ def _measured(args: argparse.Namespace, config: Config,
     from auditd.bench import measure
 
     extra: dict[str, dict[str, Any]] = {}
-    servers = cluster.urls if cluster is not None else None
-    if servers:
-        extra["forward"] = {"servers": servers, "create_stream": True,
+    if cluster is not None:
+        extra["forward"] = {"servers": cluster.urls, "create_stream": True,
                             "replicas": args.forward_nodes}
     with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
         pid = daemon.proc.pid if daemon.proc else None
         watcher = None
-        if servers:
-            watcher = ForwardWatcher(str(daemon.root / "status.sock"), args.events)
+        if cluster is not None:
+            watcher = ForwardWatcher(daemon.status_socket, args.events)
             watcher.start()
         started = time.monotonic()
         figures = measure(args, daemon.socket, daemon.db_path, pid)
         doc: dict[str, Any] = {"ingest_events_per_s": figures["events_per_s"],
                                "reply_p99_ms": figures["latency_ms"]["p99"],
                                "peak_rss_mb": figures["peak_rss_mb"]}
-        if watcher is not None:
+        if cluster is not None and watcher is not None:
             watcher.join()
             if watcher.done_at is None:
                 raise AuditdError(f"forwarding did not reach seq {args.events} within "
@@ -135,7 +142,7 @@ def _measured(args: argparse.Namespace, config: Config,
             # On one machine the servers share its cores with ingest (in a fleet they are
             # elsewhere): the cores they took, over the run.
             nats_cpu = sum(cpu_seconds(node.process.pid) or 0.0 for node in cluster.nodes
-                           if node.process is not None) if cluster is not None else 0.0
+                           if node.process is not None)
             doc["nats_server_cores"] = round(nats_cpu / seconds, 2)
             doc.update({"forwarded_per_s": round(args.events / seconds, 1),
                         "forward_seconds": round(seconds, 3), "peak_lag_events":
@@ -157,7 +164,7 @@ def _drain_run(args: argparse.Namespace, config: Config, root: Path) -> dict[str
         with ThrowawayDaemon(config, args.durability, args.capacity, extra=extra) as daemon:
             measure(args, daemon.socket, daemon.db_path, daemon.proc.pid if daemon.proc
                     else None)
-            watcher = ForwardWatcher(str(daemon.root / "status.sock"), args.events)
+            watcher = ForwardWatcher(daemon.status_socket, args.events)
             watcher.start()
             cluster.start()
             watcher.join()
@@ -208,7 +215,7 @@ def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dic
                 outage.start()
                 figures = measure(args, daemon.socket, daemon.db_path, pid)
                 outage.join()
-                watcher = ForwardWatcher(str(daemon.root / "status.sock"),
+                watcher = ForwardWatcher(daemon.status_socket,
                                          figures["events_committed"] or args.events)
                 watcher.start()
                 watcher.join()

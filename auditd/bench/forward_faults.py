@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import signal
 import subprocess
@@ -30,8 +29,8 @@ from typing import Any
 import nats
 
 from auditd.bench.daemon import ThrowawayDaemon
+from auditd.bench.forward import forward_figures
 from auditd.bench.nats_servers import NatsCluster, NatsNode
-from auditd.bench.soak_progress import _StatusConnection
 from auditd.client.blocking import Client
 from auditd.config import Config
 from auditd.errors import AuditdError
@@ -42,19 +41,6 @@ _FRAME = 500
 _CHUNK = 20_000  # events generated at a time
 _DEADLINE_S = 900.0
 _POLL_S = 0.05
-
-
-def forward_figures(daemon: ThrowawayDaemon) -> dict[str, Any] | None:
-    """The daemon's /stats forward block; None while it is down or restarting."""
-    conn = _StatusConnection(str(daemon.root / "status.sock"))
-    try:
-        conn.request("GET", "/stats")
-        figures: dict[str, Any] = json.loads(conn.getresponse().read())["forward"]
-        return figures
-    except (OSError, http.client.HTTPException, ValueError, KeyError):
-        return None
-    finally:
-        conn.close()
 
 
 def wait_until(what: str, check: Callable[[], Any]) -> Any:
@@ -133,7 +119,7 @@ def connected_node(cluster: NatsCluster) -> NatsNode:
 def _moved_past(daemon: ThrowawayDaemon, cursor: int) -> Callable[[], int | None]:
     """The cursor once past `cursor` (forwarding goes on)."""
     def check() -> int | None:
-        figures = forward_figures(daemon)
+        figures = forward_figures(daemon.status_socket)
         return figures["cursor"] if figures and figures["cursor"] > cursor else None
     return check
 
@@ -162,7 +148,7 @@ def run_forward_faults(args: argparse.Namespace, config: Config) -> dict[str, An
                     raise AuditdError(f"--forward-faults: the writer stopped after "
                                       f"{writer.sent} events: {writer.error!r}")
                 figures = wait_until("forward cursor at the last committed seq", lambda: (
-                    (f := forward_figures(daemon)) and f["lag_events"] == 0
+                    (f := forward_figures(daemon.status_socket)) and f["lag_events"] == 0
                     and f["cursor"] >= events and f))
                 replay = subprocess.run(
                     [sys.executable, "-m", "auditd.cli", "forward", "replay", "--json",
@@ -213,6 +199,6 @@ def _inject(fault: str, cluster: NatsCluster, daemon: ThrowawayDaemon, cursor: i
     done["seconds_until_forwarding_moved"] = round(time.monotonic() - began, 2)
     done["cursor_after"] = moved
     # What the forwarder saw, since the daemon's start (a restart zeroes its figures).
-    figures = forward_figures(daemon) or {}
+    figures = forward_figures(daemon.status_socket) or {}
     done["errors"], done["reconnects"] = figures.get("errors"), figures.get("reconnects")
     return done

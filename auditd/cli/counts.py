@@ -43,9 +43,9 @@ def count_params(field: str, interval: str, filters: Iterable[tuple[str, str]],
 
 def run_counts(socket_path: str, params: list[tuple[str, str]], as_json: bool,
                out: TextIO | None = None) -> int:
-    stream = sys.stdout if out is None else out
     from auditd.cli.operator import EXIT_OK, _refusal, call  # aiohttp: only when it talks
 
+    stream = sys.stdout if out is None else out
     code, document = call(socket_path, "GET", "/counts?" + urllib.parse.urlencode(params))
     if code != 200:
         return _refusal(code, document)

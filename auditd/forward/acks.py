@@ -32,7 +32,7 @@ class AckError(Exception):
 
 @dataclass(slots=True)
 class StepAcks:
-    number: int
+    first: int  # the step's first seq, which names it
     expected: int
     acked: int = 0
     duplicates: int = 0
@@ -109,7 +109,7 @@ class AckTracker:
         try:
             await asyncio.wait_for(acks.done.wait(), max(0.0, within_s))
         finally:
-            self.steps.pop(acks.number, None)
+            self.steps.pop(acks.first, None)
         if acks.error is not None:
             raise AckError(acks.error)
         return acks

@@ -31,9 +31,9 @@ _T = TypeVar("_T")
 _MAX_LISTED = 20
 # A cluster that just lost or regained a node elects leaders for seconds, and a JetStream
 # API request sent meanwhile may never be answered: each is asked again every
-# _REQUEST_S until WAIT_S, which is also how long the next message may take (one 5 s
+# _REQUEST_S until _WAIT_S, which is also how long the next message may take (one 5 s
 # try failed a replay right after a stream leader's restart).
-WAIT_S = 30.0
+_WAIT_S = 30.0
 _REQUEST_S = 3.0
 _CHUNK = 4096
 
@@ -120,8 +120,8 @@ def check_chunk(report: ReplayReport, local: LocalRecords,
 
 
 async def asked(request: Callable[[], Awaitable[_T]]) -> _T:
-    """`request`, asked again while it times out, until WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
+    """`request`, asked again while it times out, until _WAIT_S."""
+    deadline = time.monotonic() + _WAIT_S
     while True:
         try:
             return await request()
@@ -155,7 +155,7 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
         waiting_for = "the first message"
         try:
             while True:
-                msg = await sub.next_msg(timeout=WAIT_S)
+                msg = await sub.next_msg(timeout=_WAIT_S)
                 waiting_for = f"the message after stream seq {msg.metadata.sequence.stream}"
                 headers = msg.headers or {}
                 if msg.subject == checkpoints:
@@ -173,7 +173,7 @@ async def replay(config: Config, host: str, from_seq: int, storage: Path) -> Rep
         finally:
             await sub.unsubscribe()
     except TimeoutError as exc:
-        raise ReplayTimeout(f"no answer from the NATS servers within {WAIT_S:.0f}s, waiting "
+        raise ReplayTimeout(f"no answer from the NATS servers within {_WAIT_S:.0f}s, waiting "
                             f"for {waiting_for}") from exc
     finally:
         await asyncio.to_thread(local.close)

@@ -110,8 +110,8 @@ async def main() -> int:
 
 def _die_with_the_daemon() -> None:
     """The kernel SIGKILLs this process when the daemon dies (PR_SET_PDEATHSIG): end of
-    input alone left it running where shutting down hung. A daemon already gone before
-    the call (this process reparented) ends it now."""
+    input alone left it running where shutting down hung. A daemon that died during the
+    call (this process reparented meanwhile) ends it now; one gone before, end of input."""
     parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import structlog
 
-from auditd.durable import fsync_directory
 from auditd.journal.fsync_process import MAX_FDS, REPLY, REQUEST
+from auditd.store.durable import fsync_directory
 
 log = structlog.get_logger("auditd.journal.journal")
 

@@ -21,8 +21,8 @@ from typing import IO, BinaryIO
 import msgspec
 import zstandard
 
-from auditd.durable import fsync_directory
 from auditd.lifecycle.manifest import ManifestError
+from auditd.store.durable import fsync_directory
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auditd.durable import fsync_directory
 from auditd.errors import AuditdError
 from auditd.proofs.notes import NoteError, VerifierKey, verify_checkpoint
 from auditd.proofs.verify import Report, read_snapshot, verify_store
+from auditd.store.durable import fsync_directory
 from auditd.store.sealing.catalog import PARTITIONS_DIR
 
 DB_NAME = "auditd.db"

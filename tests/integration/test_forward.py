@@ -257,8 +257,9 @@ def test_bench_forward_outage_reports_latency_and_the_drain(short_tmp: Path) -> 
     doc = json.loads(done.stdout)["forward"]
     assert doc["events_committed"] == 4000, doc
     assert doc["reply_latency_ms"]["p99"] > 0 and doc["p99_ratio_outage_to_off"] > 0, doc
-    # The server's death was felt, and the lag drained once it was back.
-    assert doc["forward"]["errors"].get("connect"), doc
+    # The server's death was felt (a failed reconnect, or under load only the reconnect
+    # itself: the server can be back by the first attempt), and the lag drained after.
+    assert doc["forward"]["errors"].get("connect") or doc["forward"]["reconnects"], doc
     assert doc["drained_s_after_server_back"] is not None, doc
     assert doc["forward"]["cursor"] == 4000 and doc["forward"]["lag_events"] == 0, doc
 

@@ -21,8 +21,8 @@ import struct
 import time
 from pathlib import Path
 
-from auditd.durable import fsync_directory, fsync_path
 from auditd.errors import StoreError
+from auditd.store.durable import fsync_directory, fsync_path
 
 _DMS_OFFSET = 128
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len,

@@ -25,8 +25,8 @@ from pathlib import Path
 import msgspec
 import zstandard
 
-from auditd.durable import fsync_directory, fsync_path
 from auditd.errors import AuditdError
+from auditd.store.durable import fsync_directory, fsync_path
 from auditd.store.partition.assemble import Assembler, bucket_bits
 from auditd.store.partition.bytestream import StreamWriter
 from auditd.store.partition.collect import RunCollector, StripeFiles

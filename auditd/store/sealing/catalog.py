@@ -24,7 +24,7 @@ from pathlib import Path
 
 import zstandard
 
-from auditd.durable import fsync_directory
+from auditd.store.durable import fsync_directory
 from auditd.store.statements import transaction
 
 PARTITIONS_DIR = "partitions"

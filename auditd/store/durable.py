@@ -1,5 +1,6 @@
 """fsync of a file or a directory by path: what makes a write, a rename or an unlink
-durable (a rename is on disk only once its directory is synced)."""
+durable (a rename is on disk only once its directory is synced). A leaf module with no
+imports of its own: the journal's segment directory uses it as the store's files do."""
 
 from __future__ import annotations
 
