@@ -182,7 +182,8 @@ def _drain_run(args: argparse.Namespace, config: Config, root: Path) -> dict[str
 
 def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dict[str, Any]:
     """A paced load through a daemon forwarding to one nats-server, which is down for
-    `outage_s` from 5 s in (a quarter in, for a short --duration); by default the run
+    `outage_s` from 5 s in (a quarter in, for a short --duration; and not before the
+    forwarder has forwarded); by default the run
     lasts the outage plus 25 s. The same load through a
     daemon without forwarding first is the baseline."""
     from auditd.bench import measure
@@ -199,7 +200,13 @@ def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dic
         node = cluster.nodes[0]
         back_at: list[float] = []
 
-        def down_and_up() -> None:
+        def down_and_up(status_socket: str) -> None:
+            # Not before the forwarder has forwarded: a slow start (a loaded machine)
+            # would otherwise have the outage over before it ever connected.
+            deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+            while time.monotonic() < deadline and not (
+                    (figures := forward_figures(status_socket)) and figures["cursor"] > 0):
+                time.sleep(_POLL_S)
             node.kill()
             time.sleep(outage_s)  # the outage itself: a timer thread, not a test's wait
             node.start()
@@ -211,7 +218,8 @@ def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dic
                                  extra=extra) as daemon:
                 pid = daemon.proc.pid if daemon.proc else None
                 # 5 s in, or a quarter in for a short run (--duration).
-                outage = threading.Timer(min(_OUTAGE_START_S, args.duration / 4), down_and_up)
+                outage = threading.Timer(min(_OUTAGE_START_S, args.duration / 4), down_and_up,
+                                         (daemon.status_socket,))
                 outage.start()
                 figures = measure(args, daemon.socket, daemon.db_path, pid)
                 outage.join()
