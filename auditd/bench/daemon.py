@@ -30,6 +30,19 @@ _POLL_S = 0.005
 _PEERCRED = struct.Struct("3i")
 
 
+def wait_until(check: Callable[[], Any], what: str, timeout_s: float, bench: str) -> Any:
+    """Poll `check` until it returns something truthy, and return that; past
+    `timeout_s`, AuditdError naming the bench and what it waited for."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AuditdError(f"bench {bench}: no {what} within {timeout_s:.0f}s")
+        time.sleep(0.02)
+
+
 class ThrowawayDaemon:
     """`auditd run` as a subprocess in a short temp dir; the dir goes away on exit."""
 

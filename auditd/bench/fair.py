@@ -76,7 +76,7 @@ def run_fair(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         watcher.wait_for(acknowledged)
         by_uid = {uid: count_stored(daemon.db_path, "uid", str(uid))
                   for uid in (os.geteuid(), args.fair_uid)}
-        fairness = _fairness(daemon.root / "status.sock")
+        fairness = _fairness(Path(daemon.status_socket))
         rss = peak_rss_mb(pid)
     latencies = polite_result["latencies"]
     flood_tally: Counter[str] = sum((Counter(r["tally"]) for r in flood_results), Counter())

@@ -256,7 +256,7 @@ def run_follow(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     rate = args.rate or 5000.0
     paced_events = int(rate * (args.duration or 10))
     with ThrowawayDaemon(config, args.durability, args.capacity) as daemon:
-        status = str(daemon.root / "status.sock")
+        status = daemon.status_socket
         pid = daemon.proc.pid if daemon.proc else None
         run = (daemon.socket, daemon.db_path, pid)
         commit_to_read: list[float] = []

@@ -28,7 +28,7 @@ from typing import Any
 
 import nats
 
-from auditd.bench.daemon import ThrowawayDaemon
+from auditd.bench.daemon import ThrowawayDaemon, wait_until
 from auditd.bench.forward import forward_figures
 from auditd.bench.nats_servers import NatsCluster, NatsNode
 from auditd.client.blocking import Client
@@ -40,17 +40,10 @@ _FAULTS = ("stream_leader", "connected_node", "daemon", "daemon")
 _FRAME = 500
 _CHUNK = 20_000  # events generated at a time
 _DEADLINE_S = 900.0
-_POLL_S = 0.05
 
 
-def wait_until(what: str, check: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + _DEADLINE_S
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(_POLL_S)
-    raise AuditdError(f"--forward-faults: no {what} within {_DEADLINE_S:.0f}s")
+def _wait(what: str, check: Callable[[], Any]) -> Any:
+    return wait_until(check, what, _DEADLINE_S, "--forward-faults")
 
 
 class Writer(threading.Thread):
@@ -95,7 +88,7 @@ def stream_leader(cluster: NatsCluster, stream: str) -> NatsNode:
                         return str(found["cluster"]["leader"])
         return None
 
-    name = wait_until("stream leader", leader)
+    name = _wait("stream leader", leader)
     return next(node for node in cluster.nodes if node.name == name)
 
 
@@ -112,7 +105,7 @@ def connected_node(cluster: NatsCluster) -> NatsNode:
                 return node
         return None
 
-    found: NatsNode = wait_until("node the forwarder is connected to", holder)
+    found: NatsNode = _wait("node the forwarder is connected to", holder)
     return found
 
 
@@ -140,14 +133,14 @@ def run_forward_faults(args: argparse.Namespace, config: Config) -> dict[str, An
                 writer.start()
                 for number, fault in enumerate(_FAULTS, 1):
                     at = events * number // (len(_FAULTS) + 1)
-                    cursor = wait_until(f"forward cursor at {at}", _moved_past(daemon, at - 1))
+                    cursor = _wait(f"forward cursor at {at}", _moved_past(daemon, at - 1))
                     faults.append(_inject(fault, cluster, daemon, cursor,
                                           min(events, cursor + max(1, events // 50))))
                 writer.join(_DEADLINE_S)
                 if writer.error is not None or writer.sent != events:
                     raise AuditdError(f"--forward-faults: the writer stopped after "
                                       f"{writer.sent} events: {writer.error!r}")
-                figures = wait_until("forward cursor at the last committed seq", lambda: (
+                figures = _wait("forward cursor at the last committed seq", lambda: (
                     (f := forward_figures(daemon.status_socket)) and f["lag_events"] == 0
                     and f["cursor"] >= events and f))
                 replay = subprocess.run(
@@ -191,11 +184,11 @@ def _inject(fault: str, cluster: NatsCluster, daemon: ThrowawayDaemon, cursor: i
             else connected_node(cluster)
         done["node"] = node.name
         node.kill(signal.SIGKILL)
-        wait_until(f"forwarding to {beyond} without {node.name}",
+        _wait(f"forwarding to {beyond} without {node.name}",
                    _moved_past(daemon, beyond - 1))
         node.start()
         cluster.wait_healthy()
-    moved = wait_until(f"forwarding to {beyond}", _moved_past(daemon, beyond - 1))
+    moved = _wait(f"forwarding to {beyond}", _moved_past(daemon, beyond - 1))
     done["seconds_until_forwarding_moved"] = round(time.monotonic() - began, 2)
     done["cursor_after"] = moved
     # What the forwarder saw, since the daemon's start (a restart zeroes its figures).

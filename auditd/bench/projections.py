@@ -185,7 +185,7 @@ def counts_latency(count: int, config: Config, repetitions: int = 50) -> dict[st
     daemon = ThrowawayDaemon(quiet, "write", None, prepare)
     query = CountsQuery("type")
     with daemon:
-        status_socket = str(daemon.root / "status.sock")
+        status_socket = daemon.status_socket
         conn = _connect(daemon.db_path)
         try:
             buckets = json.loads(counts_in(conn, query))

@@ -145,7 +145,7 @@ def run_query_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     with ThrowawayDaemon(config, "write", None, prepare=prepare) as daemon:
-        status = str(daemon.root / "status.sock")
+        status = daemon.status_socket
         conn = _Conn(status)
         for name, url in queries(count).items():
             server, cpu, through, found = [], [], [], 0

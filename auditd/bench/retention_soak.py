@@ -83,7 +83,7 @@ class Sampler(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        conn = _StatusConnection(str(self.bench_daemon.root / "status.sock"))
+        conn = _StatusConnection(self.bench_daemon.status_socket)
         try:
             while not self.stopped.wait(_SAMPLE_S):
                 now = time.monotonic()
@@ -131,7 +131,7 @@ def _prefill(daemon: ThrowawayDaemon, args: argparse.Namespace, events: int) -> 
     watcher.wait_for(events)
     partition = daemon.sections["storage"]["partition_events"]
     sealed = events // partition * partition
-    conn = _StatusConnection(str(daemon.root / "status.sock"))
+    conn = _StatusConnection(daemon.status_socket)
     try:
         while True:
             conn.request("GET", "/stats")

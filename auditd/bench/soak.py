@@ -148,7 +148,7 @@ def _run_daemon(args: argparse.Namespace, config: Config, plan: SoakPlan,
                  for k in range(plan.clients)
                  if (n := client_events(k, plan.clients, args.batch, plan.events))]
         progress = Progress("daemon", plan.events, interval)
-        watcher = CommitProgress(str(daemon.root / "status.sock"), pid, progress)
+        watcher = CommitProgress(daemon.status_socket, pid, progress)
         watcher.start()
         cpu_before = cpu_seconds(pid)
         try:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from auditd.bench.clients import ClientSpec, client_process
-from auditd.bench.daemon import CommitWatcher, ThrowawayDaemon, peak_rss_mb
+from auditd.bench.daemon import CommitWatcher, ThrowawayDaemon, peak_rss_mb, wait_until
 from auditd.bench.fair import status_json
 from auditd.bench.micro import percentile
 from auditd.bench.stall_clients import ClientTeam, non_reader_process, stopping_load_process
@@ -103,11 +103,7 @@ def _paced_figures(result: dict[str, Any], committed: int) -> dict[str, Any]:
 
 
 def _wait(found: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + _WAIT_S
-    while not found():
-        if time.monotonic() > deadline:
-            raise AuditdError(f"bench --stall: no {what} after {_WAIT_S:.0f}s")
-        time.sleep(0.02)
+    wait_until(found, what, _WAIT_S, "--stall")
 
 
 def _max_seq(db_path: Path) -> int:
@@ -134,7 +130,7 @@ def _write_lock(db_path: Path) -> Iterator[None]:
 def _non_reader(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     rate, duration = args.rate or 1000.0, args.duration or 10.0
     with ThrowawayDaemon(config, args.durability, args.capacity) as daemon, ClientTeam() as team:
-        status = daemon.root / "status.sock"
+        status = Path(daemon.status_socket)
         seed = {"type": "bench.flood", "id": uuid7()}
         with Client(daemon.socket) as client:
             client.send(seed)
@@ -218,7 +214,7 @@ def _locked(args: argparse.Namespace, config: Config) -> dict[str, Any]:
             nonlocal holder
             if holder is None:
                 start = team.released_at
-                holder = _LockHolder(daemon.db_path, daemon.root / "status.sock",
+                holder = _LockHolder(daemon.db_path, Path(daemon.status_socket),
                                      start + duration / 3, start + duration * 2 / 3)
                 holder.start()
 
@@ -278,7 +274,7 @@ def _signal_round(args: argparse.Namespace, config: Config, signum: int,
 def _stop_twice(daemon: ThrowawayDaemon, signum: int, drain: float) -> dict[str, Any]:
     """Once events wait under the lock (or senders wait for room): `signum`; once the
     daemon says it is stopping, `drain` s of draining under the load; `signum` again."""
-    proc, status = daemon.proc, daemon.root / "status.sock"
+    proc, status = daemon.proc, Path(daemon.status_socket)
     if proc is None:
         raise AuditdError("bench --stall second-signal: the daemon is not running")
 

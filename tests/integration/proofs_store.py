@@ -51,6 +51,14 @@ def checkpoint_size(daemon: DaemonProcess) -> int:
     return int(body.split(b"\n")[1]) if status == 200 else 0
 
 
+def wait_checkpointed(daemon: DaemonProcess, seq: int, timeout: float = 30.0) -> None:
+    """Until a checkpoint covers `seq`: first its commit (wait_committed, which tells a
+    slow store, e.g. tiny partitions sealed on a loaded machine, from a stalled one),
+    then the checkpoint, within `timeout` s of the commit."""
+    wait_committed(daemon, seq)
+    wait_for(lambda: checkpoint_size(daemon) >= seq, timeout, f"a checkpoint of seq {seq}")
+
+
 def send(daemon: DaemonProcess, first: int, count: int, batch: int = 100) -> None:
     with daemon.connect() as conn:
         for start in range(first, first + count, batch):
@@ -63,12 +71,12 @@ def send(daemon: DaemonProcess, first: int, count: int, batch: int = 100) -> Non
 def build(daemon: DaemonProcess, old_checkpoint: Path) -> None:
     """1,000 events; the checkpoint of the first 500 saved to `old_checkpoint`."""
     send(daemon, 0, 500)
-    wait_for(lambda: checkpoint_size(daemon) >= 500, 30, "a checkpoint of 500")
+    wait_checkpointed(daemon, 500)
     old_checkpoint.write_bytes(get(daemon, "/checkpoint")[1])
     send(daemon, 500, 500)
     wait_committed(daemon, 1000)
     wait_sealed_through(daemon, 768)
-    wait_for(lambda: checkpoint_size(daemon) >= 1000, 30, "a checkpoint of 1000")
+    wait_checkpointed(daemon, 1000)
 
 
 def copy_store(source: DaemonProcess, root: Path) -> Path:

@@ -25,7 +25,7 @@ from conftest import (
     wait_for,
     wait_sealed_through,
 )
-from proofs_store import SETTINGS, checkpoint_size, get, send
+from proofs_store import SETTINGS, get, send, wait_checkpointed
 
 from auditd.proofs.records import RecordSource
 from auditd.query.rows import rfc3339
@@ -106,7 +106,7 @@ def source(make_daemon: Any) -> DaemonProcess:
                              for i in range(100)])["ok"] == 100
     wait_committed(daemon, 1000)
     wait_sealed_through(daemon, 768)
-    wait_for(lambda: checkpoint_size(daemon) >= 1000, 30, "a checkpoint of 1000")
+    wait_checkpointed(daemon, 1000)
     return daemon
 
 
@@ -326,7 +326,7 @@ def test_dead_letters_are_exported_and_skipped_by_import(make_daemon: Any,
                              {"type": "fine", "id": "f"}])["ok"] == 2
     wait_for(lambda: source.query("SELECT count(*) FROM dead_letters") == [(1,)], 30,
              "the dead letter")
-    wait_for(lambda: checkpoint_size(source) >= 12, 30, "a checkpoint of 12")
+    wait_checkpointed(source, 12)
     path = short_tmp / "dl.msgpack"
     doc = exported(source, path, "--format", "msgpack")
     jsonl_path = short_tmp / "dl.jsonl"

@@ -30,7 +30,7 @@ from forward_helpers import (
     tls_files,
     wait_forwarded,
 )
-from proofs_store import checkpoint_size, cli, send
+from proofs_store import cli, send, wait_checkpointed
 from test_metrics import get, promtool
 
 from auditd.bench.nats_servers import NatsCluster, free_port
@@ -56,7 +56,7 @@ def test_every_seq_once_with_its_headers_then_its_checkpoint(
     daemon = make_daemon(forward_config(nats_one.urls, max_in_flight=64, batch=50))
     send(daemon, 0, 1200)
     wait_committed(daemon, 1200)
-    wait_for(lambda: checkpoint_size(daemon) >= 1200, 30, "a checkpoint of 1200")
+    wait_checkpointed(daemon, 1200)
     figures = wait_forwarded(daemon, 1200)
     wait_for(lambda: forward_figures(daemon)["checkpoint_cursor"] >= 1200, 30,
              "the checkpoint of 1200 forwarded")

@@ -18,7 +18,7 @@ from conftest import (
     wait_for,
     wait_sealed_through,
 )
-from proofs_store import checkpoint_size, send, verify
+from proofs_store import send, verify, wait_checkpointed
 
 from auditd.store import migrations
 
@@ -229,7 +229,7 @@ def test_steps_4_to_7_roll_back_and_forward_on_a_sealed_store(make_daemon: MakeD
     daemon.start()  # migrated at start, with a backup beside it
     assert applied(daemon.db_path)[-1] == migrations.LATEST
     wait_sealed_through(daemon, 900)
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint of every event")
+    wait_checkpointed(daemon, last)
     assert stored_seqs(daemon) == before
     code, report = verify(daemon.config_path)
     assert code == 0, report

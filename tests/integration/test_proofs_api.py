@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 from as_other_uid import can_run_as_other_uid, run_as
-from conftest import wait_for
-from proofs_store import SETTINGS, checkpoint_size, cli, get, get_json, send, vkey_text
+from proofs_store import (
+    SETTINGS,
+    checkpoint_size,
+    cli,
+    get,
+    get_json,
+    send,
+    vkey_text,
+    wait_checkpointed,
+)
 
 from auditd.client import Client
 from auditd.proofs.notes import parse_vkey, verify_checkpoint
@@ -29,10 +37,10 @@ def test_checkpoint_and_proofs_served_and_checked_offline(make_daemon: Any,
     status, body = get_json(daemon, "/checkpoint")
     assert (status, body["error"]) == (404, "no_checkpoint")
     send(daemon, 0, 300)
-    wait_for(lambda: checkpoint_size(daemon) >= 300, 30, "a checkpoint of 300")
+    wait_checkpointed(daemon, 300)
     old = checkpoint_size(daemon)
     send(daemon, 300, 300)
-    wait_for(lambda: checkpoint_size(daemon) >= 600, 30, "a checkpoint of 600")
+    wait_checkpointed(daemon, 600)
     vkey = vkey_text(daemon)
     stats = daemon.stats()
     assert stats["checkpoint"]["size"] == 600
@@ -109,7 +117,7 @@ def _mutations(proof: dict[str, Any]) -> list[dict[str, Any]]:
 def test_every_mutation_of_a_proof_fails(make_daemon: Any) -> None:
     daemon = make_daemon(SETTINGS)
     send(daemon, 0, 700)
-    wait_for(lambda: checkpoint_size(daemon) >= 700, 30, "a checkpoint of 700")
+    wait_checkpointed(daemon, 700)
     vkey = parse_vkey(vkey_text(daemon))
     proofs = [get_json(daemon, f"/proofs/{seq}")[1] for seq in (1, 300, 700)]
     for proof in proofs:
@@ -131,7 +139,7 @@ def test_a_non_reader_gets_proofs_of_its_own_events_only(make_daemon: Any) -> No
            "with Client(sys.argv[1]) as c:\n"
            "    c.send_batch([{'type': 'nobody.event'} for _ in range(5)])\n",
            daemon.ingest_socket, imports=["auditd.client"])
-    wait_for(lambda: checkpoint_size(daemon) >= 15, 30, "a checkpoint of 15")
+    wait_checkpointed(daemon, 15)
     script = r"""
 import http.client, json, socket, sys
 class Conn(http.client.HTTPConnection):

@@ -15,7 +15,7 @@ from typing import Any
 
 from conftest import DaemonProcess, committed_seq, wait_for, write_lock
 from projection_truth import assert_counts_match
-from proofs_store import checkpoint_size, get, verify
+from proofs_store import checkpoint_size, get, verify, wait_checkpointed
 
 from auditd.store.recovery import move_aside, read_remnant
 
@@ -178,7 +178,7 @@ def test_recover_copies_dead_letters_and_leaves_no_seq_gap(
     # The rows are back under their seqs: the tree catches up over them.
     wait_for(lambda: json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"],
              30, "the tree to catch up")
-    wait_for(lambda: checkpoint_size(daemon) >= 31, 90, "a checkpoint over every seq")
+    wait_checkpointed(daemon, 31, 90)
     # The copied events went in beside the writer: the projections are rebuilt and
     # count them (and the admin event of the recover) like every other.
     assert first["projections"] == "rebuilding", first
@@ -240,7 +240,7 @@ def test_a_deleted_damaged_file_gives_its_seqs_up_as_missing(
     daemon.start()
     assert log_named(daemon, "tree_wait_abandoned")
     assert json.loads(get(daemon, "/health")[1])["checks"]["proofs_tree"]["ok"]
-    wait_for(lambda: checkpoint_size(daemon) >= 31, 90, "a checkpoint over every seq")
+    wait_checkpointed(daemon, 31, 90)
     assert daemon.stop() == 0
     assert daemon.query("SELECT seq FROM dead_letters WHERE code = 'missing' ORDER BY seq") \
         == [(seq,) for seq in range(1, 31)]

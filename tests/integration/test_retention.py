@@ -22,7 +22,16 @@ from conftest import (
     wait_sealed_through,
     write_config,
 )
-from proofs_store import checkpoint_size, cli, get, get_json, send, verify, vkey_text
+from proofs_store import (
+    checkpoint_size,
+    cli,
+    get,
+    get_json,
+    send,
+    verify,
+    vkey_text,
+    wait_checkpointed,
+)
 
 from auditd.lifecycle.files import msgpack_values, open_input
 from auditd.lifecycle.manifest import decode
@@ -52,7 +61,7 @@ def _fill(daemon: DaemonProcess, count: int, first: int = 0) -> int:
     last = int(daemon.stats()["last_seq"])
     wait_committed(daemon, last)
     wait_sealed_through(daemon, last // PARTITION * PARTITION)
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint of all")
+    wait_checkpointed(daemon, last)
     return last
 
 
@@ -130,7 +139,7 @@ def test_retention_by_age_keeps_the_tree_and_the_newest(make_daemon: Any,
     _reconfigure(daemon, max_age="0s")
     last = _fill(daemon, 400, 1000)
     daemon.restart()
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint after the restart")
+    wait_checkpointed(daemon, last)
     code, report = verify(daemon.config_path)
     assert code == 0 and report["verified_events"] >= last - 900, report
     status, proof = get_json(daemon, "/proofs/1200")
@@ -161,7 +170,7 @@ def _send_large(daemon: DaemonProcess, count: int) -> None:
     last = int(daemon.stats()["last_seq"])
     wait_committed(daemon, last)
     wait_sealed_through(daemon, last // PARTITION * PARTITION)
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint of all")
+    wait_checkpointed(daemon, last)
 
 
 def test_retention_by_bytes_drops_the_oldest_until_under(make_daemon: Any) -> None:
@@ -259,7 +268,7 @@ def test_retention_racing_a_flood_loses_nothing_newer_than_the_cut(make_daemon: 
             assert sent < 200_000, "retention never pruned under the flood"
     last = int(daemon.stats()["last_seq"])
     wait_committed(daemon, last)
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint of all")
+    wait_checkpointed(daemon, last)
     pruned = int(daemon.query("SELECT max(size) FROM prune_points")[0][0])
     kept = stored_seqs(daemon)
     assert min(kept) == pruned + 1

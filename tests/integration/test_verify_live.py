@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import DaemonProcess, wait_for
-from proofs_store import SETTINGS, checkpoint_size, send, sql, verify
+from proofs_store import SETTINGS, checkpoint_size, send, sql, verify, wait_checkpointed
 
 
 class Load(threading.Thread):
@@ -66,14 +66,14 @@ def test_verify_with_state_reads_only_what_came_after(make_daemon: Any,
     reads only the newer seqs (and still finds an edit among them); --full reads all."""
     daemon = make_daemon(SETTINGS)
     send(daemon, 0, 700)
-    wait_for(lambda: checkpoint_size(daemon) >= 700, 30, "a checkpoint of 700")
+    wait_checkpointed(daemon, 700)
     state = short_tmp / "state.json"
     code, first = verify(daemon.config_path, "--state", str(state))
     assert code == 0 and first["verified_events"] >= 700, first
     size = first["checkpoint"]["size"]
     send(daemon, 700, 300)
     last = int(daemon.stats()["last_seq"])
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a newer checkpoint")
+    wait_checkpointed(daemon, last)
     code, again = verify(daemon.config_path, "--state", str(state))
     assert code == 0, again
     assert any(note.startswith("incremental") for note in again["notes"]), again
@@ -83,7 +83,7 @@ def test_verify_with_state_reads_only_what_came_after(make_daemon: Any,
     assert code == 0 and full["verified_events"] == newest, full
     send(daemon, 1000, 100)
     last = int(daemon.stats()["last_seq"])
-    wait_for(lambda: checkpoint_size(daemon) >= last, 30, "a checkpoint of the last 100")
+    wait_checkpointed(daemon, last)
     daemon.stop()
     sql(daemon.db_path, "DROP TRIGGER events_no_update;"
         f" UPDATE events SET data = x'80' WHERE seq = {last - 1};")
