@@ -70,6 +70,20 @@ def test_one_events_data_edited(store: tuple[Path, Path, Path]) -> None:
     assert (problem["seq"], problem["kind"]) == (900, "modified")
 
 
+def test_an_edit_past_the_newest_checkpoint_is_found(store: tuple[Path, Path, Path]) -> None:
+    """Records no checkpoint covers yet are still checked against their stored leaves:
+    without the newest checkpoints, seqs past the one left are that tail."""
+    config, db, _ = store
+    sql(db, UNGUARD + "DELETE FROM checkpoints WHERE size > 950;")
+    code, doc = verify(config)
+    assert code == 0 and doc["not_yet_checkpointed"] > 50, doc
+    assert any("checked against their leaves" in note for note in doc["notes"]), doc
+    sql(db, "UPDATE events SET data = X'81a16ecd0384' WHERE seq = 990;")
+    problem = _problem(config)
+    assert (problem["seq"], problem["kind"]) == (990, "modified"), problem
+    assert "past the newest checkpoint" in problem["detail"], problem
+
+
 def test_a_middle_row_deleted(store: tuple[Path, Path, Path]) -> None:
     config, db, _ = store
     sql(db, UNGUARD + "DELETE FROM events WHERE seq = 850;")
