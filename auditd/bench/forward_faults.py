@@ -184,8 +184,7 @@ def _inject(fault: str, cluster: NatsCluster, daemon: ThrowawayDaemon, cursor: i
             else connected_node(cluster)
         done["node"] = node.name
         node.kill(signal.SIGKILL)
-        _wait(f"forwarding to {beyond} without {node.name}",
-                   _moved_past(daemon, beyond - 1))
+        _wait(f"forwarding to {beyond} without {node.name}", _moved_past(daemon, beyond - 1))
         node.start()
         cluster.wait_healthy()
     moved = _wait(f"forwarding to {beyond}", _moved_past(daemon, beyond - 1))
