@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -27,11 +26,11 @@ from auditd.config import Config
 from auditd.forward.cursor import Cursor
 from auditd.forward.forwarder import Forwarder
 from auditd.logs import configure_logging
+from auditd.store.child_process import die_with_parent
 
 _ACK_EVERY_S = 0.02
 _FIGURES_EVERY_S = 0.2
 _STOP_S = 10.0  # for the forwarder to close its connection once the daemon is gone
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 log = structlog.get_logger("auditd.forward")
 
 
@@ -108,19 +107,9 @@ async def main() -> int:
     return 0
 
 
-def _die_with_the_daemon() -> None:
-    """The kernel SIGKILLs this process when the daemon dies (PR_SET_PDEATHSIG): end of
-    input alone left it running where shutting down hung. A daemon that died during the
-    call (this process reparented meanwhile) ends it now; one gone before, end of input."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 if __name__ == "__main__":
-    _die_with_the_daemon()
+    # End of input alone left this process running where its shutdown hung.
+    die_with_parent(os.getppid(), 0)
     # The daemon ends this process by closing its stdin (after the last acked cursor is
     # read); a SIGTERM or ^C meant for the whole group must not cut that short.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

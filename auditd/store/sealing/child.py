@@ -14,9 +14,7 @@ core away from ingest.
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
-import os
 import sqlite3
 import sys
 from array import array
@@ -25,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from auditd.schema import StoredEvent
+from auditd.store.child_process import die_with_parent
 from auditd.store.partition.build import seal_partition
 from auditd.store.records import merged_records, record_bytes
 from auditd.store.sealing.catalog import pack_keys
 
-_PR_SET_PDEATHSIG = 1
 _EVENTS = """SELECT e.seq, e.id, e.ts, e.received_at, t.value, a.value, g.value, s.value,
     e.stream_seq, e.correlation_id, e.causation_id, e.tags, e.data, e.pid, e.uid, e.gid,
     c.value, e.id_hash
@@ -71,22 +69,12 @@ def _chunk(db: sqlite3.Connection, first: int, last: int,
     yield from merged_records(events, dead, record_of)
 
 
-def die_with_parent(parent: int) -> None:
-    """Be killed when the daemon dies: a SIGKILLed daemon's seal must not go on beside
-    the next daemon's, which removes leftovers and seals the same range again."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
-    except (OSError, AttributeError):
-        return  # not Linux: the next start's leftover check still holds
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
 def main(argv: list[str]) -> int:
     db_path, directory, first, last = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
     if len(argv) > 4:
-        die_with_parent(int(argv[4]))
+        # A SIGKILLed daemon's seal must not go on beside the next daemon's, which
+        # removes leftovers and seals the same range again.
+        die_with_parent(int(argv[4]), 1)
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
         try:
