@@ -183,9 +183,8 @@ def _drain_run(args: argparse.Namespace, config: Config, root: Path) -> dict[str
 def run_outage(args: argparse.Namespace, config: Config, outage_s: float) -> dict[str, Any]:
     """A paced load through a daemon forwarding to one nats-server, which is down for
     `outage_s` from 5 s in (a quarter in, for a short --duration; and not before the
-    forwarder has forwarded); by default the run
-    lasts the outage plus 25 s. The same load through a
-    daemon without forwarding first is the baseline."""
+    forwarder has forwarded); by default the run lasts the outage plus 25 s. The same
+    load through a daemon without forwarding first is the baseline."""
     from auditd.bench import measure
 
     args.rate = args.rate or _OUTAGE_RATE

@@ -93,9 +93,9 @@ def test_a_damaged_or_older_backup_is_refused(make_daemon: Any, short_tmp: Path)
     daemon = _filled(make_daemon)
     dest = short_tmp / "copy" / "backup.db"
     dest.parent.mkdir()
-    # Taken at rest, so that its checkpoint covers its hot rows (the first is edited
-    # below); under load its newest checkpoint may end before the first hot row, and
-    # rows past a checkpoint are not yet signed: verify does not judge them.
+    # Taken at rest, so that its checkpoint covers the hot row edited below (under load
+    # it may end before the first hot row; an edit past the checkpoint is refused with
+    # another detail: test_verify_attacks).
     done = cli(daemon.config_path, "backup", str(dest), "--verify")
     assert done.returncode == 0, done.stderr
     send(daemon, 1_000_000, 500)  # the store moves on past the backup
