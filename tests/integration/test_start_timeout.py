@@ -7,13 +7,14 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, stored_seqs, wait_committed, write_lock
+from conftest import DaemonProcess, committed_seq, stored_seqs, wait_committed, write_lock
 
 from auditd.bench.micro import write_journal
 from auditd.store.connection import connect_sync
@@ -22,12 +23,16 @@ from auditd.store.migrations import migrate
 MakeDaemon = Callable[..., DaemonProcess]
 
 # The emulated unit's TimeoutStartSec=. Past the daemon's first words (Python's start
-# and imports, a few seconds on a loaded machine), short of the replays below.
+# and imports, a few seconds on a loaded machine).
 UNIT_TIMEOUT_S = 6.0
-# Journals whose replay (and the index build after it) outlasts that: the smaller one on
-# a loaded machine, the larger on any this project runs on. The test grows to the
-# larger one only when a start beat the unit's timeout (it would then prove nothing).
-JOURNALS = (300_000, 1_200_000)
+# A replay made to outlast that whatever the machine's speed: another process holds the
+# database's write lock HOLD_S at a time (inside one extension: EXTEND_FACTOR looks of
+# 1 s), letting go only until the daemon commits something, at least HOLDS times and
+# until the unit's timeout is past. A replay that raced through unhindered would prove
+# nothing; one that is slowed by a busy database is what a real long start looks like.
+JOURNALED = 30_000
+HOLD_S = 2.0
+HOLDS = 3
 REPLAYING = re.compile(r"replaying journal: (\d+) of (\d+) events")
 _NEVER_S = 300.0  # the emulation gives up on a daemon that extends forever
 
@@ -110,22 +115,71 @@ def replay_statuses(outcome: Outcome) -> list[tuple[int, int]]:
     return [(int(match[1]), int(match[2])) for match in found if match]
 
 
+class PulsedWriteLock(threading.Thread):
+    """Holds `daemon`'s write lock HOLD_S at a time until `until` (monotonic) has passed
+    and HOLDS holds ended with a commit; between holds, only until committed_seq moves
+    (so that the journal cannot drain in a gap). `held` is set once the first hold is."""
+
+    def __init__(self, daemon: DaemonProcess, until: float) -> None:
+        super().__init__(daemon=True)
+        self.target, self.until = daemon, until
+        self.held, self.stopping = threading.Event(), threading.Event()
+        self.commits_let_through = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                with write_lock(self.target):
+                    self.held.set()
+                    self.stopping.wait(HOLD_S)
+                    before = committed_seq(self.target)
+                if self.stopping.is_set() or (
+                        self.commits_let_through >= HOLDS and time.monotonic() > self.until):
+                    return
+                while committed_seq(self.target) == before:
+                    if self.stopping.wait(0.002):
+                        return
+                self.commits_let_through += 1
+        except BaseException as exc:  # reported by the test's thread
+            self.error = exc
+            self.held.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+
+
+def migrated_store(daemon: DaemonProcess) -> None:
+    """The daemon's database made beforehand, so that another process can lock it."""
+    daemon.storage.mkdir()
+    conn = connect_sync(daemon.db_path)
+    migrate(conn)
+    conn.close()
+
+
 def test_a_long_start_is_extended_while_it_progresses(make_daemon: MakeDaemon,
                                                       manager: EmulatedManager) -> None:
-    for journaled in JOURNALS:
-        daemon = make_daemon(start=False)
-        write_journal(daemon.storage, journaled)  # as a crash leaves it: nothing committed
+    daemon = make_daemon({"buffer": {"capacity": 1000}, "writer": {"retry_max_delay": "200ms"}},
+                         start=False)
+    migrated_store(daemon)
+    write_journal(daemon.storage, JOURNALED)  # as a crash leaves it: nothing committed
+    pulses = PulsedWriteLock(daemon, time.monotonic() + UNIT_TIMEOUT_S + 1)
+    pulses.start()
+    pulses.held.wait(30)  # before the fork: the replay waits from its first commit
+    try:
         outcome = start_under(manager, daemon)
-        assert outcome.ready_at is not None, (
-            f"the emulated manager killed the start (exit {outcome.exited}): "
-            f"{outcome.messages}\n{daemon.log_text()[-3000:]}")
-        forked_at = outcome.messages[0][0]
-        # Without this the test proves nothing: the start must outlast the unit's timeout.
-        if outcome.ready_at - forked_at > UNIT_TIMEOUT_S:
-            break
-        daemon.stop()
-    else:
-        pytest.fail(f"a replay of {JOURNALS[-1]} events beat a {UNIT_TIMEOUT_S} s timeout")
+    finally:
+        pulses.stop()
+    assert pulses.error is None, repr(pulses.error)
+    assert outcome.ready_at is not None, (
+        f"the emulated manager killed the start (exit {outcome.exited}): "
+        f"{outcome.messages}\n{daemon.log_text()[-3000:]}")
+    forked_at = outcome.messages[0][0]
+    # Without this the test proves nothing: the start must outlast the unit's timeout.
+    assert outcome.ready_at - forked_at > UNIT_TIMEOUT_S, (
+        f"ready {outcome.ready_at - forked_at:.1f} s after the fork, "
+        f"{pulses.commits_let_through} commits let through")
 
     extensions = [(at, int(usec)) for at, usec in outcome.values("EXTEND_TIMEOUT_USEC")]
     assert len(extensions) >= 2, outcome.messages
@@ -136,13 +190,13 @@ def test_a_long_start_is_extended_while_it_progresses(make_daemon: MakeDaemon,
     assert all(status.startswith("starting: ") for status in statuses[:-1]), statuses
     replaying = replay_statuses(outcome)
     assert replaying, statuses
-    assert all(total == journaled and 0 <= done <= total for done, total in replaying)
+    assert all(total == JOURNALED and 0 <= done <= total for done, total in replaying)
     dones = [done for done, _ in replaying]
     assert dones == sorted(dones), replaying
 
     daemon.wait_ready()
-    wait_committed(daemon, journaled)  # sealed or hot: every replayed event is stored
-    assert sorted(stored_seqs(daemon)) == list(range(1, journaled + 1))
+    wait_committed(daemon, JOURNALED)  # sealed or hot: every replayed event is stored
+    assert sorted(stored_seqs(daemon)) == list(range(1, JOURNALED + 1))
 
 
 def test_a_start_that_stops_progressing_is_killed(make_daemon: MakeDaemon,
@@ -151,10 +205,7 @@ def test_a_start_that_stops_progressing_is_killed(make_daemon: MakeDaemon,
     # full, and the start makes no more progress.
     daemon = make_daemon({"buffer": {"capacity": 1000}, "writer": {"retry_max_delay": "200ms"}},
                          start=False)
-    daemon.storage.mkdir()
-    conn = connect_sync(daemon.db_path)
-    migrate(conn)
-    conn.close()
+    migrated_store(daemon)
     write_journal(daemon.storage, 5000)
     with write_lock(daemon):
         outcome = start_under(manager, daemon)
