@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from auditd.cli.parser import UsageError, build_parser
+from auditd.cli.parser import UsageError, build_parser, command_named
 from auditd.config import Config, load_config
 from auditd.errors import AuditdError, ConfigError
 
@@ -235,8 +235,8 @@ COMMANDS: dict[str, Command] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_named(argv)).parse_args(argv)
     try:
         # --config after the subcommand wins over one before it.
         config = load_config(args.config_sub or args.config)

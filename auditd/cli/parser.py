@@ -8,7 +8,7 @@ wins (main reads `config_sub` first). Usage errors exit 2 with one line.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import NoReturn
 
@@ -44,7 +44,21 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser() -> Parser:
+def command_named(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` names (its first positional, past --config FILE), if any."""
+    tokens = iter(argv)
+    for token in tokens:
+        if len(token) > 2 and "--config".startswith(token):  # argparse takes "--conf" too
+            next(tokens, None)
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(command_wanted: str | None = None) -> Parser:
+    """The whole command line. With `command_wanted` (what `command_named` found), the
+    bench's options are added only when it is bench: they import every benchmark, a
+    tenth of a second that every other start of `auditd` (the daemon's too) would pay."""
     parser = Parser(prog="auditd", description="Local audit-event daemon.")
     parser.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"auditd {version()}",
@@ -121,10 +135,12 @@ def build_parser() -> Parser:
                                            "checked against its manifest first, new seqs "
                                            "here, idempotent by id"))
 
-    from auditd.bench import add_arguments as add_bench_arguments
+    bench = command("bench", "load generator, storage baseline and replay timing; prints "
+                             "events/s, latencies, peak RSS")
+    if command_wanted in (None, "bench"):
+        from auditd.bench import add_arguments as add_bench_arguments
 
-    add_bench_arguments(command("bench", "load generator, storage baseline and replay "
-                                         "timing; prints events/s, latencies, peak RSS"))
+        add_bench_arguments(bench)
     return parser
 
 
