@@ -1,4 +1,4 @@
-"""Operator commands that talk to a running daemon over its status socket (HTTP, aiohttp).
+"""Operator commands that talk to a running daemon over its status socket (HTTP).
 
 `auditd status`, `auditd dlq list|retry|drop` and `auditd backup DEST`. Each returns an
 exit code: 0 done, 1 the daemon refused or is unreachable or unhealthy. An answer that
@@ -9,14 +9,13 @@ traceback. Usage errors (`UsageError`) are found before anything is sent.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
+import http.client
 import json
 import os
+import socket
 import sys
 from typing import Any
-
-import aiohttp
 
 from auditd.cli.parser import UsageError
 from auditd.errors import AuditdError
@@ -33,21 +32,24 @@ class StatusReplyError(AuditdError):
     """Something answered on the status socket, but not with the status API's JSON."""
 
 
-async def _call(socket_path: str, method: str, path: str,
-                body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    connector = aiohttp.UnixConnector(path=socket_path)
-    limit = aiohttp.ClientTimeout(total=_TIMEOUT_S)
-    try:
-        async with (aiohttp.ClientSession(connector=connector, timeout=limit) as session,
-                    session.request(method, f"http://auditd{path}", json=body) as response):
-            raw = await response.read()
-            return response.status, _document(socket_path, response.status, raw)
-    except (aiohttp.ClientConnectorError, FileNotFoundError) as exc:
-        raise StatusUnreachable(f"cannot reach the daemon at {socket_path}: {exc}") from None
-    except aiohttp.ClientError as exc:  # connected, then no usable HTTP answer
-        reason = str(exc) or type(exc).__name__
-        raise StatusReplyError(f"{socket_path} did not answer {method} {path} as the "
-                               f"auditd status API: {_one_line(reason)}") from None
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket: the status API's requests and answers are small
+    and one at a time, and the stdlib client starts in a fraction of aiohttp's time
+    (an operator command paid ~0.2 s importing aiohttp's client and its TLS setup)."""
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__("auditd", timeout=_TIMEOUT_S)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def _document(socket_path: str, status: int, raw: bytes) -> dict[str, Any]:
@@ -70,7 +72,31 @@ def _one_line(text: str) -> str:
 
 def call(socket_path: str, method: str, path: str,
          body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    return asyncio.run(_call(socket_path, method, path, body))
+    """One request to the status API; its HTTP status and JSON object."""
+    conn = _UnixHTTPConnection(socket_path)
+    try:
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise StatusUnreachable(
+                f"cannot reach the daemon at {socket_path}: {exc.strerror or exc}") from None
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {} if payload is None else {"Content-Type": "application/json"}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except TimeoutError:
+            raise StatusReplyError(f"{socket_path} did not answer {method} {path} within "
+                                   f"{_TIMEOUT_S:.0f} s") from None
+        except (http.client.HTTPException, ConnectionError) as exc:
+            # Connected, then no usable HTTP answer: another program on the socket.
+            reason = str(exc) or type(exc).__name__
+            raise StatusReplyError(f"{socket_path} did not answer {method} {path} as the "
+                                   f"auditd status API: {_one_line(reason)}") from None
+        return response.status, _document(socket_path, response.status, raw)
+    finally:
+        conn.close()
 
 
 def _refusal(status: int, document: dict[str, Any]) -> int:
