@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from auditd.cli import operator
 from auditd.ingest.framing import encode_frame
 from auditd.store.partition.read import SealedPartition
 from auditd.store.records import event_from_record, is_dead_letter
@@ -240,18 +240,11 @@ def write_lock(daemon: DaemonProcess) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(operator.UnixHTTPConnection):
     """http.client over the status socket, for tests that want the raw HTTP exchange."""
 
     def __init__(self, path: str) -> None:
-        super().__init__("auditd", timeout=30)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(30)
-        sock.connect(self.socket_path)
-        self.sock = sock
+        super().__init__(path, timeout=30)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "",
@@ -425,3 +418,31 @@ def _sealing(daemon: DaemonProcess) -> bool:
         return bool((daemon.stats().get("partitions") or {}).get("sealing"))
     except OSError:
         return False
+
+
+# The files that take longest (pytest's --durations report of a full run), started first:
+# the Makefile hands whole files to three workers in collection order, and a long file
+# started last kept one worker busy alone for up to a minute while the others were idle.
+# Longest first leaves only short files for the end. A file missing here runs after these,
+# in the usual order; a name that no longer exists is simply not matched.
+SLOWEST_FILES_FIRST = (
+    "integration/test_export_import.py", "integration/test_forward.py",
+    "integration/test_retention.py", "integration/test_cli.py", "integration/test_follow.py",
+    "faults/test_seal_crash.py", "integration/test_protocol.py", "faults/test_sigkill.py",
+    "unit/test_term_filter.py", "integration/test_client.py",
+    "integration/test_migrate_cli.py", "integration/test_ordering.py",
+    "integration/test_recover_cli.py", "integration/test_integrations.py",
+    "integration/test_projections.py", "faults/test_damaged_db.py",
+    "integration/test_bench_soak.py", "faults/test_journal_damage.py",
+    "integration/test_start_timeout.py", "integration/test_bench_stalls.py",
+    "integration/test_forward_cluster.py", "faults/test_projections_sigkill.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: at for at, name in enumerate(SLOWEST_FILES_FIRST)}
+
+    def weight(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        return rank.get(path, len(rank))
+
+    items.sort(key=weight)  # stable: within a file, and among the rest, the order stays

@@ -32,13 +32,13 @@ class StatusReplyError(AuditdError):
     """Something answered on the status socket, but not with the status API's JSON."""
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     """http.client over a Unix socket: the status API's requests and answers are small
     and one at a time, and the stdlib client starts in a fraction of aiohttp's time
     (an operator command paid ~0.2 s importing aiohttp's client and its TLS setup)."""
 
-    def __init__(self, socket_path: str) -> None:
-        super().__init__("auditd", timeout=_TIMEOUT_S)
+    def __init__(self, socket_path: str, timeout: float = _TIMEOUT_S) -> None:
+        super().__init__("auditd", timeout=timeout)
         self.socket_path = socket_path
 
     def connect(self) -> None:
@@ -73,7 +73,7 @@ def _one_line(text: str) -> str:
 def call(socket_path: str, method: str, path: str,
          body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     """One request to the status API; its HTTP status and JSON object."""
-    conn = _UnixHTTPConnection(socket_path)
+    conn = UnixHTTPConnection(socket_path)
     try:
         try:
             conn.connect()
