@@ -9,6 +9,7 @@ traceback. Usage errors (`UsageError`) are found before anything is sent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
 import json
@@ -83,7 +84,10 @@ def call(socket_path: str, method: str, path: str,
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {} if payload is None else {"Content-Type": "application/json"}
-            conn.request(method, path, body=payload, headers=headers)
+            # A server may answer once it has the headers and close without reading the
+            # body (a proxy's error page does): its answer is still there to be read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
             raw = response.read()
         except TimeoutError:

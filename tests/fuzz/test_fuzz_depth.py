@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fuzz_settings  # noqa: F401  (the hypothesis profile)
+import fuzz_settings  # the hypothesis profile
 import msgspec
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from auditd.ingest import depth
@@ -82,6 +82,9 @@ def test_json_depth_never_raises_on_any_text(text: str) -> None:
     depth.json_within(text, 5)
 
 
+# Each example is up to 12 values of up to 60 leaves: drawing one costs ~0.2 s, so this
+# test takes fewer of them than the profile's default.
+@settings(max_examples=fuzz_settings.examples(30))
 @given(st.lists(values, max_size=12), st.integers(1, 600),
        st.sampled_from([b"", b"\xc1", b"\x91" * 700 + b"\x01", b"\x00"]), st.booleans())
 def test_array_items_splits_as_the_walker_does(items: list[Any], levels: int, tail: bytes,

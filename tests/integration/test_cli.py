@@ -29,6 +29,7 @@ import pytest
 from as_other_uid import child_env
 from conftest import DaemonProcess, wait_for
 
+from auditd.cli import operator
 from auditd.cli.main import build_parser, main
 
 MakeDaemon = Callable[..., DaemonProcess]
@@ -266,6 +267,16 @@ def test_a_foreign_answer_on_the_status_socket_is_one_line(
             assert daemon.ingest_socket in ingest, ingest
     assert not never.exists()
 
+
+
+def test_an_answer_sent_before_the_body_was_read_is_still_read(short_tmp: Path) -> None:
+    # The page comes once the headers are in and the server closes without reading the
+    # body: a body larger than the socket's buffer cannot all be sent (EPIPE), and the
+    # answer waiting in the client's buffer is what the operator must see.
+    html = str(short_tmp / "html.sock")
+    with html_server(html), pytest.raises(operator.StatusReplyError) as caught:
+        operator.call(html, "POST", "/dlq/drop", {"ids": list(range(400_000))})
+    assert "HTTP 502" in str(caught.value) and "<html>" in str(caught.value), caught.value
 
 # -- dlq -------------------------------------------------------------------------------------
 
