@@ -31,6 +31,10 @@ from auditd.client import (
 )
 
 MakeDaemon = Callable[..., DaemonProcess]
+# A submit waits at most max_block (5 ms by default) for the buffer's lock, and counts
+# the event as dropped past it: on a loaded test machine the sender's own thread can be
+# off the CPU that long while it holds the lock, and these tests count events exactly.
+PATIENT = {"max_block": 30.0}
 
 
 def wait_stored(daemon: DaemonProcess, count: int) -> list[dict[str, Any]]:
@@ -62,7 +66,7 @@ def sender_for() -> Iterator[Callable[..., BufferedSender]]:
     made: list[BufferedSender] = []
 
     def factory(daemon: DaemonProcess, **options: Any) -> BufferedSender:
-        sender = BufferedSender(daemon.ingest_socket, **options)
+        sender = BufferedSender(daemon.ingest_socket, **{**PATIENT, **options})
         made.append(sender)
         return sender
 
@@ -81,7 +85,7 @@ class Opaque:
 
 def test_handler_delivers_level_logger_message_extra_and_exception(
         daemon: DaemonProcess, app_logger: logging.Logger) -> None:
-    handler = AuditHandler(socket_path=daemon.ingest_socket, actor="svc")
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT, actor="svc")
     app_logger.addHandler(handler)
     when = datetime.datetime(2026, 12, 2, tzinfo=datetime.UTC)
     app_logger.info("deployed %s", "v1.4", extra={
@@ -109,7 +113,7 @@ def test_handler_delivers_level_logger_message_extra_and_exception(
 
 def test_handler_fixed_type_and_records_inside_audit_link_to_the_block(
         daemon: DaemonProcess, app_logger: logging.Logger) -> None:
-    handler = AuditHandler(socket_path=daemon.ingest_socket, event_type="app.log")
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT, event_type="app.log")
     app_logger.addHandler(handler)
     with audit("deploy.app", sender=handler.sender) as scope:
         app_logger.warning("step one")
@@ -125,7 +129,7 @@ def test_handler_with_the_daemon_down_returns_counts_drops_and_delivers_later(
         make_daemon: MakeDaemon, app_logger: logging.Logger,
         caplog: pytest.LogCaptureFixture) -> None:
     daemon = make_daemon(start=False)
-    handler = AuditHandler(socket_path=daemon.ingest_socket, max_events=5)
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT, max_events=5)
     app_logger.addHandler(handler)
     for n in range(20):
         app_logger.info("record %d", n)  # returns: nothing listens, nothing waits
@@ -142,7 +146,7 @@ def test_each_drop_episode_is_logged_once(make_daemon: MakeDaemon,
                                           app_logger: logging.Logger,
                                           caplog: pytest.LogCaptureFixture) -> None:
     daemon = make_daemon(start=False)
-    handler = AuditHandler(socket_path=daemon.ingest_socket, max_events=2)
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT, max_events=2)
     app_logger.addHandler(handler)
     for n in range(5):
         app_logger.info("first outage %d", n)
@@ -163,7 +167,7 @@ def test_each_drop_episode_is_logged_once(make_daemon: MakeDaemon,
 def test_handler_on_the_root_logger_does_not_recurse_on_its_own_warning(
         make_daemon: MakeDaemon, caplog: pytest.LogCaptureFixture) -> None:
     daemon = make_daemon(start=False)
-    handler = AuditHandler(socket_path=daemon.ingest_socket, max_events=1)
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT, max_events=1)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
@@ -185,7 +189,8 @@ def test_handler_on_the_root_logger_does_not_recurse_on_its_own_warning(
 def test_handler_with_a_stalled_daemon_returns_drops_and_delivers_after_the_stall(
         make_daemon: MakeDaemon, app_logger: logging.Logger) -> None:
     daemon = make_daemon({"buffer": {"capacity": 16}, **FAST_RETRY})
-    handler = AuditHandler(socket_path=daemon.ingest_socket, max_events=10, batch_events=4)
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT, max_events=10,
+                           batch_events=4)
     app_logger.addHandler(handler)
     with write_lock(daemon):
         # The writer cannot commit: the daemon holds at most 16 pending events, then
@@ -202,7 +207,7 @@ def test_handler_with_a_stalled_daemon_returns_drops_and_delivers_after_the_stal
 def test_records_sent_across_a_daemon_crash_are_stored_exactly_once(
         make_daemon: MakeDaemon, app_logger: logging.Logger) -> None:
     daemon = make_daemon()
-    handler = AuditHandler(socket_path=daemon.ingest_socket)
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT)
     app_logger.addHandler(handler)
     for n in range(1000):
         app_logger.info("n=%d", n)
@@ -224,7 +229,7 @@ def test_a_batch_over_the_daemons_limit_is_split_and_a_refused_record_counted(
         make_daemon: MakeDaemon, app_logger: logging.Logger,
         caplog: pytest.LogCaptureFixture) -> None:
     daemon = make_daemon({"ingest": {"max_batch_events": 4}}, start=False)
-    handler = AuditHandler(socket_path=daemon.ingest_socket)
+    handler = AuditHandler(socket_path=daemon.ingest_socket, **PATIENT)
     app_logger.addHandler(handler)
     for n in range(50):  # buffered while the daemon is down: sent as one batch of 50
         app_logger.info("queued %d", n, extra={"actor": "x" * 300} if n == 7 else None)
