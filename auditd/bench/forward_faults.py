@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,46 +30,17 @@ import nats
 from auditd.bench.daemon import ThrowawayDaemon, wait_until
 from auditd.bench.forward import forward_figures
 from auditd.bench.nats_servers import NatsCluster, NatsNode
-from auditd.client.blocking import Client
+from auditd.bench.paced_writer import PacedWriter
 from auditd.config import Config
 from auditd.errors import AuditdError
 from auditd.forward.replay import asked
 
 _FAULTS = ("stream_leader", "connected_node", "daemon", "daemon")
-_FRAME = 500
-_CHUNK = 20_000  # events generated at a time
 _DEADLINE_S = 900.0
 
 
 def _wait(what: str, check: Callable[[], Any]) -> Any:
     return wait_until(check, what, _DEADLINE_S, "--forward-faults")
-
-
-class Writer(threading.Thread):
-    """Sends events ff-0 .. ff-{n-1} through the blocking client, which rides out the
-    daemon's restarts (reconnect, resend the same ids); paced at `rate` events/s if set."""
-
-    def __init__(self, socket_path: str, events: int, rate: float | None) -> None:
-        super().__init__(daemon=True)
-        self.socket_path, self.events, self.rate = socket_path, events, rate
-        self.sent = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        step = _FRAME if self.rate else _CHUNK
-        began = time.monotonic()
-        try:
-            with Client(self.socket_path, reconnect_deadline=120.0) as client:
-                for first in range(0, self.events, step):
-                    chunk = [{"type": "bench.forward", "id": f"ff-{i}", "actor": f"user{i % 7}",
-                              "data": {"n": i}}
-                             for i in range(first, min(first + step, self.events))]
-                    client.send_many(chunk, _FRAME)
-                    self.sent += len(chunk)
-                    if self.rate:  # the pace of a paced load, not a wait for a condition
-                        time.sleep(max(0.0, began + self.sent / self.rate - time.monotonic()))
-        except BaseException as exc:  # reported by the bench, not lost in a thread
-            self.error = exc
 
 
 def stream_leader(cluster: NatsCluster, stream: str) -> NatsNode:
@@ -129,7 +99,8 @@ def run_forward_faults(args: argparse.Namespace, config: Config) -> dict[str, An
         try:
             with ThrowawayDaemon(config, args.durability, args.capacity,
                                  extra=extra) as daemon:
-                writer = Writer(daemon.socket, events, args.rate)
+                writer = PacedWriter(daemon.socket, events, args.rate,
+                                     event_type="bench.forward", prefix="ff")
                 writer.start()
                 for number, fault in enumerate(_FAULTS, 1):
                     at = events * number // (len(_FAULTS) + 1)
