@@ -35,6 +35,7 @@ from auditd.store.connection import (
     watched,
 )
 from auditd.store.sealing import catalog
+from auditd.store.sealing.id_keys import stored_id_keys
 from auditd.store.sealing.sealed_set import SealedSet
 from auditd.store.sqlite_errors import classify
 from auditd.store.statements import (
@@ -235,8 +236,7 @@ class Store:
                 for (value,) in db.execute("SELECT id_hash FROM events"):
                     sink(value)
                     count += 1
-                for (blob,) in db.execute("SELECT id_keys FROM partitions"):
-                    keys = catalog.unpack_keys(blob)
+                for keys in stored_id_keys(db, self.partitions_dir):
                     for value in keys:
                         sink(value)
                     count += len(keys)
