@@ -200,9 +200,11 @@ def _verify(storage: Path, vkey: VerifierKey, given: str | None, workers: int | 
                                 f"prune point ({floor}): retention deleted what it covers, "
                                 "so only its signature is checked")
             outside = None
-        elif snap.pruned is not None and outside.size == floor \
-                and outside.root != snap.pruned.root:
-            raise _tampered("inconsistent history", f"the prune point at size {floor} has "
+        elif start is not None and outside.size == floor and outside.root != start.root:
+            # The start is the prune point, or the checkpoint an earlier run verified
+            # (--state), which may lie above a prune point: compare with that one.
+            what = "prune point" if start is snap.pruned else "remembered checkpoint"
+            raise _tampered("inconsistent history", f"the {what} at size {floor} has "
                             "another root than the given checkpoint")
         elif checkpoints.get(outside.size, outside.root) != outside.root:
             raise _tampered("inconsistent history", f"the store's checkpoint of size "

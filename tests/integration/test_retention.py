@@ -131,6 +131,9 @@ def test_retention_by_age_keeps_the_tree_and_the_newest(make_daemon: Any,
     code, report = verify(daemon.config_path)
     assert code == 0 and report["status"] == "verified", report
     assert any("retention" in note for note in report["notes"])
+    state = short_tmp / "verify-state.json"  # remembered above the prune point
+    code, report = verify(daemon.config_path, "--state", str(state))
+    assert code == 0, report
     # A checkpoint from before the prune: only its signature can be checked.
     code, report = verify(daemon.config_path, "--checkpoint", str(old_checkpoint))
     assert code == 0, report
@@ -142,6 +145,10 @@ def test_retention_by_age_keeps_the_tree_and_the_newest(make_daemon: Any,
     wait_checkpointed(daemon, last)
     code, report = verify(daemon.config_path)
     assert code == 0 and report["verified_events"] >= last - 900, report
+    # Incremental from the remembered checkpoint, which is the start here, not the
+    # prune point below it (their roots differ: that was once taken for tampering).
+    code, report = verify(daemon.config_path, "--state", str(state))
+    assert code == 0 and any("incremental" in note for note in report["notes"]), report
     status, proof = get_json(daemon, "/proofs/1200")
     assert status == 200
     check_proof(json.dumps(proof), vkey)
