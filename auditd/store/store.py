@@ -410,12 +410,14 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, "setting the writer's cache") from exc
 
-    async def checkpoint_wal(self) -> bool:
+    async def checkpoint_wal(self, mode: str = "PASSIVE") -> bool:
         """Copy the WAL into the database file; True when every frame was copied.
 
         With synchronous=NORMAL a commit is durable against power loss only after
         this, so journal segments are released only behind a complete checkpoint; a
         complete one advances `durable_seq` to what was committed before it began.
+        PASSIVE never waits; FULL (at shutdown, the writer drained) waits, through the
+        busy timeout, for readers of an older snapshot, which PASSIVE leaves behind.
         """
         db = self._checkpoint_db
         assert db is not None, "store not open"
@@ -423,7 +425,7 @@ class Store:
         try:
             busy, log_frames, copied = await _on(
                 self._checkpointer,
-                lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+                lambda: db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
         except sqlite3.Error as exc:
             raise classify(exc, "checkpointing the WAL") from exc
         complete = bool(busy == 0 and log_frames == copied)

@@ -6,13 +6,16 @@ only."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from as_other_uid import can_run_as_other_uid, run_as
+from conftest import wait_committed, wait_for
 from proofs_store import (
     SETTINGS,
     checkpoint_size,
@@ -182,3 +185,35 @@ def test_checkpoints_published_and_issued_at_shutdown(make_daemon: Any,
     assert published.read_text().endswith(text) and piped.read_text().endswith(text)
     assert sum(e["event"] == "checkpoint_at_shutdown" for e in daemon.log_events()) == 2
     assert verify_checkpoint(text, parse_vkey(vkey_text(daemon))).size == 57
+
+
+def test_a_reader_on_an_old_snapshot_delays_the_shutdown_checkpoint_not_skips_it(
+        make_daemon: Any) -> None:
+    """A reader on an older snapshot keeps the WAL from being copied: the shutdown
+    checkpoint waits for it to move on (then signs everything), and when it never does,
+    says so in one line; the next start signs what was left."""
+    daemon = make_daemon({"proofs": {"checkpoint_every": "1h"}})
+    send(daemon, 0, 20)
+    for reader_lets_go, signed in ((True, 40), (False, 60)):
+        with contextlib.closing(sqlite3.connect(daemon.db_path, isolation_level=None,
+                                                check_same_thread=False)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM events").fetchone()  # a snapshot held
+            send(daemon, signed - 20, 20)
+            wait_committed(daemon, signed)
+            assert daemon.proc is not None
+            daemon.proc.terminate()
+            if reader_lets_go:  # once the daemon is stopping, not before
+                wait_for(lambda: '"daemon_stopping"' in daemon.log_since_start(), 30,
+                         "the daemon stopping")
+                reader.execute("COMMIT")
+            assert daemon.proc.wait(60) == 0
+        lines = daemon.log_since_start()
+        newest = daemon.query("SELECT max(size) FROM checkpoints")[0][0]
+        if reader_lets_go:
+            assert newest == signed and '"checkpoint_at_shutdown"' in lines, lines[-2000:]
+        else:
+            assert newest < signed and '"checkpoint_at_shutdown_skipped"' in lines, lines
+        daemon.start()
+    daemon.stop()
+    assert daemon.query("SELECT max(size) FROM checkpoints")[0][0] == 60
