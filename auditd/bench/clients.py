@@ -84,8 +84,10 @@ def drive(sock: socket.socket, frames: Sequence[bytes], spec: ClientSpec) -> dic
     deadline = start + spec.duration_s if spec.duration_s else math.inf
     while True:
         now = time.monotonic()
-        if now >= deadline:
-            total = queued  # stop offering; collect what is in flight
+        # Stop offering at the deadline; collect what is in flight. Paced, the frames
+        # due before it still go (the loop can wake late: the last one was lost then).
+        if now >= deadline and (not spec.interval_s or due >= deadline):
+            total = queued
         if answered >= total:
             break
         while queued < total and queued - answered < spec.window and due <= now:
