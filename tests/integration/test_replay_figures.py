@@ -5,7 +5,6 @@ every push."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -20,22 +19,8 @@ JOURNALED = 5000
 CAPACITY = 1000  # what the replay can push while the writer commits nothing
 
 
-class StatusConnection(UnixHTTPConnection):
-    """Closes its socket when the connect fails (the daemon has not bound it yet)."""
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(30)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def get(daemon: DaemonProcess, path: str) -> tuple[int, str]:
-    conn = StatusConnection(daemon.status_socket)
+    conn = UnixHTTPConnection(daemon.status_socket)  # closes its socket when connect fails
     try:
         conn.request("GET", path)
         response = conn.getresponse()
