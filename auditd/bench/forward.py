@@ -27,7 +27,7 @@ from typing import Any
 
 from auditd.bench.daemon import ThrowawayDaemon, cpu_seconds
 from auditd.bench.nats_servers import NatsCluster
-from auditd.bench.soak_progress import _StatusConnection
+from auditd.cli.operator import UnixHTTPConnection
 from auditd.config import Config
 from auditd.errors import AuditdError, ConfigError
 
@@ -91,7 +91,7 @@ class ForwardWatcher(threading.Thread):
 
 def forward_figures(status_socket: str) -> dict[str, Any] | None:
     """The daemon's /stats forward block; None while it is down or restarting."""
-    conn = _StatusConnection(status_socket)
+    conn = UnixHTTPConnection(status_socket, timeout=10)
     try:
         conn.request("GET", "/stats")
         figures: dict[str, Any] = json.loads(conn.getresponse().read())["forward"]

@@ -38,8 +38,9 @@ class PacedWriter(threading.Thread):
                 first = 0
                 while not self._stopping.is_set() and (
                         self.events is None or first < self.events):
-                    last = first + step if self.events is None else min(first + step,
-                                                                        self.events)
+                    last = first + step
+                    if self.events is not None:
+                        last = min(last, self.events)
                     chunk = [{"type": self.event_type, "id": f"{self.prefix}-{i}",
                               "actor": f"user{i % 7}", "data": {"n": i}}
                              for i in range(first, last)]

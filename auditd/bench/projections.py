@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -29,6 +27,7 @@ import msgspec
 
 from auditd.bench.daemon import ThrowawayDaemon
 from auditd.bench.micro import percentile, stored_events
+from auditd.cli.operator import UnixHTTPConnection
 from auditd.config import Config
 from auditd.projections.params import CountsQuery
 from auditd.projections.projector import Projector
@@ -124,12 +123,7 @@ def fill_month(storage: Path, count: int, batch_max: int) -> None:
 
 
 def _get(socket_path: str, url: str) -> tuple[int, bytes]:
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(socket_path)
-
-    conn = Conn("auditd", timeout=60)
+    conn = UnixHTTPConnection(socket_path, timeout=60)
     try:
         conn.request("GET", url)
         response = conn.getresponse()
@@ -141,13 +135,8 @@ def _get(socket_path: str, url: str) -> tuple[int, bytes]:
 def _rebuild(socket_path: str, name: str) -> float:
     """Seconds from POST /projections/rebuild until the projection is live again."""
 
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(socket_path)
-
     started = time.perf_counter()
-    conn = Conn("auditd", timeout=60)
+    conn = UnixHTTPConnection(socket_path, timeout=60)
     try:
         conn.request("POST", "/projections/rebuild", body=json.dumps({"name": name}),
                      headers={"Content-Type": "application/json"})

@@ -11,10 +11,8 @@ correlation <= 5 ms; a word in 0.1 % of events, newest 100, <= 50 ms.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import shutil
-import socket
 import sys
 import time
 import urllib.parse
@@ -32,6 +30,7 @@ from auditd.bench.query_store import (
     split,
 )
 from auditd.bench.sealed_events import SPACING_NS, START_NS
+from auditd.cli.operator import UnixHTTPConnection
 from auditd.config import Config
 from auditd.errors import AuditdError
 
@@ -51,17 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "run's throw-away daemon (default: build it afresh in the daemon's temp dir)")
 
 
-class _Conn(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("auditd", timeout=120)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def _get(conn: _Conn, url: str) -> tuple[dict[str, Any], float, float, float]:
+def _get(conn: UnixHTTPConnection, url: str) -> tuple[dict[str, Any], float, float, float]:
     started = time.perf_counter()
     conn.request("GET", url)
     response = conn.getresponse()
@@ -73,7 +62,7 @@ def _get(conn: _Conn, url: str) -> tuple[dict[str, Any], float, float, float]:
             float(response.getheader("X-Query-Cpu-Ms") or "nan"), elapsed)
 
 
-def queries(count: int) -> dict[str, str | Callable[[_Conn], str]]:
+def queries(count: int) -> dict[str, str | Callable[[UnixHTTPConnection], str]]:
     """name -> URL (or a function of the connection that makes it, for a cursor)."""
     sample = BenchEvents(long_correlation_every=LONG_CORRELATION_EVERY).events(
         count // 2, count // 2 + 50)
@@ -88,7 +77,7 @@ def queries(count: int) -> dict[str, str | Callable[[_Conn], str]]:
         "uid": [("uid", str(middle.uid))], "comm": [("comm", middle.comm)],
         "tag": [("tag.region", "eu-central-1")], "q": [("q", "firefox")],
     }
-    made: dict[str, str | Callable[[_Conn], str]] = {}
+    made: dict[str, str | Callable[[UnixHTTPConnection], str]] = {}
     for name, pairs in filters.items():
         made[name] = _url([*pairs, ("order", "desc")])
         made[f"{name}+1h"] = _url([*pairs, *hour, ("order", "desc")])
@@ -99,7 +88,7 @@ def queries(count: int) -> dict[str, str | Callable[[_Conn], str]]:
     made["newest_100"] = _url([("order", "desc")])
     made["oldest_100"] = _url([])
 
-    def after_cursor(conn: _Conn) -> str:
+    def after_cursor(conn: UnixHTTPConnection) -> str:
         pairs = [("type", middle.type), ("order", "desc")]
         first, _, _, _ = _get(conn, _url(pairs))
         cursor = first["next"] or (first["events"][-1]["seq"] if first["events"] else None)
@@ -146,7 +135,7 @@ def run_query_bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with ThrowawayDaemon(config, "write", None, prepare=prepare) as daemon:
         status = daemon.status_socket
-        conn = _Conn(status)
+        conn = UnixHTTPConnection(status, timeout=120)
         for name, url in queries(count).items():
             server, cpu, through, found = [], [], [], 0
             for _ in range(repeat):

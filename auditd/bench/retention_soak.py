@@ -38,7 +38,8 @@ from auditd.bench.daemon import CommitWatcher, ThrowawayDaemon, peak_rss_mb
 from auditd.bench.micro import percentile
 from auditd.bench.soak import SoakPlan, soak_client
 from auditd.bench.soak_events import client_events
-from auditd.bench.soak_progress import _StatusConnection, disk_usage
+from auditd.bench.soak_progress import disk_usage
+from auditd.cli.operator import UnixHTTPConnection
 from auditd.config import Config, parse_size
 from auditd.errors import AuditdError, ConfigError
 
@@ -83,7 +84,7 @@ class Sampler(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        conn = _StatusConnection(self.bench_daemon.status_socket)
+        conn = UnixHTTPConnection(self.bench_daemon.status_socket, timeout=10)
         try:
             while not self.stopped.wait(_SAMPLE_S):
                 now = time.monotonic()
@@ -131,7 +132,7 @@ def _prefill(daemon: ThrowawayDaemon, args: argparse.Namespace, events: int) -> 
     watcher.wait_for(events)
     partition = daemon.sections["storage"]["partition_events"]
     sealed = events // partition * partition
-    conn = _StatusConnection(daemon.status_socket)
+    conn = UnixHTTPConnection(daemon.status_socket, timeout=10)
     try:
         while True:
             conn.request("GET", "/stats")

@@ -8,7 +8,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import structlog
 
 from auditd.bench.daemon import peak_rss_mb
+from auditd.cli.operator import UnixHTTPConnection
 from auditd.errors import AuditdError
 
 log = structlog.get_logger("auditd.bench.soak")
@@ -101,27 +101,13 @@ class Progress:
             sys.stderr.write("\n")
 
 
-class _StatusConnection(http.client.HTTPConnection):
-    """HTTP on the daemon's status socket (kept alive between polls)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("auditd", timeout=10)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
 class CommitProgress(threading.Thread):
     """Polls /stats `committed` into a Timeline from `begin()` on, and the peak RSS of
     the daemon's children (a sealer, an fsync helper) as it goes."""
 
     def __init__(self, status_socket: str, pid: int, progress: Progress) -> None:
         super().__init__(daemon=True)
-        self.conn = _StatusConnection(status_socket)
+        self.conn = UnixHTTPConnection(status_socket, timeout=10)
         self.pid, self.progress = pid, progress
         self.timeline = Timeline()
         self.child_peak_mb: float | None = None

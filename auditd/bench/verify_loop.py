@@ -55,8 +55,9 @@ def has_checkpoint(status_socket: str) -> bool:
 
 def run_loop(runs: int, kills: int, rate: float, partition: int,
              checkpoint_every: str) -> dict[str, Any]:
-    extra: dict[str, dict[str, Any]] = {"storage": {"partition_events": partition},
-             "proofs": {"checkpoint_every": checkpoint_every}}
+    extra: dict[str, dict[str, Any]] = {
+        "storage": {"partition_events": partition},
+        "proofs": {"checkpoint_every": checkpoint_every}}
     kill_every = max(1, runs // kills) if kills else 0
     codes: Counter[int] = Counter()
     failed: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiosqlite
 import structlog
@@ -410,7 +410,7 @@ class Store:
         except sqlite3.Error as exc:
             raise classify(exc, "setting the writer's cache") from exc
 
-    async def checkpoint_wal(self, mode: str = "PASSIVE") -> bool:
+    async def checkpoint_wal(self, mode: Literal["PASSIVE", "FULL"] = "PASSIVE") -> bool:
         """Copy the WAL into the database file; True when every frame was copied.
 
         With synchronous=NORMAL a commit is durable against power loss only after
