@@ -21,7 +21,7 @@ import structlog
 
 from auditd.proofs.records import RecordSource
 from auditd.proofs.tree import Tree, fill_gap
-from auditd.store.records import dead_letter_record, record_bytes
+from auditd.store.records import dead_letter_record, event_leaf_hashes, record_bytes
 from auditd.store.recovery import TREE_WAIT_KEY as _WAIT_KEY
 from auditd.store.statements import transaction
 
@@ -151,6 +151,10 @@ class Ledger:
         if not self.enabled or self.waiting is not None:
             return
         size = self.tree.size
+        if not dead and events and events[0].seq == size + 1 \
+                and events[-1].seq == size + len(events):
+            self.tree.append_leaves(db, event_leaf_hashes(events))  # the writer's case
+            return
         pairs = [(e.seq, record_bytes(e)) for e in events if e.seq > size]
         letters = [(d.seq, dead_letter_record(d.seq, d.code, d.reason, d.raw))
                    for d in dead if d.seq is not None and d.seq > size]

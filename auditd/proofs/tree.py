@@ -102,62 +102,44 @@ def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
 
 
 def append_many(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
-    """`append` for each leaf, with the per-leaf steps that can be per-batch taken
-    out of the loop (the fingerprints of a run within one tile are one join)."""
-    at = 0
-    while at < len(leaves):
-        room = TILE_WIDTH - edge.size % TILE_WIDTH
-        run = leaves[at:at + room]
-        if len(run) < room:  # the tile stays open: no tile row, only edges
-            edge.fingerprints += b"".join([leaf[:FINGERPRINT_BYTES] for leaf in run])
-            _merge_run(edge, run)
-        elif room == TILE_WIDTH:
-            _append_tile(edge, run, nodes)
-        else:
-            for leaf in run:
-                append(edge, leaf, nodes)
-        at += len(run)
-
-
-def _append_tile(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
-    """Append one whole tile at a tile boundary: its subtree hashed level by level (one
-    comprehension a level rather than a Python step a leaf), then its root merged into
-    the edge as `append` would have (the same nodes, in the same order)."""
-    n, sha = edge.size, _sha256
-    level, groups = leaves, b""
-    for height in range(1, TILE_HEIGHT + 1):
+    """`append` for each leaf, a level at a time: each level's new nodes are one
+    comprehension over pairs, rather than a Python step a leaf (half the cost of the
+    ledger in the writer's transaction was those steps). The edge and the node rows
+    come out as `append` leaves them (rows in another order)."""
+    n, base = edge.size, edge.size >> TILE_HEIGHT << TILE_HEIGHT
+    # Fingerprints and 16-leaf roots from the unfinished tile's first leaf on: a
+    # tile's row slices its own out of them.
+    fingerprints = edge.fingerprints + b"".join([leaf[:FINGERPRINT_BYTES] for leaf in leaves])
+    groups = bytes(edge.groups)
+    compact, sha = edge.compact, _sha256
+    left_over: list[bytes | None] = []  # per height: the new edge's subtree root, if any
+    level, height = leaves, 0
+    while level:
+        first = n >> height  # index at this height of the level's first node
+        if first & 1:  # its left sibling is the edge's last subtree
+            level = [compact.pop(), *level]
+            first -= 1
+        left_over.append(level[-1] if len(level) & 1 else None)  # (zip leaves it out)
         level = [sha(b"\x01" + left + right).digest()
-                 for left, right in zip(level[::2], level[1::2], strict=True)]
+                 for left, right in zip(level[::2], level[1::2], strict=False)]
+        height, first = height + 1, first >> 1
         if height == GROUP_HEIGHT:
-            groups = b"".join(level)
-    h = level[0]
-    fingerprints = b"".join([leaf[:FINGERPRINT_BYTES] for leaf in leaves])
-    size = n + TILE_WIDTH
-    nodes.append((TILE_HEIGHT, n >> TILE_HEIGHT, h, fingerprints, groups))
-    compact, height = edge.compact, TILE_HEIGHT
-    while n >> height & 1:
-        h = sha(b"\x01" + compact.pop() + h).digest()
-        height += 1
-        nodes.append((height, (size >> height) - 1, h, None, None))
-    compact.append(h)
-    edge.size = size
-
-
-def _merge_run(edge: Edge, run: list[bytes]) -> None:
-    """Append leaves that complete no tile (so no node of height 8 or more forms)."""
-    n, compact, groups = edge.size, edge.compact, edge.groups
-    push, pop = compact.append, compact.pop
-    for h in run:
-        if n & 1:
-            height = 0
-            while n >> height & 1:
-                h = _sha256(b"\x01" + pop() + h).digest()
-                height += 1
-                if height == GROUP_HEIGHT:
-                    groups += h
-        push(h)
-        n += 1
-    edge.size = n
+            groups += b"".join(level)
+        elif height == TILE_HEIGHT:
+            for index, h in enumerate(level, first):
+                at = (index << TILE_HEIGHT) - base
+                nodes.append((height, index, h,
+                              bytes(fingerprints[at * FINGERPRINT_BYTES:
+                                                 (at + TILE_WIDTH) * FINGERPRINT_BYTES]),
+                              groups[(at >> GROUP_HEIGHT) * HASH_BYTES:
+                                     ((at + TILE_WIDTH) >> GROUP_HEIGHT) * HASH_BYTES]))
+        elif height > TILE_HEIGHT:
+            nodes.extend([(height, index, h, None, None) for index, h in enumerate(level, first)])
+    compact.extend([h for h in reversed(left_over) if h is not None])
+    edge.size = n + len(leaves)
+    done = (edge.size >> TILE_HEIGHT << TILE_HEIGHT) - base  # leaves in tiles now complete
+    edge.fingerprints = fingerprints[done * FINGERPRINT_BYTES:]
+    edge.groups = bytearray(groups[(done >> GROUP_HEIGHT) * HASH_BYTES:])
 
 
 def write(db: sqlite3.Connection, edge: Edge, nodes: list[Node]) -> None:
@@ -209,7 +191,7 @@ class Tree:
         nodes: list[Node] = []
         pairs = list(records)
         if pairs and pairs[0][0] == edge.size + 1 and pairs[-1][0] == edge.size + len(pairs):
-            # The writer's case: the seqs right after the tree's, gap-free.
+            # The seqs right after the tree's, gap-free.
             sha = _sha256
             append_many(edge, [sha(b"\x00" + record).digest() for _, record in pairs], nodes)
             pairs = []
@@ -222,6 +204,16 @@ class Tree:
                               note="no record reached the tree for this seq: dead-lettered")
                     append(edge, leaf_hash(fill_gap(db, edge.size + 1)), nodes)
             append(edge, _sha256(b"\x00" + record).digest(), nodes)
+        self._stage(db, edge, nodes)
+
+    def append_leaves(self, db: sqlite3.Connection, leaves: list[bytes]) -> None:
+        """`extend` for the leaf hashes of the seqs right after the tree's (the writer's
+        case: a batch of events, gap-free)."""
+        edge, nodes = self.edge.copy(), list[Node]()
+        append_many(edge, leaves, nodes)
+        self._stage(db, edge, nodes)
+
+    def _stage(self, db: sqlite3.Connection, edge: Edge, nodes: list[Node]) -> None:
         if edge.size != self.edge.size:
             write(db, edge, nodes)
             self._next = edge
