@@ -103,9 +103,10 @@ def append(edge: Edge, leaf: bytes, nodes: list[Node]) -> None:
 
 def append_many(edge: Edge, leaves: list[bytes], nodes: list[Node]) -> None:
     """`append` for each leaf, a level at a time: each level's new nodes are one
-    comprehension over pairs, rather than a Python step a leaf (half the cost of the
-    ledger in the writer's transaction was those steps). The edge and the node rows
-    come out as `append` leaves them (rows in another order)."""
+    comprehension over its pairs rather than a Python step a leaf (this runs in the
+    writer's transaction), and a batch that completes tiles needs no case of its own.
+    The edge and the node rows come out as `append` leaves them (rows in another
+    order)."""
     n, base = edge.size, edge.size >> TILE_HEIGHT << TILE_HEIGHT
     # Fingerprints and 16-leaf roots from the unfinished tile's first leaf on: a
     # tile's row slices its own out of them.

@@ -118,9 +118,8 @@ def record_bytes(event: StoredEvent) -> bytes:
 
 def event_leaf_hashes(events: Sequence[StoredEvent]) -> list[bytes]:
     """SHA-256(0x00 || E) of each event's record (proofs.md's leaf hash), each record
-    encoded into one buffer after its 0x00 rather than made a bytes and concatenated:
-    this runs per event in the writer's transaction, and the two copies were a fifth
-    of it."""
+    encoded into one buffer after its 0x00 rather than made a bytes and concatenated
+    (a copy less per event in the writer's transaction)."""
     buffer, into, sha = bytearray(b"\x00"), _encoder.encode_into, hashlib.sha256
     leaves = []
     for event in events:
