@@ -108,31 +108,38 @@ def test_every_seq_once_with_its_headers_then_its_checkpoint(
 def test_sigkill_mid_window_resends_from_the_cursor_without_a_duplicate(
         make_daemon: MakeDaemon, nats_one: NatsCluster) -> None:
     daemon = make_daemon(forward_config(nats_one.urls, max_in_flight=256, batch=64))
-    per_round, mid_window = 10_000, 0
-    for start in range(0, 3 * per_round, per_round):
-        send(daemon, start, per_round, batch=1000)
+    # A round sends 10,000 events and SIGKILLs the daemon when /stats shows a window in
+    # flight (or, missing one, when the round is forwarded): at least 3 rounds, more
+    # (up to 8) until a kill fell inside a window. A first reading after the cursor
+    # moved was sometimes between two windows in all 3 rounds of a loaded run.
+    per_round, sent, mid_window = 10_000, 0, 0
+    while sent < 3 * per_round or (not mid_window and sent < 8 * per_round):
+        send(daemon, sent, per_round, batch=1000)
+        sent += per_round
 
-        def under_way(start: int = start) -> dict[str, Any] | None:
+        def in_window_or_done(total: int = sent) -> tuple[bool, dict[str, Any]] | None:
             figures = forward_figures(daemon)
-            return figures if figures["cursor"] > start else None
+            if figures["in_flight"] > 0 and figures["lag_events"] > 0:
+                return True, figures
+            return (False, figures) if figures["cursor"] >= total else None
 
-        figures = wait_for(under_way, 60, "forwarding under way")
-        mid_window += figures["lag_events"] > 0 and figures["in_flight"] > 0
+        in_window, _ = wait_for(in_window_or_done, 60, "a window in flight, or the round forwarded")
+        mid_window += in_window
         daemon.kill()
         daemon.start()
     assert mid_window, "no SIGKILL fell inside a window: the test proved nothing"
-    wait_committed(daemon, 3 * per_round)
-    wait_forwarded(daemon, 3 * per_round)
+    wait_committed(daemon, sent)
+    wait_forwarded(daemon, sent)
     # The consumer side's read-back: each seq once, in order, gap-free, bodies intact.
     replay = cli(daemon.config_path, "forward", "replay", "--json")
     assert replay.stdout, replay.stderr
     report = json.loads(replay.stdout)
     assert replay.returncode == 0, replay
     assert (report["events"], report["gaps"], report["repeats"], report["mismatches"]) == (
-        3 * per_round, [], [], []), report
+        sent, [], [], []), report
     # And the stream holds nothing else: its message count is those events and the
     # checkpoints.
-    assert stream_count(nats_one.urls[0]) == 3 * per_round + report["checkpoints"]
+    assert stream_count(nats_one.urls[0]) == sent + report["checkpoints"]
 
 
 def failure_kinds(daemon: DaemonProcess) -> list[str]:
